@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything the runtime and its tests need on a Debian bookworm host.
+# Idempotent: packages already installed and daemons already at the pinned version are skipped.
+#
+# Environment:
+#   KATA_DEPS_PREFIX  where cargo-installed daemons go (default /opt/kata-deps; binaries in $KATA_DEPS_PREFIX/bin)
+set -euo pipefail
+
+PREFIX=${KATA_DEPS_PREFIX:-/opt/kata-deps}
+VIRTIOFSD_VERSION=1.14.0
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+
+APT_PACKAGES=(
+  qemu-system-x86   # the hypervisor
+  containerd runc   # the container manager our shim plugs into, and the reference runtime
+  cpio zstd         # initrd packing
+  busybox-static    # offline test images and the boot benchmark's trivial init
+  libseccomp-dev libcap-ng-dev pkg-config  # build deps of virtiofsd
+  protobuf-compiler # not needed by ttrpc-codegen (pure Rust), kept for tooling
+  kmod              # depmod, to order the guest kernel modules
+  iproute2 util-linux procps
+)
+
+log() { echo "install-deps: $*" >&2; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  log "apt packages to install: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "apt packages: all present"
+fi
+
+# cargo install <crate> <version> <binary>
+cargo_install() {
+  local crate=$1 version=$2 bin=$3
+  if [[ -x "$PREFIX/bin/$bin" ]] && cargo install --list --root "$PREFIX" 2>/dev/null | grep -q "^$crate v$version:"; then
+    log "$crate $version: present"
+    return
+  fi
+  log "cargo install $crate $version into $PREFIX"
+  cargo install --locked --quiet --root "$PREFIX" --version "$version" "$crate"
+}
+
+cargo_install virtiofsd "$VIRTIOFSD_VERSION" virtiofsd
+cargo_install vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION" vhost-device-vsock
+log "done"

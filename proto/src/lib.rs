@@ -1,0 +1,29 @@
+//! The agent protocol shared by the shim (client) and `kata-agent` (server).
+//!
+//! Message types and async ttrpc services are generated at build time from `protos/`
+//! and used directly: there are no hand-written mirror types.
+
+#![allow(clippy::all, unused_mut, unused_imports, unknown_lints, missing_debug_implementations, non_camel_case_types, non_upper_case_globals, non_snake_case)]
+
+/// Liveness and version.
+pub mod health {
+    include!(concat!(env!("OUT_DIR"), "/health.rs"));
+}
+/// ttrpc client and server for [`health`].
+pub mod health_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
+}
+/// Sandbox-level requests: storages, guest details, shutdown.
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+/// ttrpc client and server for [`agent`].
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// The vsock port the agent serves ttrpc on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Protocol version; the major must match between shim and agent.
+pub const PROTOCOL_VERSION: &str = "0.1.0";

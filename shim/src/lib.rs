@@ -1,0 +1,1 @@
+//! containerd-shim-kata-v2 (task service comes with the shim issue).

@@ -1,0 +1,1 @@
+//! Test infrastructure: guest image discovery, VM builders, leak checks.
