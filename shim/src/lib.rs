@@ -1,1 +1,4 @@
-//! containerd-shim-kata-v2 (task service comes with the shim issue).
+//! The host side of the runtime: the agent client today; the containerd Task service,
+//! sandbox model, configuration and IO arrive with the shim issue.
+
+pub mod agent;

@@ -1,0 +1,218 @@
+//! Client side of the agent protocol.
+//!
+//! [`AgentClient::connect`] dials the agent's vsock port through the VM (vhost-vsock or
+//! hybrid vsock, hidden by [`kata_hypervisor::Vm::connect`]) and waits until the agent
+//! answers a health check. Every later call carries a timeout, so a wedged guest turns into
+//! an error instead of a hung shim.
+
+use std::time::{Duration, Instant};
+
+use kata_hypervisor::Vm;
+use kata_proto::agent::{
+    AddStoragesRequest, GuestDetailsRequest, GuestDetailsResponse, ReadFileRequest,
+    ShutdownRequest, Storage,
+};
+use kata_proto::agent_ttrpc::AgentServiceClient;
+use kata_proto::health::{health_check_response::ServingStatus, CheckRequest, VersionCheckResponse};
+use kata_proto::health_ttrpc::HealthClient;
+use ttrpc::asynchronous::{transport::Socket, Client};
+
+/// The virtio-fs tag of the sandbox's shared directory.
+pub const SHARED_FS_TAG: &str = "kataShared";
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
+
+/// Timeout of one health probe while the agent is coming up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Failures talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The vsock connection could not be made before the dial timeout.
+    #[error("cannot reach the agent on vsock port {port}")]
+    Dial {
+        port: u32,
+        #[source]
+        source: kata_hypervisor::Error,
+    },
+    /// A connection was made but the agent never reported SERVING.
+    #[error("agent did not answer a health check within {timeout:?}: {last}")]
+    NotServing { timeout: Duration, last: String },
+    /// The agent speaks another major protocol version.
+    #[error("agent protocol version {agent} is incompatible with ours ({ours})")]
+    VersionMismatch { agent: String, ours: &'static str },
+    /// An RPC failed (transport error, timeout, or a status from the agent).
+    #[error("agent call {method} failed")]
+    Rpc {
+        method: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    health: HealthClient,
+    agent: AgentServiceClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// Dials the agent through `vm` and waits until it reports SERVING.
+    ///
+    /// `dial_timeout` bounds the whole wait (guest boot included); `request_timeout` is the
+    /// timeout of every later call.
+    pub async fn connect(
+        vm: &Vm,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let port = kata_proto::AGENT_VSOCK_PORT;
+        let deadline = Instant::now() + dial_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let stream = vm
+                .connect(port, remaining)
+                .await
+                .map_err(|source| AgentError::Dial { port, source })?;
+            let client = Client::new(Socket::new(stream));
+            let this = Self {
+                health: HealthClient::new(client.clone()),
+                agent: AgentServiceClient::new(client),
+                timeout: request_timeout,
+            };
+            let last = match this.check(PROBE_TIMEOUT).await {
+                Ok(ServingStatus::SERVING) => {
+                    this.ensure_compatible().await?;
+                    return Ok(this);
+                }
+                Ok(status) => format!("status {status:?}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(AgentError::NotServing {
+                    timeout: dial_timeout,
+                    last,
+                });
+            }
+            tracing::debug!(%last, "agent not serving yet; retrying");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn ctx(timeout: Duration) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    async fn check(&self, timeout: Duration) -> Result<ServingStatus, AgentError> {
+        let resp = self
+            .health
+            .check(Self::ctx(timeout), &CheckRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                method: "Check",
+                source,
+            })?;
+        Ok(resp.status.enum_value_or_default())
+    }
+
+    async fn ensure_compatible(&self) -> Result<(), AgentError> {
+        let v = self.version().await?;
+        let major = |s: &str| s.split('.').next().unwrap_or_default().to_owned();
+        if major(&v.grpc_version) != major(kata_proto::PROTOCOL_VERSION) {
+            return Err(AgentError::VersionMismatch {
+                agent: v.grpc_version,
+                ours: kata_proto::PROTOCOL_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the agent reports SERVING.
+    pub async fn health_check(&self) -> Result<bool, AgentError> {
+        Ok(self.check(self.timeout).await? == ServingStatus::SERVING)
+    }
+
+    /// The agent's binary and protocol versions.
+    pub async fn version(&self) -> Result<VersionCheckResponse, AgentError> {
+        self.health
+            .version(Self::ctx(self.timeout), &CheckRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                method: "Version",
+                source,
+            })
+    }
+
+    /// Kernel release, memory block size, memory and CPUs as the guest sees them.
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
+        self.agent
+            .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                method: "GetGuestDetails",
+                source,
+            })
+    }
+
+    /// Mounts `storages` in the guest.
+    pub async fn add_storages(&self, storages: Vec<Storage>) -> Result<(), AgentError> {
+        let mut req = AddStoragesRequest::new();
+        req.storages = storages;
+        self.agent
+            .add_storages(Self::ctx(self.timeout), &req)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                method: "AddStorages",
+                source,
+            })
+    }
+
+    /// Reads a guest file of at most `max_bytes`.
+    pub async fn read_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+        let mut req = ReadFileRequest::new();
+        req.path = path.to_owned();
+        req.max_bytes = max_bytes;
+        self.agent
+            .read_file(Self::ctx(self.timeout), &req)
+            .await
+            .map(|r| r.data)
+            .map_err(|source| AgentError::Rpc {
+                method: "ReadFile",
+                source,
+            })
+    }
+
+    /// Asks the agent to sync and power the VM off. The VM exits shortly after the reply.
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        self.agent
+            .shutdown(Self::ctx(self.timeout), &ShutdownRequest::new())
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                method: "Shutdown",
+                source,
+            })
+    }
+}
+
+/// The storage that mounts the sandbox's virtio-fs share at [`GUEST_SHARED_DIR`].
+pub fn shared_fs_storage() -> Storage {
+    let mut s = Storage::new();
+    s.driver = "virtio-fs".into();
+    s.source = SHARED_FS_TAG.into();
+    s.fstype = "virtiofs".into();
+    s.options = vec!["nodev".into()];
+    s.mount_point = GUEST_SHARED_DIR.into();
+    s
+}
