@@ -1,1 +1,251 @@
-//! Test infrastructure: guest image discovery, VM builders, leak checks.
+//! Test infrastructure for end-to-end tests that boot real VMs.
+//!
+//! - [`GuestImage`] finds the kernel and initrd built by `hack/build-guest.sh`;
+//! - [`TestVm`] builds a [`VmConfig`] for a test with its own run directory;
+//! - [`LeakCheck`] asserts that nothing a VM started survives it: no process whose command
+//!   line names the VM's run directory, no mount under it, and no directory left.
+//!
+//! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kata_hypervisor::{Accel, SharedFsConfig, VmConfig, VsockMode};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Kernel and initrd of the guest.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// `uname -r` of the guest kernel, as recorded by the image build.
+    pub kernel_release: String,
+}
+
+impl GuestImage {
+    /// `KATA_TEST_GUEST_DIR` (default `<repo>/build/guest`), as written by `hack/build-guest.sh`.
+    pub fn find() -> Self {
+        let dir = std::env::var_os("KATA_TEST_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("build/guest"));
+        let image = Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            kernel_release: std::fs::read_to_string(dir.join("kernel-release"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        };
+        assert!(
+            image.kernel.is_file() && image.initrd.is_file() && !image.kernel_release.is_empty(),
+            "no guest image in {}: run hack/build-guest.sh",
+            dir.display()
+        );
+        image
+    }
+}
+
+/// Path of a helper daemon: `$KATA_DEPS_PREFIX/bin/<name>` (default prefix /opt/kata-deps).
+pub fn daemon_path(name: &str) -> PathBuf {
+    let prefix = std::env::var_os("KATA_DEPS_PREFIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/kata-deps"));
+    let path = prefix.join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run hack/install-deps.sh",
+        path.display()
+    );
+    path
+}
+
+/// A test's VM configuration and the scratch space it lives in.
+#[derive(Debug)]
+pub struct TestVm {
+    /// Holds the run directory's parent and the shared directory; removed on drop.
+    pub scratch: tempfile::TempDir,
+    pub config: VmConfig,
+}
+
+impl TestVm {
+    /// A VM with the guest image, 1 vCPU, 512 MiB, TCG/KVM chosen automatically, vsock auto.
+    pub fn new(name: &str) -> Self {
+        let image = GuestImage::find();
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("kata-test-{name}-"))
+            .tempdir()
+            .expect("create scratch dir");
+        let config = VmConfig {
+            id: name.to_owned(),
+            qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            kernel: image.kernel,
+            initrd: image.initrd,
+            kernel_params: vec!["agent.log=debug".to_owned()],
+            memory_mib: 512,
+            memory_slots: 4,
+            max_memory_mib: 4096,
+            vcpus: 1,
+            max_vcpus: 2,
+            accel: Accel::Auto,
+            vsock: VsockMode::Auto,
+            vsock_daemon: daemon_path("vhost-device-vsock"),
+            shared_fs: None,
+            run_dir: scratch.path().join("run"),
+            start_timeout: Duration::from_secs(20),
+        };
+        Self { scratch, config }
+    }
+
+    /// Shares `<scratch>/shared` into the guest with the Rust virtiofsd.
+    pub fn with_shared_dir(mut self) -> Self {
+        let dir = self.shared_dir();
+        std::fs::create_dir_all(&dir).expect("create shared dir");
+        self.config.shared_fs = Some(SharedFsConfig {
+            daemon: daemon_path("virtiofsd"),
+            shared_dir: dir,
+            cache: "auto".to_owned(),
+            extra_args: Vec::new(),
+        });
+        self
+    }
+
+    /// The host directory shared into the guest (when [`Self::with_shared_dir`] was used).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.scratch.path().join("shared")
+    }
+
+    /// A leak check bound to this VM's run directory.
+    pub fn leak_check(&self) -> LeakCheck {
+        LeakCheck {
+            run_dir: self.config.run_dir.clone(),
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes; returns its last answer.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts that nothing belonging to a VM is left.
+#[derive(Debug, Clone)]
+pub struct LeakCheck {
+    run_dir: PathBuf,
+}
+
+impl LeakCheck {
+    /// Processes whose command line mentions the run directory (QEMU's QMP/console sockets,
+    /// virtiofsd's and the vsock daemon's sockets all live there), with their pids.
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        let needle = self.run_dir.to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return found;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.contains(&needle) && !is_zombie(pid) {
+                found.push((pid, cmdline));
+            }
+        }
+        found
+    }
+
+    /// Mount points at or under the run directory.
+    pub fn mounts(&self) -> Vec<String> {
+        let needle = self.run_dir.to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Panics naming whatever is left: processes (after a grace period for exits already
+    /// under way), mounts, or the run directory itself.
+    pub fn assert_clean(&self) {
+        wait_until(Duration::from_secs(5), || {
+            self.processes().is_empty() && zombie_children().is_empty()
+        });
+        let procs = self.processes();
+        assert!(procs.is_empty(), "processes left behind: {procs:?}");
+        let zombies = zombie_children();
+        assert!(zombies.is_empty(), "children never reaped: {zombies:?}");
+        let mounts = self.mounts();
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        assert!(
+            !self.run_dir.exists(),
+            "run directory left behind: {}",
+            self.run_dir.display()
+        );
+    }
+}
+
+/// Children of this process that exited and were never reaped.
+pub fn zombie_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name: state, ppid, ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        if fields.next() == Some("Z") && fields.next() == Some(me.as_str()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(true)
+}
+
+/// Installs a test log subscriber once (RUST_LOG, default info), so guest console lines show
+/// up in a failing test's output.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
