@@ -26,6 +26,7 @@ done
 # The modules the agent loads, by name; their dependencies are added from modules.dep.
 MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk)
 
+export PATH=$PATH:/usr/sbin:/sbin
 log() { echo "build-guest: $*" >&2; }
 for tool in apt-get dpkg-deb depmod cpio zstd cargo; do
   command -v "$tool" >/dev/null || { log "missing tool '$tool': run hack/install-deps.sh"; exit 1; }
@@ -33,19 +34,22 @@ done
 
 mkdir -p "$out/cache"
 
-# 1. The kernel package (the metapackage names the versioned image package).
-kpkg=$(apt-cache depends "$meta_pkg" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-if [[ -z "$kpkg" ]]; then
-  apt-get update -qq
-  kpkg=$(apt-cache depends "$meta_pkg" | awk '/Depends: linux-image-/{print $2; exit}')
-fi
-[[ -n "$kpkg" ]] || { log "cannot resolve the kernel package behind '$meta_pkg'"; exit 1; }
-deb=$(ls "$out"/cache/"${kpkg}"_*.deb 2>/dev/null | head -1 || true)
-if [[ -z "$deb" ]]; then
-  log "downloading $kpkg"
-  (cd "$out/cache" && apt-get download -q "$kpkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+# 1. The kernel package (the metapackage names the versioned image package). With stale or
+#    missing package lists, refresh them once and try again.
+fetch_kernel() {
+  kpkg=$(apt-cache depends "$meta_pkg" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+  [[ -n "$kpkg" ]] || return 1
   deb=$(ls "$out"/cache/"${kpkg}"_*.deb 2>/dev/null | head -1 || true)
-  [[ -n "$deb" ]] || { log "apt-get download $kpkg failed"; exit 1; }
+  if [[ -z "$deb" ]]; then
+    log "downloading $kpkg"
+    (cd "$out/cache" && apt-get download -q "$kpkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+    deb=$(ls "$out"/cache/"${kpkg}"_*.deb 2>/dev/null | head -1 || true)
+  fi
+  [[ -n "$deb" ]]
+}
+if ! fetch_kernel; then
+  apt-get update -qq
+  fetch_kernel || { log "cannot download the kernel package behind '$meta_pkg'"; exit 1; }
 fi
 
 # 2. The agent, static (glibc +crt-static; no musl target here).
