@@ -2,3 +2,4 @@
 //! sandbox model, configuration and IO arrive with the shim issue.
 
 pub mod agent;
+pub mod config;

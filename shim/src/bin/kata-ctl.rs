@@ -172,7 +172,7 @@ async fn report(
     if quiet {
         return Ok(());
     }
-    println!("VM {} (QEMU pid {}, accel {:?})", vm.id(), vm.pid(), vm.accel());
+    println!("VM {} (QEMU pid {}, accel {:?})", vm.config().id, vm.pid(), vm.accel());
     println!("  QEMU launched        {:>6} ms", launched.as_millis());
     println!("  agent answered Check {:>6} ms", ready.as_millis());
     println!(

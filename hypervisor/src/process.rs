@@ -1,0 +1,447 @@
+//! Ownership of child processes: spawn, readiness, graceful stop, reaping.
+//!
+//! Each child is owned by one supervisor task that holds the `tokio::process::Child`. It
+//! is the only place that waits for (reaps) the child and the only place that sends it
+//! signals, so a signal can never hit a recycled pid. The [`ChildProcess`] handle talks to
+//! it through channels; dropping the handle makes the supervisor terminate (SIGTERM, then
+//! SIGKILL after a second) and reap the child. Exit is published on a watch channel as an [`ExitReport`].
+
+use std::fmt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::console::{spawn_line_reader, LineRing, LogAs};
+
+/// How long to wait for a child to die after SIGKILL before giving up.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long a child whose handle was dropped gets between SIGTERM and SIGKILL.
+const DROP_GRACE: Duration = Duration::from_secs(1);
+/// Lines of stderr kept per child.
+const STDERR_LINES: usize = 100;
+/// Poll interval of readiness checks.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Errors owning a child process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program could not be executed.
+    #[error("cannot start {}", .program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The child exited while we waited for it to become ready.
+    #[error("{name} exited during start ({status}): {stderr}")]
+    Exited {
+        name: String,
+        status: ExitReport,
+        stderr: String,
+    },
+    /// The child did not become ready in time.
+    #[error("{what} not ready after {timeout:?}")]
+    ReadinessTimeout { what: String, timeout: Duration },
+    /// The child survived SIGKILL for too long (stuck in the kernel?).
+    #[error("{name} did not exit after SIGKILL")]
+    StopTimeout { name: String },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitReport {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitReport {
+    /// Shell-style status: the exit code, or 128 + signal for a signal death (never 0 then).
+    pub fn exit_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (_, Some(signal)) => 128 + signal,
+            (Some(code), None) => code,
+            (None, None) => 255,
+        }
+    }
+
+    /// Whether it exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.signal.is_none()
+    }
+}
+
+impl From<ExitStatus> for ExitReport {
+    fn from(status: ExitStatus) -> Self {
+        ExitReport {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+impl fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (_, Some(n)) => match Signal::try_from(n) {
+                Ok(sig) => write!(f, "killed by signal {n} ({sig})"),
+                Err(_) => write!(f, "killed by signal {n}"),
+            },
+            (Some(code), None) => write!(f, "exit code {code}"),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Where a child's stdout goes.
+#[derive(Debug)]
+pub enum Stdout {
+    /// Discarded.
+    Null,
+    /// Captured line by line into a ring and logged.
+    Lines(LineRing, LogAs),
+}
+
+/// Handle to a supervised child process.
+#[derive(Debug)]
+pub struct ChildProcess {
+    name: String,
+    pid: u32,
+    signals: mpsc::UnboundedSender<Signal>,
+    exit: watch::Receiver<Option<ExitReport>>,
+    stderr: LineRing,
+    stderr_done: watch::Receiver<bool>,
+}
+
+impl ChildProcess {
+    /// Spawns `command` as `name` (for logs and errors) of VM `vm`: stdin is null, stderr
+    /// is captured, stdout goes to `stdout`. Must run inside a tokio runtime.
+    pub fn spawn(
+        name: &str,
+        vm: &str,
+        mut command: Command,
+        stdout: Stdout,
+    ) -> Result<ChildProcess, ProcessError> {
+        let program = PathBuf::from(command.as_std().get_program());
+        command
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command.stdout(match stdout {
+            Stdout::Null => Stdio::null(),
+            Stdout::Lines(..) => Stdio::piped(),
+        });
+        let mut child = command
+            .spawn()
+            .map_err(|source| ProcessError::Spawn { program, source })?;
+        let pid = child.id().unwrap_or_default();
+        tracing::debug!(vm, name, pid, "started child process");
+
+        let stderr = LineRing::new(STDERR_LINES);
+        let log = LogAs::Stderr {
+            vm: vm.to_owned(),
+            name: name.to_owned(),
+        };
+        let (_, stderr_done) = match child.stderr.take() {
+            Some(pipe) => spawn_line_reader(pipe, stderr.clone(), log),
+            None => (tokio::spawn(async {}), watch::channel(true).1),
+        };
+        if let (Stdout::Lines(ring, log), Some(pipe)) = (stdout, child.stdout.take()) {
+            spawn_line_reader(pipe, ring, log);
+        }
+
+        let (signals, signal_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit) = watch::channel(None);
+        tokio::spawn(supervise(child, name.to_owned(), signal_rx, exit_tx));
+        Ok(ChildProcess {
+            name: name.to_owned(),
+            pid,
+            signals,
+            exit,
+            stderr,
+            stderr_done,
+        })
+    }
+
+    /// The name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The child's pid (it may have exited since).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How it exited, if it has.
+    pub fn exit_status(&self) -> Option<ExitReport> {
+        *self.exit.borrow()
+    }
+
+    /// A watch that turns `Some` when the child has exited and been reaped.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit.clone()
+    }
+
+    /// Waits until the child has exited and been reaped.
+    pub async fn wait(&self) -> ExitReport {
+        let mut exit = self.exit.clone();
+        let report = exit.wait_for(Option::is_some).await.ok().and_then(|r| *r);
+        report.unwrap_or(ExitReport {
+            code: None,
+            signal: None,
+        })
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Option<ExitReport> {
+        tokio::time::timeout(timeout, self.wait()).await.ok()
+    }
+
+    /// Sends `signal` unless the child has already been reaped.
+    pub fn signal(&self, signal: Signal) {
+        let _ = self.signals.send(signal);
+    }
+
+    /// The last lines of the child's stderr.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// The child's stderr once the pipe is drained (for a child that has exited); waits
+    /// at most a second for the reader to reach EOF.
+    pub async fn final_stderr(&self) -> String {
+        let mut done = self.stderr_done.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), done.wait_for(|d| *d)).await;
+        self.stderr.text()
+    }
+
+    /// SIGTERM, up to `grace` for it to exit, then SIGKILL. Returns how it exited.
+    pub async fn terminate(&self, grace: Duration) -> Result<ExitReport, ProcessError> {
+        if let Some(report) = self.exit_status() {
+            return Ok(report);
+        }
+        self.signal(Signal::SIGTERM);
+        if let Some(report) = self.wait_timeout(grace).await {
+            return Ok(report);
+        }
+        self.kill().await
+    }
+
+    /// SIGKILL and wait for the reap.
+    pub async fn kill(&self) -> Result<ExitReport, ProcessError> {
+        tracing::warn!(name = %self.name, pid = self.pid, "killing child process");
+        self.signal(Signal::SIGKILL);
+        self.wait_timeout(KILL_WAIT)
+            .await
+            .ok_or_else(|| ProcessError::StopTimeout {
+                name: self.name.clone(),
+            })
+    }
+
+    /// Waits until `path` exists (a vhost-user backend's socket), failing if the child
+    /// exits first or `timeout` passes. Does not connect: vhost-user backends serve one
+    /// connection, which belongs to QEMU.
+    pub async fn wait_for_path(&self, path: &Path, timeout: Duration) -> Result<(), ProcessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if tokio::fs::try_exists(path).await.unwrap_or(false) {
+                return Ok(());
+            }
+            self.check_alive().await?;
+            if Instant::now() >= deadline {
+                let what = format!("{} socket {}", self.name, path.display());
+                return Err(ProcessError::ReadinessTimeout { what, timeout });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `Err(Exited)` with the drained stderr if the child has exited.
+    pub async fn check_alive(&self) -> Result<(), ProcessError> {
+        match self.exit_status() {
+            None => Ok(()),
+            Some(status) => Err(ProcessError::Exited {
+                name: self.name.clone(),
+                status,
+                stderr: self.final_stderr().await,
+            }),
+        }
+    }
+}
+
+/// Owns `child`: reaps it, forwards signals while it lives, kills it when the handle is
+/// dropped.
+async fn supervise(
+    mut child: Child,
+    name: String,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    exit: watch::Sender<Option<ExitReport>>,
+) {
+    let status = loop {
+        tokio::select! {
+            biased;
+            status = child.wait() => break status,
+            signal = signals.recv() => match (signal, child.id()) {
+                (Some(signal), Some(pid)) => {
+                    let pid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+                    if let Err(error) = kill(pid, signal) {
+                        tracing::debug!(%name, %error, ?signal, "signal failed");
+                    }
+                }
+                (Some(_), None) => {}
+                (None, _) => break stop_orphaned(&mut child, &name).await,
+            },
+        }
+    };
+    let report = match status {
+        Ok(status) => ExitReport::from(status),
+        Err(error) => {
+            tracing::warn!(%name, %error, "waiting for child failed");
+            ExitReport {
+                code: None,
+                signal: None,
+            }
+        }
+    };
+    tracing::debug!(%name, %report, "child process exited");
+    exit.send_replace(Some(report));
+}
+
+/// The handle was dropped: SIGTERM (a forking daemon can then take its children down),
+/// up to [`DROP_GRACE`] to exit, then SIGKILL; reaps.
+async fn stop_orphaned(child: &mut Child, name: &str) -> std::io::Result<ExitStatus> {
+    if let Some(pid) = child.id() {
+        tracing::debug!(name, pid, "handle dropped, terminating child");
+        let _ = kill(
+            Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+            Signal::SIGTERM,
+        );
+        if let Ok(status) = tokio::time::timeout(DROP_GRACE, child.wait()).await {
+            return status;
+        }
+    }
+    let _ = child.start_kill();
+    child.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    #[test]
+    fn exit_codes() {
+        let killed = ExitReport {
+            code: None,
+            signal: Some(9),
+        };
+        assert_eq!(killed.exit_code(), 137);
+        assert!(!killed.success());
+        assert_eq!(killed.to_string(), "killed by signal 9 (SIGKILL)");
+        let ok = ExitReport {
+            code: Some(0),
+            signal: None,
+        };
+        assert_eq!(ok.exit_code(), 0);
+        assert!(ok.success());
+        assert_eq!(
+            ExitReport {
+                code: Some(3),
+                signal: None
+            }
+            .exit_code(),
+            3
+        );
+        assert_ne!(
+            ExitReport {
+                code: None,
+                signal: None
+            }
+            .exit_code(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn early_exit_carries_stderr() {
+        let child =
+            ChildProcess::spawn("d", "t", sh("echo boom >&2; exit 3"), Stdout::Null).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = child
+            .wait_for_path(&dir.path().join("never"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        match err {
+            ProcessError::Exited { status, stderr, .. } => {
+                assert_eq!(status.code, Some(3));
+                assert_eq!(stderr, "boom");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn readiness_by_path_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let script = format!("sleep 0.1; touch {}; exec sleep 30", path.display());
+        let child = ChildProcess::spawn("d", "t", sh(&script), Stdout::Null).unwrap();
+        child
+            .wait_for_path(&path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = child
+            .wait_for_path(&dir.path().join("other"), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProcessError::ReadinessTimeout { .. }),
+            "{err}"
+        );
+        let report = child.terminate(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(report.signal, Some(libc::SIGTERM));
+        assert_eq!(report.exit_code(), 128 + libc::SIGTERM);
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignored_then_killed() {
+        let child =
+            ChildProcess::spawn("d", "t", sh("trap '' TERM; exec sleep 30"), Stdout::Null).unwrap();
+        // Let the shell install its trap.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let report = child.terminate(Duration::from_millis(200)).await.unwrap();
+        assert_eq!(report.signal, Some(libc::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn drop_terminates_and_reaps() {
+        let child = ChildProcess::spawn("d", "t", sh("exec sleep 30"), Stdout::Null).unwrap();
+        let mut exit = child.exit_watch();
+        let pid = child.pid();
+        drop(child);
+        let report = exit.wait_for(Option::is_some).await.unwrap().unwrap();
+        assert_eq!(report.signal, Some(libc::SIGTERM));
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[tokio::test]
+    async fn spawn_failure_names_program() {
+        let err = ChildProcess::spawn("d", "t", Command::new("/nonexistent/prog"), Stdout::Null)
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/prog"), "{err}");
+    }
+}

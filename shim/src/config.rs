@@ -1,0 +1,453 @@
+//! `configuration.toml`: the runtime's configuration, with Kata's key names for what we
+//! implement.
+//!
+//! The file is read once per sandbox (from `KATA_CONF_FILE`, the runtime options'
+//! ConfigPath, or [`DEFAULT_CONFIG_PATH`]). Unknown keys are rejected with a message naming
+//! the key, and every value is checked here, at the edge, so that a bad configuration fails
+//! sandbox creation before any process starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kata_hypervisor::{Accel, SharedFsConfig, VmConfig, VsockMode};
+use serde::Deserialize;
+
+/// Where the configuration lives unless overridden.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-containers/configuration.toml";
+/// Environment variable naming another configuration file.
+pub const CONFIG_ENV: &str = "KATA_CONF_FILE";
+
+/// Configuration errors; each names the file, key or path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} = {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{key}: file {path} does not exist")]
+    MissingFile { key: &'static str, path: PathBuf },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub hypervisor: HypervisorSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// `[hypervisor]`: only QEMU is supported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorSection {
+    #[serde(default)]
+    pub qemu: Qemu,
+}
+
+/// `[hypervisor.qemu]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Qemu {
+    pub path: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra guest kernel parameters, space separated.
+    pub kernel_params: String,
+    /// `auto` | `kvm` | `tcg` (ours; Kata always uses KVM).
+    pub accel: String,
+    pub default_vcpus: u32,
+    /// 0 = the host's CPU count.
+    pub default_maxvcpus: u32,
+    /// MiB.
+    pub default_memory: u32,
+    pub memory_slots: u32,
+    /// MiB; 0 = the host's memory.
+    pub default_maxmemory: u32,
+    /// Only `virtio-fs`.
+    pub shared_fs: String,
+    pub virtio_fs_daemon: PathBuf,
+    /// `auto` | `always` | `never` (Kata's `none` is accepted as `never`).
+    pub virtio_fs_cache: String,
+    pub virtio_fs_extra_args: Vec<String>,
+    /// `auto` | `vhost` | `hybrid` (ours).
+    pub vsock: String,
+    /// The hybrid vsock backend daemon.
+    pub vsock_daemon: PathBuf,
+    pub enable_debug: bool,
+    /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set.
+    pub enable_annotations: Vec<String>,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Self {
+            path: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/usr/share/kata-containers/vmlinuz.container".into(),
+            initrd: "/usr/share/kata-containers/kata-containers-initrd.img".into(),
+            kernel_params: String::new(),
+            accel: "auto".into(),
+            default_vcpus: 1,
+            default_maxvcpus: 0,
+            default_memory: 2048,
+            memory_slots: 10,
+            default_maxmemory: 0,
+            shared_fs: "virtio-fs".into(),
+            virtio_fs_daemon: "/opt/kata-deps/bin/virtiofsd".into(),
+            virtio_fs_cache: "auto".into(),
+            virtio_fs_extra_args: Vec::new(),
+            vsock: "auto".into(),
+            vsock_daemon: "/opt/kata-deps/bin/vhost-device-vsock".into(),
+            enable_debug: false,
+            enable_annotations: vec!["default_vcpus".into(), "default_memory".into()],
+        }
+    }
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    #[serde(default)]
+    pub kata: Agent,
+}
+
+/// `[agent.kata]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    pub enable_debug: bool,
+    /// Seconds to wait for the agent after the VM starts.
+    pub dial_timeout: u64,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            enable_debug: false,
+            dial_timeout: 60,
+        }
+    }
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    pub enable_debug: bool,
+    pub sandbox_cgroup_only: bool,
+    pub static_sandbox_resource_mgmt: bool,
+}
+
+/// Facts about the host that defaults depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    pub cpus: u32,
+    pub memory_mib: u32,
+}
+
+impl HostLimits {
+    /// Reads the CPU count and MemTotal of this host.
+    pub fn detect() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| u32::try_from(kib / 1024).unwrap_or(u32::MAX))
+            .unwrap_or(0);
+        Self { cpus, memory_mib }
+    }
+}
+
+impl Config {
+    /// The file to read: `explicit` (runtime options' ConfigPath), else `$KATA_CONF_FILE`,
+    /// else [`DEFAULT_CONFIG_PATH`].
+    pub fn path(explicit: Option<&Path>) -> PathBuf {
+        explicit
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error text names the offending key and line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// Checks values that the types alone do not constrain (files are checked by
+    /// [`Config::check_files`], at sandbox creation).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let q = &self.hypervisor.qemu;
+        let invalid = |key: &'static str, value: &dyn std::fmt::Display, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                reason: reason.to_owned(),
+            })
+        };
+        if let Err(e) = q.accel.parse::<Accel>() {
+            return invalid("hypervisor.qemu.accel", &q.accel, &e.to_string());
+        }
+        if let Err(e) = q.vsock.parse::<VsockMode>() {
+            return invalid("hypervisor.qemu.vsock", &q.vsock, &e.to_string());
+        }
+        if q.shared_fs != "virtio-fs" {
+            return invalid("hypervisor.qemu.shared_fs", &q.shared_fs, "expected \"virtio-fs\"");
+        }
+        if !matches!(q.virtio_fs_cache.as_str(), "auto" | "always" | "never" | "none") {
+            return invalid(
+                "hypervisor.qemu.virtio_fs_cache",
+                &q.virtio_fs_cache,
+                "expected auto, always or never",
+            );
+        }
+        if q.default_vcpus == 0 {
+            return invalid("hypervisor.qemu.default_vcpus", &0, "expected at least 1");
+        }
+        if q.default_maxvcpus != 0 && q.default_maxvcpus < q.default_vcpus {
+            return invalid(
+                "hypervisor.qemu.default_maxvcpus",
+                &q.default_maxvcpus,
+                &format!("below default_vcpus = {}", q.default_vcpus),
+            );
+        }
+        if q.default_memory < 128 {
+            return invalid(
+                "hypervisor.qemu.default_memory",
+                &q.default_memory,
+                "expected at least 128 (MiB)",
+            );
+        }
+        if q.default_maxmemory != 0 && q.default_maxmemory < q.default_memory {
+            return invalid(
+                "hypervisor.qemu.default_maxmemory",
+                &q.default_maxmemory,
+                &format!("below default_memory = {}", q.default_memory),
+            );
+        }
+        if q.memory_slots == 0 || q.memory_slots > 256 {
+            return invalid(
+                "hypervisor.qemu.memory_slots",
+                &q.memory_slots,
+                "expected 1 to 256",
+            );
+        }
+        if self.agent.kata.dial_timeout == 0 {
+            return invalid("agent.kata.dial_timeout", &0, "expected at least 1 (seconds)");
+        }
+        Ok(())
+    }
+
+    /// Checks that the binaries and guest image the configuration names exist.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let q = &self.hypervisor.qemu;
+        let mut files = vec![
+            ("hypervisor.qemu.path", &q.path),
+            ("hypervisor.qemu.kernel", &q.kernel),
+            ("hypervisor.qemu.initrd", &q.initrd),
+            ("hypervisor.qemu.virtio_fs_daemon", &q.virtio_fs_daemon),
+        ];
+        if q.vsock != "vhost" {
+            files.push(("hypervisor.qemu.vsock_daemon", &q.vsock_daemon));
+        }
+        for (key, path) in files {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile {
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How long to wait for the agent.
+    pub fn dial_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent.kata.dial_timeout)
+    }
+
+    /// The VM for a sandbox: sizes resolved against `host`, sockets under `run_dir`,
+    /// `shared_dir` exported through virtio-fs.
+    pub fn vm_config(
+        &self,
+        id: &str,
+        run_dir: PathBuf,
+        shared_dir: PathBuf,
+        host: HostLimits,
+    ) -> Result<VmConfig, ConfigError> {
+        let q = &self.hypervisor.qemu;
+        let max_vcpus = match q.default_maxvcpus {
+            0 => host.cpus.max(q.default_vcpus),
+            n => n,
+        };
+        let max_memory_mib = match q.default_maxmemory {
+            0 => host.memory_mib.max(q.default_memory),
+            n => n,
+        };
+        let mut kernel_params: Vec<String> =
+            q.kernel_params.split_whitespace().map(str::to_owned).collect();
+        if self.agent.kata.enable_debug {
+            kernel_params.push("agent.log=debug".into());
+        }
+        let cache = if q.virtio_fs_cache == "none" {
+            "never".to_owned()
+        } else {
+            q.virtio_fs_cache.clone()
+        };
+        Ok(VmConfig {
+            id: id.to_owned(),
+            qemu_path: q.path.clone(),
+            kernel: q.kernel.clone(),
+            initrd: q.initrd.clone(),
+            kernel_params,
+            memory_mib: q.default_memory,
+            memory_slots: q.memory_slots,
+            max_memory_mib,
+            vcpus: q.default_vcpus,
+            max_vcpus,
+            accel: q.accel.parse().map_err(|e: kata_hypervisor::ConfigError| {
+                ConfigError::Invalid {
+                    key: "hypervisor.qemu.accel",
+                    value: q.accel.clone(),
+                    reason: e.to_string(),
+                }
+            })?,
+            vsock: q.vsock.parse().map_err(|e: kata_hypervisor::ConfigError| {
+                ConfigError::Invalid {
+                    key: "hypervisor.qemu.vsock",
+                    value: q.vsock.clone(),
+                    reason: e.to_string(),
+                }
+            })?,
+            vsock_daemon: q.vsock_daemon.clone(),
+            shared_fs: Some(SharedFsConfig {
+                daemon: q.virtio_fs_daemon.clone(),
+                shared_dir,
+                cache,
+                extra_args: q.virtio_fs_extra_args.clone(),
+            }),
+            run_dir,
+            start_timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_kata_defaults() {
+        let c = Config::parse("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hypervisor.qemu.default_memory, 2048);
+        assert_eq!(c.hypervisor.qemu.default_vcpus, 1);
+        assert_eq!(c.hypervisor.qemu.memory_slots, 10);
+        assert_eq!(c.agent.kata.dial_timeout, 60);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[hypervisor.qemu]\ndefault_memroy = 4096\n").unwrap_err();
+        assert!(err.contains("default_memroy"), "{err}");
+        let err = Config::parse("[runtimee]\n").unwrap_err();
+        assert!(err.contains("runtimee"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::parse("[hypervisor.qemu]\ndefault_vcpus = \"two\"\n").unwrap_err();
+        assert!(err.contains("default_vcpus"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let cases = [
+            ("[hypervisor.qemu]\naccel = \"xen\"", "hypervisor.qemu.accel", "xen"),
+            ("[hypervisor.qemu]\ndefault_memory = 64", "default_memory", "64"),
+            (
+                "[hypervisor.qemu]\ndefault_memory = 4096\ndefault_maxmemory = 1024",
+                "default_maxmemory",
+                "1024",
+            ),
+            ("[hypervisor.qemu]\nvirtio_fs_cache = \"sometimes\"", "virtio_fs_cache", "sometimes"),
+            ("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"", "shared_fs", "virtio-9p"),
+            ("[agent.kata]\ndial_timeout = 0", "dial_timeout", "0"),
+        ];
+        for (text, key, value) in cases {
+            let err = Config::parse(text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let mut c = Config::default();
+        c.hypervisor.qemu.path = "/bin/sh".into();
+        c.hypervisor.qemu.kernel = "/nonexistent/vmlinuz".into();
+        let err = c.check_files().unwrap_err().to_string();
+        assert!(
+            err.contains("hypervisor.qemu.kernel") && err.contains("/nonexistent/vmlinuz"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_maxima_follow_the_host() {
+        let c = Config::parse("[hypervisor.qemu]\ndefault_vcpus = 2").unwrap();
+        let host = HostLimits {
+            cpus: 8,
+            memory_mib: 16384,
+        };
+        let vm = c
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap();
+        assert_eq!((vm.vcpus, vm.max_vcpus), (2, 8));
+        assert_eq!((vm.memory_mib, vm.max_memory_mib), (2048, 16384));
+        assert_eq!(vm.shared_fs.unwrap().shared_dir, PathBuf::from("/run/y"));
+    }
+
+    #[test]
+    fn load_reports_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("configuration.toml");
+        std::fs::write(&path, "[hypervisor.qemu]\nbogus = 1\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("configuration.toml") && err.contains("bogus"), "{err}");
+        let err = Config::load(&dir.path().join("absent.toml")).unwrap_err().to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+    }
+}
