@@ -27,3 +27,6 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol version; the major must match between shim and agent.
 pub const PROTOCOL_VERSION: &str = "0.1.0";
+
+/// The vsock port on which the agent accepts one connection per process stdio stream.
+pub const STDIO_VSOCK_PORT: u32 = 1026;
