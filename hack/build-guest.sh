@@ -86,9 +86,10 @@ else
     order+=("$rel")
   }
   for m in "${MODULES[@]}"; do
-    rel=$(grep -m1 -E "(^|/)$m\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | cut -d: -f1) || true
+    pat=${m//_/[-_]}   # file names may use '-' where module names use '_'
+    rel=$(grep -m1 -E "(^|/)$pat\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | cut -d: -f1) || true
     if [[ -z "$rel" ]]; then
-      grep -qE "(^|/)$m\.ko" "$moddir/modules.builtin" && continue
+      grep -qE "(^|/)$pat\.ko" "$moddir/modules.builtin" && continue
       log "module $m is neither in modules.dep nor built in"; exit 1
     fi
     add_module "$rel"

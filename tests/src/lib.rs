@@ -7,6 +7,8 @@
 //!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,146 @@
+//! `ReadFile`: reading a small file below the base directory.
+//!
+//! The path is checked lexically ([`check_under`]) and again after resolving symlinks,
+//! so a symlink in the shared directory cannot lead out of the base directory.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncReadExt;
+
+use crate::paths::{check_under, PathError};
+
+/// A refused or failed read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The path is not acceptable.
+    #[error("invalid path")]
+    Path(#[source] PathError),
+    /// The file does not exist.
+    #[error("{0:?} not found")]
+    NotFound(PathBuf),
+    /// The path resolves (through symlinks) to outside the base directory.
+    #[error("{0:?} resolves outside the base directory")]
+    Escapes(PathBuf),
+    /// The path is not a regular file.
+    #[error("{0:?} is not a regular file")]
+    NotRegular(PathBuf),
+    /// The file is larger than the caller accepts.
+    #[error("{path:?} is {size} bytes, more than max_bytes {max}")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The caller's limit.
+        max: u64,
+    },
+    /// An I/O error.
+    #[error("read {path:?}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> FileError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        FileError::NotFound(path.to_owned())
+    } else {
+        FileError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Reads `path` (below `base`) if it is a regular file of at most `max_bytes` bytes.
+pub async fn read_file(base: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8>, FileError> {
+    let path = check_under(base, path).map_err(FileError::Path)?;
+    let real_base = tokio::fs::canonicalize(base)
+        .await
+        .map_err(|e| io_err(base, e))?;
+    let real = tokio::fs::canonicalize(&path)
+        .await
+        .map_err(|e| io_err(&path, e))?;
+    if !real.starts_with(&real_base) {
+        return Err(FileError::Escapes(path));
+    }
+    let file = tokio::fs::File::open(&real)
+        .await
+        .map_err(|e| io_err(&path, e))?;
+    let meta = file.metadata().await.map_err(|e| io_err(&path, e))?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular(path));
+    }
+    if meta.len() > max_bytes {
+        return Err(FileError::TooLarge {
+            path,
+            size: meta.len(),
+            max: max_bytes,
+        });
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| io_err(&path, e))?;
+    // The file may have grown since the size check.
+    if data.len() as u64 > max_bytes {
+        return Err(FileError::TooLarge {
+            path,
+            size: data.len() as u64,
+            max: max_bytes,
+        });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_small_files_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        std::fs::write(base.join("a.txt"), b"hello").unwrap();
+        std::fs::create_dir(base.join("sub")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", base.join("link")).unwrap();
+        let p = |name: &str| format!("{}/{name}", base.display());
+
+        assert_eq!(read_file(base, &p("a.txt"), 5).await.unwrap(), b"hello");
+        let e = read_file(base, &p("a.txt"), 4).await.unwrap_err();
+        assert!(matches!(
+            e,
+            FileError::TooLarge {
+                size: 5,
+                max: 4,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains('5') && e.to_string().contains('4'));
+        assert!(matches!(
+            read_file(base, &p("missing"), 9).await,
+            Err(FileError::NotFound(_))
+        ));
+        assert!(matches!(
+            read_file(base, &p("sub"), 9).await,
+            Err(FileError::NotRegular(_))
+        ));
+        assert!(matches!(
+            read_file(base, &p("link"), 1 << 20).await,
+            Err(FileError::Escapes(_))
+        ));
+        assert!(matches!(
+            read_file(base, &p("../x"), 9).await,
+            Err(FileError::Path(_))
+        ));
+        assert!(matches!(
+            read_file(base, "/etc/passwd", 1 << 20).await,
+            Err(FileError::Path(_))
+        ));
+    }
+}

@@ -1,0 +1,145 @@
+//! The boot sequence of PID 1, and the plain serving mode used when run by hand.
+//!
+//! PID 1 must never exit (the kernel panics): every failure here is logged and either
+//! skipped (mounts, modules) or retried (runtime, server).
+
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::logging::{self, chain};
+use crate::modules::{load_from_list, KernelModuleLoader, MODULE_LIST};
+use crate::mounts::{mount_all, SyscallMounter, BOOT_MOUNTS};
+use crate::reaper::Reaper;
+use crate::server::{self, serve_forever, ServerError};
+use crate::service::{Agent, AgentOptions, ShutdownMode};
+
+/// Environment variable with the log level when not PID 1 (`debug`, `info`, ...).
+pub const ENV_LOG: &str = "KATA_AGENT_LOG";
+
+/// A failure of the agent run by hand (PID 1 never fails).
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The tokio runtime could not be built.
+    #[error("build tokio runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The server could not start.
+    #[error("serve")]
+    Server(#[from] ServerError),
+    /// Termination signals could not be caught.
+    #[error("install signal handler")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs the agent. As PID 1 this never returns; otherwise it serves until SIGINT or
+/// SIGTERM.
+pub fn run(cfg: Config) -> Result<(), InitError> {
+    if cfg.pid1 {
+        run_pid1(cfg)
+    } else {
+        run_by_hand(cfg)
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_pid1(cfg: Config) -> ! {
+    let mount_errors = mount_all(&SyscallMounter, BOOT_MOUNTS);
+    ensure_std_fds();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    logging::init(true, &cmdline);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "kata-agent starting as PID 1"
+    );
+    for e in &mount_errors {
+        tracing::error!(error = %chain(e), "boot mount failed");
+    }
+    let loaded_modules = load_from_list(&KernelModuleLoader, Path::new(MODULE_LIST));
+    let agent = Arc::new(Agent::new(AgentOptions {
+        base_dir: cfg.base_dir.clone(),
+        shutdown: ShutdownMode::PowerOff,
+        loaded_modules,
+        mounter: Arc::new(SyscallMounter),
+    }));
+    loop {
+        match runtime() {
+            Ok(rt) => rt.block_on(async {
+                // Keep the reaper handle for the lifetime of the runtime.
+                let _reaper = Reaper::start()
+                    .inspect_err(|e| tracing::error!(error = %chain(e), "no zombie reaper"));
+                serve_forever(&cfg.listen, agent.clone()).await
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build tokio runtime; retrying in 1s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Makes sure fds 0-2 are open: without `/dev/console` in the initramfs the kernel
+/// starts init with none, and the first files opened would silently become stdio.
+fn ensure_std_fds() {
+    for fd in 0..=2 {
+        if fcntl(fd, FcntlArg::F_GETFD) != Err(Errno::EBADF) {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/console")
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            });
+        let Ok(file) = file else { continue };
+        if file.as_raw_fd() == fd {
+            // The lowest free fd was the one missing: keep it open for good.
+            let _: RawFd = file.into_raw_fd();
+        } else {
+            let _ = nix::unistd::dup2(file.as_raw_fd(), fd);
+        }
+    }
+}
+
+fn run_by_hand(cfg: Config) -> Result<(), InitError> {
+    let level = std::env::var(ENV_LOG)
+        .map(|v| format!("agent.log={v}"))
+        .unwrap_or_default();
+    logging::init(false, &level);
+    let rt = runtime().map_err(InitError::Runtime)?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).map_err(InitError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(InitError::Signal)?;
+        let agent = Arc::new(Agent::new(AgentOptions {
+            base_dir: cfg.base_dir.clone(),
+            shutdown: ShutdownMode::Exit,
+            loaded_modules: Vec::new(),
+            mounter: Arc::new(SyscallMounter),
+        }));
+        let mut server = server::start(&cfg.listen, agent).await?;
+        tracing::info!(addr = %cfg.listen, base_dir = %cfg.base_dir.display(), "serving ttrpc (not PID 1)");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("terminating");
+        let _ = server.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,20 @@
+//! `kata-agent`: PID 1 of the guest VM and the ttrpc service the shim talks to.
+//!
+//! As PID 1 the agent mounts the pseudo filesystems ([`mounts`]), sets up logging to the
+//! console ([`logging`]), loads the kernel modules the image lists ([`modules`]), reaps
+//! orphans ([`reaper`]) and then serves the agent protocol on vsock ([`server`],
+//! [`service`]). Run by hand (not PID 1) it only serves, on an address of the caller's
+//! choice, which is how the service is tested on a host.
+
+pub mod config;
+pub mod files;
+pub mod guest;
+pub mod init;
+pub mod logging;
+pub mod modules;
+pub mod mounts;
+pub mod paths;
+pub mod reaper;
+pub mod server;
+pub mod service;
+pub mod storage;

@@ -1,0 +1,25 @@
+//! `kata-agent`: `/init` of the guest, or the agent service on a chosen address when run
+//! by hand. See the library for everything.
+
+use std::process::ExitCode;
+
+use kata_agent::config::Config;
+use kata_agent::logging::chain;
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    let cfg = match Config::new(pid1, std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kata-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match kata_agent::init::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kata-agent: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

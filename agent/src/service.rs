@@ -1,0 +1,286 @@
+//! The ttrpc services: `Health` and `AgentService`, and the one place where agent errors
+//! become ttrpc status codes ([`to_ttrpc`]).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kata_proto::agent::{
+    AddStoragesRequest, Empty, GuestDetailsRequest, GuestDetailsResponse, ReadFileRequest,
+    ReadFileResponse, ShutdownRequest,
+};
+use kata_proto::agent_ttrpc::AgentService;
+use kata_proto::health::{
+    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
+};
+use kata_proto::health_ttrpc::Health;
+use ttrpc::asynchronous::TtrpcContext;
+use ttrpc::Code;
+
+use crate::files::{read_file, FileError};
+use crate::guest::{guest_details, GuestError};
+use crate::logging::chain;
+use crate::mounts::Mounter;
+use crate::storage::{mount_storage, validate, Outcome, StorageError};
+
+/// How long Shutdown waits after replying before powering off.
+const SHUTDOWN_DELAY: Duration = Duration::from_millis(50);
+
+/// A failed request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// AddStorages failed.
+    #[error("add storage")]
+    Storage(#[from] StorageError),
+    /// ReadFile failed.
+    #[error("read file")]
+    File(#[from] FileError),
+    /// GetGuestDetails failed.
+    #[error("guest details")]
+    Guest(#[from] GuestError),
+    /// A blocking task panicked or was cancelled.
+    #[error("blocking task")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Maps an error to a ttrpc status; the message is the whole error chain.
+pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
+    let code = match err {
+        ServiceError::Storage(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
+        ServiceError::Storage(StorageError::Busy { .. }) => Code::FAILED_PRECONDITION,
+        ServiceError::File(FileError::Path(_) | FileError::TooLarge { .. }) => {
+            Code::INVALID_ARGUMENT
+        }
+        ServiceError::File(FileError::NotRegular(_) | FileError::Escapes(_)) => {
+            Code::INVALID_ARGUMENT
+        }
+        ServiceError::File(FileError::NotFound(_)) => Code::NOT_FOUND,
+        ServiceError::Storage(_)
+        | ServiceError::File(FileError::Io { .. })
+        | ServiceError::Guest(_)
+        | ServiceError::Join(_) => Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain(err)))
+}
+
+/// What Shutdown does after replying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// PID 1: sync, unmount the storages, power the VM off.
+    PowerOff,
+    /// Run by hand: exit the process.
+    Exit,
+}
+
+/// How to build an [`Agent`].
+#[derive(Clone)]
+pub struct AgentOptions {
+    /// Requests may only name paths below this directory (`/run/kata-containers`).
+    pub base_dir: PathBuf,
+    /// What Shutdown does.
+    pub shutdown: ShutdownMode,
+    /// Modules loaded at boot, for GetGuestDetails.
+    pub loaded_modules: Vec<String>,
+    /// The mount calls.
+    pub mounter: Arc<dyn Mounter>,
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("base_dir", &self.base_dir)
+            .field("shutdown", &self.shutdown)
+            .field("loaded_modules", &self.loaded_modules)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state behind both services.
+#[derive(Debug)]
+pub struct Agent {
+    opts: AgentOptions,
+    /// Mount points of the storages mounted so far, in mount order.
+    storages: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+impl Agent {
+    /// Creates the agent state.
+    pub fn new(opts: AgentOptions) -> Self {
+        Self {
+            opts,
+            storages: Arc::default(),
+        }
+    }
+
+    async fn add_storages(&self, req: AddStoragesRequest) -> Result<(), ServiceError> {
+        // Validate all before mounting any.
+        let specs = req
+            .storages
+            .iter()
+            .map(|s| validate(s, &self.opts.base_dir))
+            .collect::<Result<Vec<_>, _>>()?;
+        for spec in specs {
+            let mounter = self.opts.mounter.clone();
+            let (spec, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = mount_storage(mounter.as_ref(), &spec);
+                (spec, outcome)
+            })
+            .await?;
+            match outcome? {
+                Outcome::Mounted => {
+                    tracing::info!(tag = %spec.source, path = %spec.mount_point.display(), "storage mounted");
+                    self.storages
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(spec.mount_point);
+                }
+                Outcome::AlreadyMounted => {
+                    tracing::debug!(path = %spec.mount_point.display(), "storage already mounted");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn schedule_shutdown(&self) {
+        let mode = self.opts.shutdown;
+        let mounter = self.opts.mounter.clone();
+        let storages = self.storages.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DELAY).await;
+            if mode == ShutdownMode::Exit {
+                tracing::info!("shutdown requested; exiting");
+                std::process::exit(0);
+            }
+            let points = std::mem::take(&mut *storages.lock().unwrap_or_else(|e| e.into_inner()));
+            let _ = tokio::task::spawn_blocking(move || power_off(mounter.as_ref(), &points)).await;
+        });
+    }
+}
+
+/// Syncs, lazily unmounts `points` (last first) and powers off. Returns only on failure.
+fn power_off(mounter: &dyn Mounter, points: &[PathBuf]) {
+    tracing::info!("shutdown requested; powering off");
+    nix::unistd::sync();
+    for p in points.iter().rev() {
+        if let Err(e) = mounter.umount_lazy(p) {
+            tracing::warn!(path = %p.display(), errno = %e, "unmount storage");
+        }
+    }
+    nix::unistd::sync();
+    if let Some(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF).err() {
+        tracing::error!(errno = %e, "power off failed");
+    }
+}
+
+fn log_failure(method: &str, err: ServiceError) -> ttrpc::Error {
+    tracing::warn!(method, error = %chain(&err), "request failed");
+    to_ttrpc(&err)
+}
+
+#[async_trait]
+impl Health for Agent {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CheckRequest,
+    ) -> ttrpc::Result<HealthCheckResponse> {
+        let mut resp = HealthCheckResponse::new();
+        resp.status = ServingStatus::SERVING.into();
+        Ok(resp)
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CheckRequest,
+    ) -> ttrpc::Result<VersionCheckResponse> {
+        let mut resp = VersionCheckResponse::new();
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        resp.grpc_version = kata_proto::PROTOCOL_VERSION.to_owned();
+        Ok(resp)
+    }
+}
+
+#[async_trait]
+impl AgentService for Agent {
+    async fn add_storages(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddStoragesRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.add_storages(req)
+            .await
+            .map_err(|e| log_failure("AddStorages", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn read_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadFileRequest,
+    ) -> ttrpc::Result<ReadFileResponse> {
+        let data = read_file(&self.opts.base_dir, &req.path, req.max_bytes)
+            .await
+            .map_err(|e| log_failure("ReadFile", e.into()))?;
+        let mut resp = ReadFileResponse::new();
+        resp.data = data;
+        Ok(resp)
+    }
+
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GuestDetailsRequest,
+    ) -> ttrpc::Result<GuestDetailsResponse> {
+        guest_details(&self.opts.loaded_modules)
+            .await
+            .map_err(|e| log_failure("GetGuestDetails", e.into()))
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        self.schedule_shutdown();
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::PathError;
+
+    fn code(e: ServiceError) -> Code {
+        match to_ttrpc(&e) {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(
+            code(StorageError::UnknownDriver("9p".into()).into()),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(FileError::Path(PathError::Empty).into()),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(FileError::NotFound("/x".into()).into()),
+            Code::NOT_FOUND
+        );
+        let io = std::io::Error::other("boom");
+        assert_eq!(code(StorageError::MountInfo(io).into()), Code::INTERNAL);
+    }
+
+    #[test]
+    fn status_message_carries_the_chain() {
+        let e: ServiceError = StorageError::UnknownDriver("9p".into()).into();
+        let ttrpc::Error::RpcStatus(s) = to_ttrpc(&e) else {
+            panic!()
+        };
+        assert_eq!(s.message(), "add storage: unknown storage driver \"9p\"");
+    }
+}

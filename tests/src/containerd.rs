@@ -1,0 +1,149 @@
+//! A test-owned containerd 1.6: its own root, state and sockets under a temp dir, so tests
+//! never touch (or depend on) a system containerd. `ctr` is driven as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{repo_root, wait_until};
+
+/// containerd's runtime type for our shim.
+pub const KATA_RUNTIME: &str = "io.containerd.kata.v2";
+/// The reference runtime the same checks must pass with.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The busybox test image built by `hack/build-test-images.sh`.
+pub const BUSYBOX: &str = "docker.io/library/busybox:kata";
+/// Namespace the tests use.
+pub const NAMESPACE: &str = "kata-test";
+
+/// A running containerd owned by one test; killed and cleaned on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd with `bin_dir` first on its PATH (where `containerd-shim-kata-v2`
+    /// is found) and imports the busybox image.
+    pub fn start(bin_dir: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kata-ctd-")
+            .tempdir()
+            .expect("containerd temp dir");
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), config).expect("write containerd config");
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts (run hack/install-deps.sh)");
+        let this = Self { dir, child };
+        let sock = this.socket();
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                sock.exists()
+                    && Command::new("ctr")
+                        .args(["-a", &sock.to_string_lossy(), "version"])
+                        .output()
+                        .map(|o| o.status.success())
+                        .unwrap_or(false)
+            }),
+            "containerd did not come up: {}",
+            this.log()
+        );
+        let images = repo_root().join("build/images/busybox.tar");
+        assert!(
+            images.is_file(),
+            "{} missing: run hack/build-test-images.sh",
+            images.display()
+        );
+        let out = this.ctr(&["images", "import", &images.to_string_lossy()]);
+        assert!(out.status.success(), "image import failed: {}", text(&out));
+        this
+    }
+
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// containerd's own log (debug level), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr -a <sock> -n kata-test <args>` and returns its output.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("run ctr")
+    }
+
+    /// The `ctr` command line, for callers that need stdin or a pty.
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.args(["-a", &self.socket().to_string_lossy(), "-n", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// containerd's state dir for v2 tasks of the test namespace (bundles live there).
+    pub fn task_state_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SIGTERM by pid, then SIGKILL if it lingers; always reap.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let exited = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// stdout and stderr of a command, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
