@@ -3,7 +3,16 @@
 //! Message types and async ttrpc services are generated at build time from `protos/`
 //! and used directly: there are no hand-written mirror types.
 
-#![allow(clippy::all, unused_mut, unused_imports, unknown_lints, missing_debug_implementations, non_camel_case_types, non_upper_case_globals, non_snake_case)]
+#![allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
 
 /// Liveness and version.
 pub mod health {

@@ -81,7 +81,10 @@ async fn generated_client_and_server_round_trip() {
     assert_eq!(resp.status.enum_value(), Ok(ServingStatus::NOT_SERVING));
 
     // A method the server does not override answers with ttrpc's default status.
-    let err = health.version(ctx(), &CheckRequest::new()).await.unwrap_err();
+    let err = health
+        .version(ctx(), &CheckRequest::new())
+        .await
+        .unwrap_err();
     assert_eq!(code_of(err), ttrpc::Code::NOT_FOUND);
 
     let mut req = ReadFileRequest::new();

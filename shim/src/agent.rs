@@ -13,7 +13,9 @@ use kata_proto::agent::{
     ShutdownRequest, Storage,
 };
 use kata_proto::agent_ttrpc::AgentServiceClient;
-use kata_proto::health::{health_check_response::ServingStatus, CheckRequest, VersionCheckResponse};
+use kata_proto::health::{
+    health_check_response::ServingStatus, CheckRequest, VersionCheckResponse,
+};
 use kata_proto::health_ttrpc::HealthClient;
 use ttrpc::asynchronous::{transport::Socket, Client};
 

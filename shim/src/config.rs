@@ -225,9 +225,16 @@ impl Config {
             return invalid("hypervisor.qemu.vsock", &q.vsock, &e.to_string());
         }
         if q.shared_fs != "virtio-fs" {
-            return invalid("hypervisor.qemu.shared_fs", &q.shared_fs, "expected \"virtio-fs\"");
+            return invalid(
+                "hypervisor.qemu.shared_fs",
+                &q.shared_fs,
+                "expected \"virtio-fs\"",
+            );
         }
-        if !matches!(q.virtio_fs_cache.as_str(), "auto" | "always" | "never" | "none") {
+        if !matches!(
+            q.virtio_fs_cache.as_str(),
+            "auto" | "always" | "never" | "none"
+        ) {
             return invalid(
                 "hypervisor.qemu.virtio_fs_cache",
                 &q.virtio_fs_cache,
@@ -266,7 +273,11 @@ impl Config {
             );
         }
         if self.agent.kata.dial_timeout == 0 {
-            return invalid("agent.kata.dial_timeout", &0, "expected at least 1 (seconds)");
+            return invalid(
+                "agent.kata.dial_timeout",
+                &0,
+                "expected at least 1 (seconds)",
+            );
         }
         Ok(())
     }
@@ -317,8 +328,11 @@ impl Config {
             0 => host.memory_mib.max(q.default_memory),
             n => n,
         };
-        let mut kernel_params: Vec<String> =
-            q.kernel_params.split_whitespace().map(str::to_owned).collect();
+        let mut kernel_params: Vec<String> = q
+            .kernel_params
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
         }
@@ -396,19 +410,39 @@ mod tests {
     #[test]
     fn bad_values_name_key_and_value() {
         let cases = [
-            ("[hypervisor.qemu]\naccel = \"xen\"", "hypervisor.qemu.accel", "xen"),
-            ("[hypervisor.qemu]\ndefault_memory = 64", "default_memory", "64"),
+            (
+                "[hypervisor.qemu]\naccel = \"xen\"",
+                "hypervisor.qemu.accel",
+                "xen",
+            ),
+            (
+                "[hypervisor.qemu]\ndefault_memory = 64",
+                "default_memory",
+                "64",
+            ),
             (
                 "[hypervisor.qemu]\ndefault_memory = 4096\ndefault_maxmemory = 1024",
                 "default_maxmemory",
                 "1024",
             ),
-            ("[hypervisor.qemu]\nvirtio_fs_cache = \"sometimes\"", "virtio_fs_cache", "sometimes"),
-            ("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"", "shared_fs", "virtio-9p"),
+            (
+                "[hypervisor.qemu]\nvirtio_fs_cache = \"sometimes\"",
+                "virtio_fs_cache",
+                "sometimes",
+            ),
+            (
+                "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"",
+                "shared_fs",
+                "virtio-9p",
+            ),
             ("[agent.kata]\ndial_timeout = 0", "dial_timeout", "0"),
         ];
         for (text, key, value) in cases {
-            let err = Config::parse(text).unwrap().validate().unwrap_err().to_string();
+            let err = Config::parse(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
     }
@@ -446,8 +480,13 @@ mod tests {
         let path = dir.path().join("configuration.toml");
         std::fs::write(&path, "[hypervisor.qemu]\nbogus = 1\n").unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
-        assert!(err.contains("configuration.toml") && err.contains("bogus"), "{err}");
-        let err = Config::load(&dir.path().join("absent.toml")).unwrap_err().to_string();
+        assert!(
+            err.contains("configuration.toml") && err.contains("bogus"),
+            "{err}"
+        );
+        let err = Config::load(&dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("absent.toml"), "{err}");
     }
 }

@@ -29,7 +29,12 @@ async fn boot_and_check(vsock: VsockMode) {
     let vm = Vm::start(t.config.clone()).await.expect("VM starts");
     let agent = AgentClient::connect(&vm, DIAL_TIMEOUT, REQUEST_TIMEOUT)
         .await
-        .unwrap_or_else(|e| panic!("agent reachable: {e:?}\nconsole:\n{}", vm.console_tail().join("\n")));
+        .unwrap_or_else(|e| {
+            panic!(
+                "agent reachable: {e:?}\nconsole:\n{}",
+                vm.console_tail().join("\n")
+            )
+        });
 
     assert!(agent.health_check().await.unwrap());
     let version = agent.version().await.unwrap();
@@ -39,7 +44,11 @@ async fn boot_and_check(vsock: VsockMode) {
     let details = agent.guest_details().await.unwrap();
     let image = GuestImage::find();
     assert_eq!(details.kernel_release, image.kernel_release);
-    assert_ne!(details.kernel_release, host_kernel_release(), "a guest kernel, not the host's");
+    assert_ne!(
+        details.kernel_release,
+        host_kernel_release(),
+        "a guest kernel, not the host's"
+    );
     assert_eq!(details.online_cpus, 1);
     // 512 MiB of RAM minus what the kernel reserves.
     assert!(
@@ -55,7 +64,10 @@ async fn boot_and_check(vsock: VsockMode) {
             details.loaded_modules
         );
     }
-    if !std::fs::read_to_string("/proc/cpuinfo").unwrap().contains(" vmx") {
+    if !std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .contains(" vmx")
+    {
         assert_eq!(vm.accel(), Accel::Tcg);
     }
 
@@ -85,7 +97,9 @@ async fn host_file_in_shared_dir_is_read_back_through_the_agent() {
     std::fs::write(t.shared_dir().join("before.txt"), &before).unwrap();
 
     let vm = Vm::start(t.config.clone()).await.expect("VM starts");
-    let agent = AgentClient::connect(&vm, DIAL_TIMEOUT, REQUEST_TIMEOUT).await.unwrap();
+    let agent = AgentClient::connect(&vm, DIAL_TIMEOUT, REQUEST_TIMEOUT)
+        .await
+        .unwrap();
     agent.add_storages(vec![shared_fs_storage()]).await.unwrap();
     // Mounting twice is idempotent.
     agent.add_storages(vec![shared_fs_storage()]).await.unwrap();
@@ -111,7 +125,11 @@ async fn host_file_in_shared_dir_is_read_back_through_the_agent() {
         .read_file(&format!("{GUEST_SHARED_DIR}/sub/after.bin"), 10)
         .await
         .unwrap_err();
-    assert!(format!("{err:?}").contains("InvalidArgument") || format!("{err:?}").contains("INVALID_ARGUMENT"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("InvalidArgument")
+            || format!("{err:?}").contains("INVALID_ARGUMENT"),
+        "{err:?}"
+    );
     let err = agent.read_file("/etc/passwd", 4096).await.unwrap_err();
     assert!(format!("{err:?}").contains("INVALID_ARGUMENT"), "{err:?}");
 
@@ -125,7 +143,9 @@ async fn agent_shutdown_powers_the_vm_off() {
     let t = TestVm::new("poweroff").with_shared_dir();
     let leaks = t.leak_check();
     let vm = Vm::start(t.config.clone()).await.expect("VM starts");
-    let agent = AgentClient::connect(&vm, DIAL_TIMEOUT, REQUEST_TIMEOUT).await.unwrap();
+    let agent = AgentClient::connect(&vm, DIAL_TIMEOUT, REQUEST_TIMEOUT)
+        .await
+        .unwrap();
     agent.add_storages(vec![shared_fs_storage()]).await.unwrap();
     let qemu_pid = vm.pid();
     agent.shutdown().await.unwrap();
@@ -151,7 +171,10 @@ async fn dropping_a_running_vm_leaves_nothing() {
     let leaks = t.leak_check();
     let vm = Vm::start(t.config.clone()).await.expect("VM starts");
     let pid = vm.pid();
-    assert!(!leaks.processes().is_empty(), "QEMU and daemons are running");
+    assert!(
+        !leaks.processes().is_empty(),
+        "QEMU and daemons are running"
+    );
     drop(vm);
     leaks.assert_clean();
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -179,7 +202,10 @@ async fn qemu_start_failure_carries_qemus_message() {
     let err = Vm::start(t.config.clone()).await.unwrap_err();
     let msg = error_chain(&err);
     // QEMU says "qemu: linux kernel too old to load a ram disk".
-    assert!(msg.contains("kernel too old to load a ram disk"), "QEMU's own message missing: {msg}");
+    assert!(
+        msg.contains("kernel too old to load a ram disk"),
+        "QEMU's own message missing: {msg}"
+    );
     leaks.assert_clean();
 }
 

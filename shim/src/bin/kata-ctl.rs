@@ -29,7 +29,10 @@ struct BootCheck {
     qemu: PathBuf,
     #[arg(long, default_value = "/usr/share/kata-containers/vmlinuz.container")]
     kernel: PathBuf,
-    #[arg(long, default_value = "/usr/share/kata-containers/kata-containers-initrd.img")]
+    #[arg(
+        long,
+        default_value = "/usr/share/kata-containers/kata-containers-initrd.img"
+    )]
     initrd: PathBuf,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
@@ -135,9 +138,20 @@ async fn boot_check(args: BootCheck) -> Result<()> {
     };
     let ready = t0.elapsed();
 
-    let result = report(&vm, &agent, args.shared_dir.is_some(), args.timing, launched, ready).await;
+    let result = report(
+        &vm,
+        &agent,
+        args.shared_dir.is_some(),
+        args.timing,
+        launched,
+        ready,
+    )
+    .await;
     let t1 = Instant::now();
-    let exit = vm.stop(Duration::from_secs(10)).await.context("stopping the VM")?;
+    let exit = vm
+        .stop(Duration::from_secs(10))
+        .await
+        .context("stopping the VM")?;
     let stopped = t1.elapsed();
     if let Some(dir) = &args.shared_dir {
         let _ = std::fs::remove_file(dir.join(".kata-ctl-probe"));
@@ -172,7 +186,12 @@ async fn report(
     if quiet {
         return Ok(());
     }
-    println!("VM {} (QEMU pid {}, accel {:?})", vm.config().id, vm.pid(), vm.accel());
+    println!(
+        "VM {} (QEMU pid {}, accel {:?})",
+        vm.config().id,
+        vm.pid(),
+        vm.accel()
+    );
     println!("  QEMU launched        {:>6} ms", launched.as_millis());
     println!("  agent answered Check {:>6} ms", ready.as_millis());
     println!(
