@@ -7,7 +7,9 @@
 //!   `CONNECT <port>\n` and reads `OK <n>\n` before the stream starts.
 //!
 //! [`Endpoint::connect`] retries with exponential backoff (10 ms doubling, capped at
-//! 500 ms) because the guest's listener appears some time after boot.
+//! 50 ms) because the guest's listener appears some time after boot; a low cap keeps the
+//! delay between "agent listening" and "host connected" small, and a failed attempt is
+//! cheap (a local socket or vsock RST).
 
 use std::ffi::OsString;
 use std::io;
@@ -32,7 +34,7 @@ const CID_ATTEMPTS: u32 = 4096;
 /// Longest reply line accepted from the hybrid vsock daemon.
 const MAX_REPLY_LEN: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
-const BACKOFF_CAP: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_millis(50);
 
 nix::ioctl_write_ptr!(vhost_vsock_set_guest_cid, 0xAF, 0x60, u64);
 
