@@ -7,8 +7,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 hack/build-guest.sh
+hack/build-test-images.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The end-to-end tests start containerd, which runs the shim binary from target/debug.
+cargo build --quiet --workspace --bins
 # VM tests use two vCPU threads' worth of host CPU each under TCG; two at a time fits 2 cores.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
