@@ -27,6 +27,11 @@ impl Containerd {
     /// Starts containerd with `bin_dir` first on its PATH (where `containerd-shim-kata-v2`
     /// is found) and imports the busybox image.
     pub fn start(bin_dir: &Path) -> Self {
+        Self::start_with_env(bin_dir, &[])
+    }
+
+    /// Like [`Containerd::start`], with extra environment for containerd and its shims.
+    pub fn start_with_env(bin_dir: &Path, env: &[(&str, &Path)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kata-ctd-")
             .tempdir()
@@ -36,14 +41,13 @@ impl Containerd {
             r#"version = 2
 root = "{root}"
 state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "{sock}"
 [ttrpc]
   address = "{sock}.ttrpc"
 [debug]
   level = "debug"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_tcp_service = true
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
@@ -60,6 +64,7 @@ state = "{state}"
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -146,4 +151,71 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Where `cargo build` puts the workspace's binaries (`CARGO_TARGET_DIR` or `<repo>/target`).
+pub fn target_bin_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    target.join("debug")
+}
+
+/// A directory holding only `containerd-shim-kata-v2` (a symlink to the debug build), to put
+/// first on containerd's PATH, and a `configuration.toml` pointing at the test guest image.
+#[derive(Debug)]
+pub struct ShimInstall {
+    pub dir: tempfile::TempDir,
+}
+
+impl ShimInstall {
+    /// Panics with a hint when the shim has not been built (`cargo build -p kata-shim`).
+    pub fn new() -> Self {
+        let shim = target_bin_dir().join("containerd-shim-kata-v2");
+        assert!(
+            shim.is_file(),
+            "{} missing: run cargo build -p kata-shim --bins",
+            shim.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("kata-shim-bin-")
+            .tempdir()
+            .expect("shim bin dir");
+        std::os::unix::fs::symlink(&shim, dir.path().join("containerd-shim-kata-v2"))
+            .expect("link shim");
+        let image = crate::GuestImage::find();
+        let config = format!(
+            r#"[hypervisor.qemu]
+kernel = "{kernel}"
+initrd = "{initrd}"
+default_memory = 512
+virtio_fs_daemon = "{virtiofsd}"
+vsock_daemon = "{vsock}"
+
+[agent.kata]
+enable_debug = true
+dial_timeout = 60
+"#,
+            kernel = image.kernel.display(),
+            initrd = image.initrd.display(),
+            virtiofsd = crate::daemon_path("virtiofsd").display(),
+            vsock = crate::daemon_path("vhost-device-vsock").display(),
+        );
+        std::fs::write(dir.path().join("configuration.toml"), config).expect("write config");
+        Self { dir }
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("configuration.toml")
+    }
+}
+
+impl Default for ShimInstall {
+    fn default() -> Self {
+        Self::new()
+    }
 }

@@ -155,28 +155,7 @@ impl LeakCheck {
     /// Processes whose command line mentions the run directory (QEMU's QMP/console sockets,
     /// virtiofsd's and the vsock daemon's sockets all live there), with their pids.
     pub fn processes(&self) -> Vec<(i32, String)> {
-        let needle = self.run_dir.to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return found;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-            if cmdline.contains(&needle) && !is_zombie(pid) {
-                found.push((pid, cmdline));
-            }
-        }
-        found
+        processes_naming(&self.run_dir.to_string_lossy())
     }
 
     /// Mount points at or under the run directory.
@@ -211,31 +190,42 @@ impl LeakCheck {
     }
 }
 
+/// Live processes (not zombies) whose command line contains `needle`, with their pids.
+pub fn processes_naming(needle: &str) -> Vec<(i32, String)> {
+    proc_pids()
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            (cmdline.contains(needle) && !is_zombie(pid)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
 /// Children of this process that exited and were never reaped.
 pub fn zombie_children() -> Vec<i32> {
     let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the command name: state, ppid, ...
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        if fields.next() == Some("Z") && fields.next() == Some(me.as_str()) {
-            found.push(pid);
-        }
-    }
-    found
+    proc_pids()
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // Fields after the command name: state, ppid, ...
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            fields.next() == Some("Z") && fields.next() == Some(me.as_str())
+        })
+        .collect()
+}
+
+/// Every pid in /proc.
+fn proc_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
 }
 
 fn is_zombie(pid: i32) -> bool {
