@@ -140,6 +140,14 @@ impl Drop for Containerd {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // Shims outlive containerd by design; a failed test must not leave them (and their
+        // VMs) running. They name our socket in `-address`.
+        for (pid, _) in crate::processes_naming(&self.socket().to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 

@@ -1,0 +1,497 @@
+//! End-to-end through a test-owned containerd 1.6 and `ctr`, as a user runs containers:
+//! every check runs twice, with runc (`io.containerd.runc.v2`, proving the test itself) and
+//! with our runtime (`io.containerd.kata.v2`, a QEMU VM per container). Each test ends with
+//! a leak check.
+//!
+//! Compiled only with the `shim-e2e` feature until `containerd-shim-kata-v2` lands.
+
+#![cfg(feature = "shim-e2e")]
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use kata_tests::containerd::{text, Containerd, ShimInstall, BUSYBOX, KATA_RUNTIME, RUNC_RUNTIME};
+use kata_tests::wait_until;
+
+/// A containerd for one runtime: for ours, with the shim on its PATH and the test
+/// configuration in KATA_CONF_FILE.
+struct Env {
+    // Field order: containerd stops before the shim directory goes away.
+    ctd: Containerd,
+    _shim: Option<ShimInstall>,
+    runtime: &'static str,
+}
+
+impl Env {
+    fn new(runtime: &'static str) -> Self {
+        if runtime == RUNC_RUNTIME {
+            let dir = std::env::temp_dir();
+            return Self {
+                ctd: Containerd::start(&dir),
+                _shim: None,
+                runtime,
+            };
+        }
+        let shim = ShimInstall::new();
+        let ctd = Containerd::start_with_env(
+            shim.bin_dir(),
+            &[("KATA_CONF_FILE", shim.config_path().as_path())],
+        );
+        Self {
+            ctd,
+            _shim: Some(shim),
+            runtime,
+        }
+    }
+
+    fn is_kata(&self) -> bool {
+        self.runtime == KATA_RUNTIME
+    }
+
+    /// `ctr run --rm --runtime <rt> <extra...> busybox <id> <cmd...>`.
+    fn run(&self, id: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        self.ctd.ctr(&self.run_args(id, extra, cmd))
+    }
+
+    fn run_args<'a>(&self, id: &'a str, extra: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["run", "--rm", "--runtime", self.runtime];
+        args.extend_from_slice(extra);
+        args.push(BUSYBOX);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        args
+    }
+
+    /// Starts a detached container running `cmd` and waits until it is RUNNING.
+    fn run_detached(&self, id: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", self.runtime, BUSYBOX, id];
+        args.extend_from_slice(cmd);
+        let out = self.ctd.ctr(&args);
+        assert!(out.status.success(), "ctr run -d: {}", text(&out));
+        assert!(
+            wait_until(Duration::from_secs(60), || self.task_status(id)
+                == "RUNNING"),
+            "{id} never RUNNING: {}",
+            self.task_status(id)
+        );
+    }
+
+    /// The STATUS column of `ctr task ls` for `id` ("" when absent).
+    fn task_status(&self, id: &str) -> String {
+        let out = self.ctd.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Kills, deletes the task and the container.
+    fn remove(&self, id: &str) {
+        let _ = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(Duration::from_secs(30), || {
+            let s = self.task_status(id);
+            s == "STOPPED" || s.is_empty()
+        });
+        let out = self.ctd.ctr(&["task", "delete", id]);
+        let _ = out;
+        let out = self.ctd.ctr(&["container", "delete", id]);
+        assert!(
+            out.status.success(),
+            "container delete {id}: {}",
+            text(&out)
+        );
+    }
+
+    /// Nothing of `ids` is left: no process naming them (shim, QEMU, daemons), no mount,
+    /// no sandbox directory.
+    fn assert_no_leaks(&self, ids: &[&str]) {
+        for id in ids {
+            let gone = wait_until(Duration::from_secs(15), || processes_naming(id).is_empty());
+            assert!(gone, "processes left for {id}: {:?}", processes_naming(id));
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(id))
+                .map(str::to_owned)
+                .collect();
+            assert!(mounts.is_empty(), "mounts left for {id}: {mounts:?}");
+            for dir in [
+                format!("/run/kata/{id}"),
+                format!("/run/kata-containers/shared/sandboxes/{id}"),
+            ] {
+                assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+            }
+        }
+    }
+}
+
+/// Runtime processes naming `needle` (`ctr` itself names container ids too: not counted).
+fn processes_naming(needle: &str) -> Vec<String> {
+    kata_tests::processes_naming(needle)
+        .into_iter()
+        .filter(|(_, cmdline)| !cmdline.starts_with("ctr "))
+        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
+        .collect()
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn host_kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Generates `<name>_runc` and `<name>_kata` tests from one body taking `&Env`.
+macro_rules! both_runtimes {
+    ($($name:ident => $body:expr;)*) => {
+        mod runc {
+            use super::*;
+            $(#[test] fn $name() { let env = Env::new(RUNC_RUNTIME); ($body)(&env); })*
+        }
+        mod kata {
+            use super::*;
+            $(#[test] fn $name() { let env = Env::new(KATA_RUNTIME); ($body)(&env); })*
+        }
+    };
+}
+
+fn kernel_release(env: &Env) {
+    let id = unique("uname");
+    let out = env.run(&id, &[], &["uname", "-r"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let release = stdout(&out).trim().to_owned();
+    if env.is_kata() {
+        let guest = kata_tests::GuestImage::find().kernel_release;
+        assert_eq!(release, guest, "the container runs on the guest kernel");
+        assert_ne!(release, host_kernel_release());
+    } else {
+        assert_eq!(release, host_kernel_release());
+    }
+    env.assert_no_leaks(&[&id]);
+}
+
+fn exit_code(env: &Env) {
+    let id = unique("exit7");
+    let out = env.run(&id, &[], &["sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    env.assert_no_leaks(&[&id]);
+}
+
+fn piped_stdin(env: &Env) {
+    let id = unique("stdin");
+    let mut child = env
+        .ctd
+        .ctr_cmd(&env.run_args(&id, &[], &["sh", "-c", "head -n 2 | tr a-z A-Z; echo done"]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"hello from the host\nsecond line\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stdout(&out), "HELLO FROM THE HOST\nSECOND LINE\ndone\n");
+    env.assert_no_leaks(&[&id]);
+}
+
+fn env_and_cwd(env: &Env) {
+    let id = unique("envcwd");
+    let out = env.run(
+        &id,
+        &["--env", "GREETING=hi there", "--cwd", "/tmp"],
+        &["sh", "-c", "echo \"$GREETING\"; pwd; id -u"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stdout(&out), "hi there\n/tmp\n0\n");
+    env.assert_no_leaks(&[&id]);
+}
+
+fn big_stdout_is_byte_exact(env: &Env) {
+    const SIZE: usize = 32 << 20;
+    let id = unique("big");
+    // The same generator on both sides: numbers 1.. one per line, cut at 32 MiB.
+    let script = format!("seq 1 5000000 | head -c {SIZE}");
+    let expected = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(expected.len(), SIZE);
+    let out = env.run(&id, &[], &["sh", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), SIZE, "stdout length");
+    assert!(out.stdout == expected, "stdout content differs");
+    env.assert_no_leaks(&[&id]);
+}
+
+/// `ctr -t` needs a terminal: run it under `script`.
+fn in_pty(env: &Env, args: &[&str]) -> Output {
+    let sock = env.ctd.socket();
+    let mut line = format!(
+        "ctr -a {} -n {} ",
+        sock.display(),
+        kata_tests::containerd::NAMESPACE
+    );
+    for a in args {
+        line.push_str(&format!("'{a}' "));
+    }
+    Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (bsdutils) runs ctr in a pty")
+}
+
+fn tty(env: &Env) {
+    let id = unique("tty");
+    let out = in_pty(
+        env,
+        &env.run_args(&id, &["-t"], &["sh", "-c", "tty; stty size; exit 3"]),
+    );
+    let s = stdout(&out);
+    assert!(
+        s.contains("/dev/pts/"),
+        "no pty in the container: {}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    env.assert_no_leaks(&[&id]);
+}
+
+fn exec(env: &Env) {
+    let id = unique("exec");
+    env.run_detached(&id, &["sleep", "1000"]);
+
+    let out = env.ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(stdout(&out), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    let out = env.ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        "--user",
+        "1000",
+        &id,
+        "id",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).starts_with("uid=1000(user) gid=1000(user)"),
+        "{}",
+        text(&out)
+    );
+
+    let out = env.ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e3",
+        "--cwd",
+        "/home/user",
+        &id,
+        "pwd",
+    ]);
+    assert_eq!(stdout(&out), "/home/user\n", "{}", text(&out));
+
+    let out = in_pty(env, &["task", "exec", "-t", "--exec-id", "e4", &id, "tty"]);
+    assert!(stdout(&out).contains("/dev/pts/"), "{}", text(&out));
+
+    // ps lists the init process and no finished exec.
+    let out = env.ctd.ctr(&["task", "ps", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let pids = stdout(&out)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert!(pids >= 1, "{}", text(&out));
+
+    let out = env.ctd.ctr(&["task", "metrics", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("memory"), "{}", text(&out));
+
+    env.remove(&id);
+    env.assert_no_leaks(&[&id]);
+}
+
+fn pause_resume(env: &Env) {
+    let id = unique("pause");
+    env.run_detached(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "while true; do date +%s%N > /tmp/tick; sleep 0.05; done",
+        ],
+    );
+    let out = env.ctd.ctr(&["task", "pause", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(env.task_status(&id), "PAUSED");
+    let out = env.ctd.ctr(&["task", "resume", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(env.task_status(&id), "RUNNING");
+    let out = env
+        .ctd
+        .ctr(&["task", "exec", "--exec-id", "tick", &id, "cat", "/tmp/tick"]);
+    assert!(
+        out.status.success(),
+        "the container runs after resume: {}",
+        text(&out)
+    );
+    env.remove(&id);
+    env.assert_no_leaks(&[&id]);
+}
+
+fn sigterm_reaches_a_trapping_shell(env: &Env) {
+    let id = unique("term");
+    let args = env.run_args(
+        &id,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.1; done",
+        ],
+    );
+    let child = env
+        .ctd
+        .ctr_cmd(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || env.task_status(&id)
+            == "RUNNING"),
+        "never RUNNING"
+    );
+    std::thread::sleep(Duration::from_millis(500)); // let the trap be installed
+    let out = env.ctd.ctr(&["task", "kill", "-s", "SIGTERM", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(42), "{}", text(&out));
+    assert!(stdout(&out).contains("got TERM"), "{}", text(&out));
+    env.assert_no_leaks(&[&id]);
+}
+
+fn sigkill(env: &Env) {
+    let id = unique("kill");
+    let child = env
+        .ctd
+        .ctr_cmd(&env.run_args(&id, &[], &["sleep", "1000"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&id)
+        == "RUNNING"));
+    let out = env.ctd.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out));
+    env.assert_no_leaks(&[&id]);
+}
+
+fn five_at_once(env: &Env) {
+    let ids: Vec<String> = (0..5).map(|i| unique(&format!("five{i}"))).collect();
+    let children: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            env.ctd
+                .ctr_cmd(&env.run_args(id, &[], &["sh", "-c", "echo $(hostname) up; exit 5"]))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (id, child) in ids.iter().zip(children) {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(5), "{id}: {}", text(&out));
+        assert!(stdout(&out).ends_with(" up\n"), "{id}: {}", text(&out));
+    }
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    env.assert_no_leaks(&refs);
+}
+
+both_runtimes! {
+    runs_on_its_kernel => kernel_release;
+    exit_code_passes_through => exit_code;
+    stdin_is_piped => piped_stdin;
+    env_and_cwd_apply => env_and_cwd;
+    stdout_32mib_byte_exact => big_stdout_is_byte_exact;
+    terminal_gives_a_pty => tty;
+    exec_output_code_user_cwd_tty_ps_metrics => exec;
+    pause_and_resume => pause_resume;
+    sigterm_is_delivered => sigterm_reaches_a_trapping_shell;
+    sigkill_gives_137 => sigkill;
+    five_containers_at_once => five_at_once;
+}
+
+#[test]
+fn a_bad_configuration_fails_create_naming_the_key_and_leaves_nothing() {
+    let shim = ShimInstall::new();
+    std::fs::write(
+        shim.config_path(),
+        "[hypervisor.qemu]\ndefault_memroy = 1024\n",
+    )
+    .unwrap();
+    let ctd = Containerd::start_with_env(
+        shim.bin_dir(),
+        &[("KATA_CONF_FILE", shim.config_path().as_path())],
+    );
+    let id = unique("badconf");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        KATA_RUNTIME,
+        BUSYBOX,
+        &id,
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("default_memroy"),
+        "error does not name the key: {err}"
+    );
+    let env = Env {
+        ctd,
+        _shim: Some(shim),
+        runtime: KATA_RUNTIME,
+    };
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id]);
+}
