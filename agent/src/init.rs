@@ -79,6 +79,7 @@ fn run_pid1(cfg: Config) -> ! {
                 // Keep the reaper handle for the lifetime of the runtime.
                 let _reaper = Reaper::start()
                     .inspect_err(|e| tracing::error!(error = %chain(e), "no zombie reaper"));
+                spawn_stdio_listener(agent.stdio().clone());
                 serve_forever(&cfg.listen, agent.clone()).await
             }),
             Err(e) => {
@@ -87,6 +88,19 @@ fn run_pid1(cfg: Config) -> ! {
             }
         }
     }
+}
+
+/// Serves stdio connections on vsock for as long as the runtime lives; a failure to bind
+/// or accept is logged and retried every second.
+fn spawn_stdio_listener(registry: crate::stdio::Registry) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::stdio::serve_vsock(registry.clone()).await {
+                tracing::error!(error = %e, "stdio listener failed; retrying in 1s");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }
 
 /// Makes sure fds 0-2 are open: without `/dev/console` in the initramfs the kernel

@@ -6,6 +6,7 @@
 //! [`service`]). Run by hand (not PID 1) it only serves, on an address of the caller's
 //! choice, which is how the service is tested on a host.
 
+pub mod cgroup;
 pub mod config;
 pub mod files;
 pub mod guest;
@@ -13,8 +14,10 @@ pub mod init;
 pub mod logging;
 pub mod modules;
 pub mod mounts;
+pub mod passwd;
 pub mod paths;
 pub mod reaper;
 pub mod server;
 pub mod service;
+pub mod stdio;
 pub mod storage;

@@ -102,14 +102,22 @@ pub struct Agent {
     opts: AgentOptions,
     /// Mount points of the storages mounted so far, in mount order.
     storages: Arc<Mutex<Vec<PathBuf>>>,
+    /// Process streams waiting for their stdio connection.
+    stdio: crate::stdio::Registry,
 }
 
 impl Agent {
+    /// The registry of pending stdio streams, shared with the stdio listener.
+    pub fn stdio(&self) -> &crate::stdio::Registry {
+        &self.stdio
+    }
+
     /// Creates the agent state.
     pub fn new(opts: AgentOptions) -> Self {
         Self {
             opts,
             storages: Arc::default(),
+            stdio: crate::stdio::Registry::default(),
         }
     }
 
