@@ -24,6 +24,9 @@ pub enum FileError {
     /// The path is not a regular file.
     #[error("{0:?} is not a regular file")]
     NotRegular(PathBuf),
+    /// The request asks for more than the agent ever reads at once.
+    #[error("max_bytes {max_bytes} exceeds the limit of {cap} bytes")]
+    LimitTooLarge { max_bytes: u64, cap: u64 },
     /// The file is larger than the caller accepts.
     #[error("{path:?} is {size} bytes, more than max_bytes {max}")]
     TooLarge {
@@ -45,6 +48,9 @@ pub enum FileError {
     },
 }
 
+/// The largest `max_bytes` a ReadFile request may ask for.
+pub const MAX_READ_BYTES: u64 = 16 << 20;
+
 fn io_err(path: &Path, source: std::io::Error) -> FileError {
     if source.kind() == std::io::ErrorKind::NotFound {
         FileError::NotFound(path.to_owned())
@@ -59,6 +65,13 @@ fn io_err(path: &Path, source: std::io::Error) -> FileError {
 /// Reads `path` (below `base`) if it is a regular file of at most `max_bytes` bytes.
 pub async fn read_file(base: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8>, FileError> {
     let path = check_under(base, path).map_err(FileError::Path)?;
+    // The agent is PID 1: a request must not make it allocate without bound.
+    if max_bytes > MAX_READ_BYTES {
+        return Err(FileError::LimitTooLarge {
+            max_bytes,
+            cap: MAX_READ_BYTES,
+        });
+    }
     let real_base = tokio::fs::canonicalize(base)
         .await
         .map_err(|e| io_err(base, e))?;
@@ -68,7 +81,17 @@ pub async fn read_file(base: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8
     if !real.starts_with(&real_base) {
         return Err(FileError::Escapes(path));
     }
-    let file = tokio::fs::File::open(&real)
+    // Refuse non-regular files before opening: opening a FIFO would block forever.
+    let meta = tokio::fs::symlink_metadata(&real)
+        .await
+        .map_err(|e| io_err(&path, e))?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular(path));
+    }
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
+        .open(&real)
         .await
         .map_err(|e| io_err(&path, e))?;
     let meta = file.metadata().await.map_err(|e| io_err(&path, e))?;
@@ -142,5 +165,28 @@ mod tests {
             read_file(base, "/etc/passwd", 1 << 20).await,
             Err(FileError::Path(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn oversized_limit_is_refused_before_any_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let path = format!("{}/f", dir.path().display());
+        let err = read_file(dir.path(), &path, MAX_READ_BYTES + 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FileError::LimitTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains(&(MAX_READ_BYTES + 1).to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read_file(dir.path(), &fifo.to_string_lossy(), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FileError::NotRegular(_)), "{err}");
     }
 }

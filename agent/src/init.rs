@@ -73,15 +73,29 @@ fn run_pid1(cfg: Config) -> ! {
         loaded_modules,
         mounter: Arc::new(SyscallMounter),
     }));
+    // A panic that unwinds out of main would end PID 1 and panic the kernel: log it to the
+    // console and start the runtime again instead.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "kata-agent panicked");
+    }));
     loop {
         match runtime() {
-            Ok(rt) => rt.block_on(async {
-                // Keep the reaper handle for the lifetime of the runtime.
-                let _reaper = Reaper::start()
-                    .inspect_err(|e| tracing::error!(error = %chain(e), "no zombie reaper"));
-                spawn_stdio_listener(agent.stdio().clone());
-                serve_forever(&cfg.listen, agent.clone()).await
-            }),
+            Ok(rt) => {
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rt.block_on(async {
+                        // Keep the reaper handle for the lifetime of the runtime.
+                        let _reaper = Reaper::start().inspect_err(
+                            |e| tracing::error!(error = %chain(e), "no zombie reaper"),
+                        );
+                        spawn_stdio_listener(agent.stdio().clone());
+                        serve_forever(&cfg.listen, agent.clone()).await
+                    })
+                }));
+                if served.is_err() {
+                    tracing::error!("agent runtime panicked; restarting it in 1s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot build tokio runtime; retrying in 1s");
                 std::thread::sleep(Duration::from_secs(1));

@@ -49,9 +49,9 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
     let code = match err {
         ServiceError::Storage(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
         ServiceError::Storage(StorageError::Busy { .. }) => Code::FAILED_PRECONDITION,
-        ServiceError::File(FileError::Path(_) | FileError::TooLarge { .. }) => {
-            Code::INVALID_ARGUMENT
-        }
+        ServiceError::File(
+            FileError::Path(_) | FileError::TooLarge { .. } | FileError::LimitTooLarge { .. },
+        ) => Code::INVALID_ARGUMENT,
         ServiceError::File(FileError::NotRegular(_) | FileError::Escapes(_)) => {
             Code::INVALID_ARGUMENT
         }

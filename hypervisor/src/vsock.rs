@@ -35,6 +35,8 @@ const CID_ATTEMPTS: u32 = 4096;
 const MAX_REPLY_LEN: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_millis(50);
+/// Upper bound of one connect attempt (socket connect plus the hybrid handshake).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 nix::ioctl_write_ptr!(vhost_vsock_set_guest_cid, 0xAF, 0x60, u64);
 
@@ -167,10 +169,19 @@ impl Endpoint {
         let mut delay = BACKOFF_START;
         let mut last = None;
         loop {
-            match tokio::time::timeout_at(deadline, self.connect_once(port)).await {
+            // One attempt may hang (a CONNECT sent before the guest's vsock driver is up can
+            // go unanswered): bound each attempt so the loop keeps retrying.
+            let attempt_deadline = (Instant::now() + ATTEMPT_TIMEOUT).min(deadline);
+            match tokio::time::timeout_at(attempt_deadline, self.connect_once(port)).await {
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(e)) => last = Some(e),
-                // An attempt cut short by the deadline: the previous failure says more.
+                Err(_) if attempt_deadline < deadline => {
+                    last = Some(VsockError::Handshake(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer to a connect to port {port} within {ATTEMPT_TIMEOUT:?}"),
+                    )))
+                }
+                // An attempt cut short by the overall deadline: the previous failure says more.
                 Err(_) => {}
             }
             let now = Instant::now();
