@@ -3,16 +3,23 @@
 //! [`AgentClient::connect`] dials the agent's vsock port through the VM (vhost-vsock or
 //! hybrid vsock, hidden by [`kata_hypervisor::Vm::connect`]) and waits until the agent
 //! answers a health check. Every later call carries a timeout, so a wedged guest turns into
-//! an error instead of a hung shim.
+//! an error instead of a hung shim; only [`AgentClient::wait_process`] has none, because a
+//! process may run for as long as it likes.
 
 use std::time::{Duration, Instant};
 
 use kata_hypervisor::Vm;
+use std::future::Future;
+
 use kata_proto::agent::{
-    AddStoragesRequest, GuestDetailsRequest, GuestDetailsResponse, ReadFileRequest,
-    ShutdownRequest, Storage,
+    AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, PauseContainerRequest,
+    ReadFileRequest, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
+    StatsContainerRequest, StatsContainerResponse, Stdio, Storage, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
-use kata_proto::agent_ttrpc::AgentServiceClient;
+use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
     health_check_response::ServingStatus, CheckRequest, VersionCheckResponse,
 };
@@ -52,11 +59,26 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// The status code the agent answered with, when the call reached the agent and it
+    /// refused the request (as opposed to a transport failure or a timeout).
+    pub fn agent_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
 /// A connected agent.
 #[derive(Clone)]
 pub struct AgentClient {
     health: HealthClient,
     agent: AgentServiceClient,
+    containers: ContainerServiceClient,
     timeout: Duration,
 }
 
@@ -89,7 +111,8 @@ impl AgentClient {
             let client = Client::new(Socket::new(stream));
             let this = Self {
                 health: HealthClient::new(client.clone()),
-                agent: AgentServiceClient::new(client),
+                agent: AgentServiceClient::new(client.clone()),
+                containers: ContainerServiceClient::new(client),
                 timeout: request_timeout,
             };
             let last = match this.check(PROBE_TIMEOUT).await {
@@ -205,6 +228,273 @@ impl AgentClient {
                 method: "Shutdown",
                 source,
             })
+    }
+}
+
+/// Runs one RPC, naming it in the error.
+async fn call<T>(
+    method: &'static str,
+    rpc: impl Future<Output = ttrpc::Result<T>>,
+) -> Result<T, AgentError> {
+    rpc.await
+        .map_err(|source| AgentError::Rpc { method, source })
+}
+
+/// The ContainerService: containers and processes in the guest.
+impl AgentClient {
+    fn ctx_default(&self) -> ttrpc::context::Context {
+        Self::ctx(self.timeout)
+    }
+
+    /// Creates a container from a guest-ready OCI spec; returns the guest pid of its init
+    /// process, created but not started.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<u32, AgentError> {
+        let req = CreateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_spec,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let resp = call(
+            "CreateContainer",
+            self.containers.create_container(self.ctx_default(), &req),
+        )
+        .await?;
+        Ok(resp.pid)
+    }
+
+    /// Starts a created container's init process (its stdio must be attached).
+    pub async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = StartContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "StartContainer",
+            self.containers.start_container(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Creates (does not start) an exec process from an OCI `Process` (JSON).
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<(), AgentError> {
+        let req = ExecProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        call(
+            "ExecProcess",
+            self.containers.exec_process(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Runs a created exec process; returns its guest pid.
+    pub async fn start_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<u32, AgentError> {
+        let req = StartProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        let resp = call(
+            "StartProcess",
+            self.containers.start_process(self.ctx_default(), &req),
+        )
+        .await?;
+        Ok(resp.pid)
+    }
+
+    /// Sends `signal` to a process (`exec_id` empty: the init), or to every process of the
+    /// container when `all`.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let req = SignalProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        call(
+            "SignalProcess",
+            self.containers.signal_process(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Waits, without a timeout, until the process exits and its output is closed.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse, AgentError> {
+        let req = WaitProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        // A ttrpc timeout of 0 means none.
+        call(
+            "WaitProcess",
+            self.containers
+                .wait_process(ttrpc::context::with_timeout(0), &req),
+        )
+        .await
+    }
+
+    /// Removes a container whose processes have exited.
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = RemoveContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "RemoveContainer",
+            self.containers.remove_container(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Guest pids of the container's processes.
+    pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
+        let req = ListPidsRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let resp = call(
+            "ListPids",
+            self.containers.list_pids(self.ctx_default(), &req),
+        )
+        .await?;
+        Ok(resp.pids)
+    }
+
+    /// Resizes a process's pty.
+    pub async fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), AgentError> {
+        let req = ResizeTtyRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        call(
+            "ResizeTty",
+            self.containers.resize_tty(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Closes a process's stdin in the guest.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = CloseStdinRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "CloseStdin",
+            self.containers.close_stdin(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Freezes every process of the container.
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = PauseContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "PauseContainer",
+            self.containers.pause_container(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Thaws a paused container.
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = ResumeContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "ResumeContainer",
+            self.containers.resume_container(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Applies OCI `LinuxResources` (JSON) to the container's cgroup.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            resources,
+            ..Default::default()
+        };
+        call(
+            "UpdateContainer",
+            self.containers.update_container(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The container's cgroup v2 counters.
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<StatsContainerResponse, AgentError> {
+        let req = StatsContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        call(
+            "StatsContainer",
+            self.containers.stats_container(self.ctx_default(), &req),
+        )
+        .await
     }
 }
 

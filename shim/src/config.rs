@@ -384,6 +384,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_configuration_is_valid_and_matches_the_defaults() {
+        let shipped = Config::parse(include_str!("../configuration.toml")).unwrap();
+        shipped.validate().unwrap();
+        let d = Config::default();
+        let (s, d) = (&shipped.hypervisor.qemu, &d.hypervisor.qemu);
+        assert_eq!(s.kernel, d.kernel);
+        assert_eq!(s.initrd, d.initrd);
+        assert_eq!(s.virtio_fs_daemon, d.virtio_fs_daemon);
+        assert_eq!(s.accel, "auto");
+        assert_eq!(s.default_memory, 2048);
+    }
+
+    #[test]
     fn empty_file_gives_kata_defaults() {
         let c = Config::parse("").unwrap();
         c.validate().unwrap();

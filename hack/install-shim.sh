@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds and installs containerd-shim-kata-v2 and its default configuration.
+#
+# Usage: hack/install-shim.sh [--prefix DIR]
+#   --prefix DIR   install the binary to DIR/bin (default /usr/local; containerd finds
+#                  io.containerd.kata.v2 as containerd-shim-kata-v2 on its PATH)
+# The configuration goes to /etc/kata-containers/configuration.toml only when that file
+# is absent or still identical to the copy a previous run installed (a local edit is
+# kept, and the new default is written next to it as configuration.toml.new).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prefix=/usr/local
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
+    *) echo "install-shim: unknown argument '$1' (expected --prefix DIR)" >&2; exit 2 ;;
+  esac
+done
+log() { echo "install-shim: $*" >&2; }
+
+log "building containerd-shim-kata-v2 (release)"
+cargo build --manifest-path "$repo/Cargo.toml" --release -p kata-shim --bin containerd-shim-kata-v2
+bin="$repo/target/release/containerd-shim-kata-v2"
+
+install -d "$prefix/bin"
+install -m 0755 "$bin" "$prefix/bin/containerd-shim-kata-v2.tmp"
+mv -f "$prefix/bin/containerd-shim-kata-v2.tmp" "$prefix/bin/containerd-shim-kata-v2"
+log "installed $prefix/bin/containerd-shim-kata-v2"
+
+conf_dir=/etc/kata-containers
+conf="$conf_dir/configuration.toml"
+# The checksum of what we installed last, to tell our copy from a local edit.
+stamp="$conf_dir/.configuration.toml.installed-sha256"
+src="$repo/shim/configuration.toml"
+install -d "$conf_dir"
+if [[ ! -e $conf ]] || { [[ -f $stamp ]] && (cd "$conf_dir" && sha256sum --status -c "$stamp" 2>/dev/null); }; then
+  install -m 0644 "$src" "$conf"
+  (cd "$conf_dir" && sha256sum configuration.toml > "$stamp")
+  log "installed $conf"
+elif cmp -s "$src" "$conf"; then
+  log "$conf is up to date"
+else
+  install -m 0644 "$src" "$conf.new"
+  log "$conf was edited locally: kept it; the new default is $conf.new"
+fi

@@ -1,0 +1,258 @@
+//! Process exits: the per-process waiter, the VM-death handler, and the rules that order
+//! TaskExit events.
+//!
+//! - A waiter starts right after a process's TaskStart/TaskExecStarted was emitted, so its
+//!   TaskExit can never precede them.
+//! - Output is drained to the fifos before an exit is recorded, so `ctr` sees all output.
+//! - The init's exit is recorded only after every exec of the container has exited (they
+//!   are killed when the init dies), so no exec's TaskExit follows the init's.
+//! - An exit is recorded once ([`Process::set_exited`]); whoever records it emits TaskExit,
+//!   and only for processes that ran.
+//! - An OOM kill emits TaskOOM (containerd) and creates `<bundle>/oom` (CRI-O).
+//! - If QEMU dies, every process still alive is recorded as exited (128 + QEMU's signal,
+//!   else 255), execs first, and the console tail is logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
+
+use crate::container::{Container, Process, Status};
+use crate::events::EventSender;
+use crate::sandbox::Sandbox;
+
+/// How long output may take to drain after the agent reported an exit.
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long execs get to exit after their container's init did, before SIGKILL.
+const EXEC_EXIT_GRACE: Duration = Duration::from_secs(3);
+/// How long after a failed WaitProcess we wait for the VM's exit to explain it.
+const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Exit status of a process whose fate is unknown (VM or agent connection lost).
+pub const UNKNOWN_EXIT: u32 = 255;
+const SIGKILL: u32 = 9;
+
+/// Records `status` for `process` and emits TaskExit if this call made the transition.
+pub fn record_exit(events: &EventSender, process: &Process, status: u32, vm_pid: u32) {
+    let Some(info) = process.set_exited(status) else {
+        return;
+    };
+    tracing::info!(process = %process.name(), status, "process exited");
+    if !process.started() {
+        return;
+    }
+    events.send(TaskExit {
+        container_id: process.container_id.clone(),
+        id: process.event_id().to_owned(),
+        pid: vm_pid,
+        exit_status: info.status,
+        exited_at: Some(info.timestamp()).into(),
+        ..Default::default()
+    });
+}
+
+/// Everything a waiter needs.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    pub sandbox: Arc<Sandbox>,
+    pub events: EventSender,
+}
+
+impl Waiter {
+    /// Spawns the waiter of a just-started `process` of `container`.
+    pub fn spawn(self, container: Arc<Container>, process: Arc<Process>) {
+        tokio::spawn(async move { self.run(container, process).await });
+    }
+
+    async fn run(self, container: Arc<Container>, process: Arc<Process>) {
+        let agent = self.sandbox.agent();
+        let status = match agent
+            .wait_process(&process.container_id, process.agent_exec_id())
+            .await
+        {
+            Ok(resp) => {
+                if resp.oom_killed {
+                    tracing::warn!(process = %process.name(), "killed by the OOM killer");
+                    self.events.send(TaskOOM {
+                        container_id: process.container_id.clone(),
+                        ..Default::default()
+                    });
+                    // CRI-O learns about OOM from this file instead of events.
+                    if let Err(error) = tokio::fs::write(container.bundle.join("oom"), b"").await {
+                        tracing::debug!(%error, "writing the bundle's oom file");
+                    }
+                }
+                u32::try_from(resp.status).unwrap_or(UNKNOWN_EXIT)
+            }
+            Err(error) => {
+                if self.vm_exit_explains().await {
+                    // The VM-death handler records this exit.
+                    return;
+                }
+                tracing::error!(
+                    process = %process.name(),
+                    error = %crate::error::chain(&error),
+                    "waiting for process failed; reporting it as exited"
+                );
+                UNKNOWN_EXIT
+            }
+        };
+        let outputs = process.with_io(|io| io.take_outputs()).unwrap_or_default();
+        if !outputs.wait(OUTPUT_DRAIN_TIMEOUT).await {
+            tracing::warn!(process = %process.name(), "output still draining; reporting exit anyway");
+        }
+        if process.exec_id.is_none() {
+            self.execs_exit_first(&container).await;
+        }
+        record_exit(&self.events, &process, status, self.sandbox.vm_pid());
+    }
+
+    /// Whether the VM is gone or going (then its handler reports every exit).
+    async fn vm_exit_explains(&self) -> bool {
+        if self.sandbox.is_stopping() {
+            return true;
+        }
+        let mut rx = self.sandbox.exit_watch();
+        let exited = tokio::time::timeout(VM_EXIT_GRACE, rx.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        exited
+    }
+
+    /// Before the init's exit is recorded: waits for the container's execs, killing them
+    /// if they outlive the grace period, and records any that still hang as killed.
+    async fn execs_exit_first(&self, container: &Container) {
+        let running = |c: &Container| -> Vec<Arc<Process>> {
+            c.execs()
+                .into_iter()
+                .filter(|p| matches!(p.status(), Status::Running | Status::Paused))
+                .collect()
+        };
+        let execs = running(container);
+        if execs.is_empty() {
+            return;
+        }
+        let all_exit = |execs: Vec<Arc<Process>>| async move {
+            for p in execs {
+                p.wait().await;
+            }
+        };
+        if tokio::time::timeout(EXEC_EXIT_GRACE, all_exit(execs))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let agent = self.sandbox.agent();
+        if let Err(error) = agent.signal_process(&container.id, "", SIGKILL, true).await {
+            tracing::debug!(error = %crate::error::chain(&error), "killing leftover execs");
+        }
+        let execs = running(container);
+        if tokio::time::timeout(EXEC_EXIT_GRACE, all_exit(execs))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        for p in running(container) {
+            tracing::warn!(process = %p.name(), "exec did not exit after its init; reporting it killed");
+            record_exit(&self.events, &p, 128 + SIGKILL, self.sandbox.vm_pid());
+        }
+    }
+}
+
+/// Waits for QEMU to exit, then records every live process of `containers()` as exited.
+pub fn watch_vm(
+    sandbox: Arc<Sandbox>,
+    events: EventSender,
+    containers: impl Fn() -> Vec<Arc<Container>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut rx = sandbox.exit_watch();
+        let report = match rx.wait_for(Option::is_some).await {
+            Ok(r) => *r,
+            Err(_) => return,
+        };
+        let Some(report) = report else {
+            return;
+        };
+        let status = report
+            .signal
+            .and_then(|s| u32::try_from(s).ok())
+            .map_or(UNKNOWN_EXIT, |s| 128 + s);
+        if sandbox.is_stopping() {
+            tracing::info!(sandbox = %sandbox.id, %report, "VM stopped");
+        } else {
+            let tail = sandbox.console_tail().await;
+            let start = tail.len().saturating_sub(30);
+            tracing::error!(
+                sandbox = %sandbox.id,
+                %report,
+                console = %tail[start..].join("\n"),
+                "VM exited unexpectedly; every process is reported as exited"
+            );
+        }
+        let vm_pid = sandbox.vm_pid();
+        let all = containers();
+        for c in &all {
+            for p in c.execs() {
+                record_exit(&events, &p, status, vm_pid);
+            }
+        }
+        for c in &all {
+            record_exit(&events, &c.init, status, vm_pid);
+        }
+        if !sandbox.is_stopping() {
+            // Nothing runs any more: release the host resources now; containerd still
+            // deletes the tasks.
+            sandbox.teardown().await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::StdioSpec;
+    use containerd_shim::protos::protobuf::Message;
+
+    fn started(exec: Option<&str>) -> Process {
+        let p = Process::new("c1", exec, StdioSpec::new("", "", "", false).unwrap(), 3);
+        p.set_running(3).unwrap();
+        p
+    }
+
+    fn exit_of(msg: crate::events::Msg) -> TaskExit {
+        let crate::events::Msg::Event(item) = msg else {
+            panic!("not an event");
+        };
+        assert_eq!(item.topic, "/tasks/exit");
+        TaskExit::parse_from_bytes(&item.event.write_to_bytes_dyn().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn exit_is_emitted_once_with_the_event_id() {
+        let (events, mut rx) = EventSender::channel();
+        let init = started(None);
+        record_exit(&events, &init, 0, 99);
+        record_exit(&events, &init, 1, 99);
+        let exec = started(Some("e1"));
+        record_exit(&events, &exec, 137, 99);
+        let first = exit_of(rx.recv().await.unwrap());
+        assert_eq!(
+            (first.id.as_str(), first.exit_status, first.pid),
+            ("c1", 0, 99)
+        );
+        let second = exit_of(rx.recv().await.unwrap());
+        assert_eq!((second.id.as_str(), second.exit_status), ("e1", 137));
+        assert!(rx.try_recv().is_err(), "no duplicate exit");
+    }
+
+    #[tokio::test]
+    async fn a_process_that_never_ran_has_no_task_exit() {
+        let (events, mut rx) = EventSender::channel();
+        let p = Process::new("c1", None, StdioSpec::new("", "", "", false).unwrap(), 3);
+        record_exit(&events, &p, 137, 1);
+        assert_eq!(p.status(), Status::Stopped);
+        assert!(rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! The sandbox: one VM per pod, its directories on the host and the agent inside.
+//!
+//! [`Sandbox::create`] runs at the pod's first Create: configuration, state and shared
+//! directories, VM, agent connection, virtio-fs mount in the guest. Every failure undoes
+//! what was made. [`Sandbox::teardown`] reverses it at the sandbox container's Delete or at
+//! shutdown. A small JSON record in the state directory lists the host processes, so the
+//! `delete` command can clean up after a shim that died ([`crate::cleanup`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kata_hypervisor::vsock::Endpoint;
+use kata_hypervisor::{ExitReport, Vm, VsockStream};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Mutex};
+
+use crate::agent::{shared_fs_storage, AgentClient, AgentError};
+use crate::config::{Config, ConfigError, HostLimits};
+use crate::io::IoError;
+use crate::mounts::{self, MountError};
+
+/// Parent of the per-sandbox state directories (short: the VM run dir must stay <= 90 bytes).
+pub const STATE_ROOT: &str = "/run/kata";
+/// Parent of the per-sandbox directories shared with the guest through virtio-fs.
+pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
+/// Timeout of every agent request except WaitProcess.
+const AGENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU gets at each stop step (quit, SIGTERM, SIGKILL).
+const VM_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent gets to answer Shutdown.
+const AGENT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stdio connection may take.
+const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors creating or tearing down a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The configuration file is missing, invalid or names missing files.
+    #[error("configuration")]
+    Config(#[source] ConfigError),
+    /// A directory could not be created or removed.
+    #[error("cannot create or remove {}", .path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the state record failed.
+    #[error("cannot write sandbox state {}", .path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mounting or unmounting the shared directory failed.
+    #[error("shared directory")]
+    Mount(#[from] MountError),
+    /// The VM did not start.
+    #[error("cannot start the VM")]
+    Vm(#[source] kata_hypervisor::Error),
+    /// The agent did not come up or refused the shared filesystem.
+    #[error("agent")]
+    Agent(#[from] AgentError),
+    /// A blocking helper task failed.
+    #[error("sandbox setup task failed")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+/// The host directories of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPaths {
+    /// `/run/kata/<key>`: state record and the VM's run directory.
+    pub state_dir: PathBuf,
+    /// `<state_dir>/vm`: sockets of QEMU and its daemons (removed by the VM itself).
+    pub vm_run_dir: PathBuf,
+    /// `/run/kata-containers/shared/sandboxes/<key>`: exported to the guest.
+    pub shared_dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The standard locations for `sandbox_id`.
+    pub fn new(sandbox_id: &str) -> Self {
+        Self::with_roots(Path::new(STATE_ROOT), Path::new(SHARED_ROOT), sandbox_id)
+    }
+
+    /// Locations under other roots (tests).
+    pub fn with_roots(state_root: &Path, shared_root: &Path, sandbox_id: &str) -> Self {
+        let key = dir_key(sandbox_id);
+        let state_dir = state_root.join(&key);
+        SandboxPaths {
+            vm_run_dir: state_dir.join("vm"),
+            state_dir,
+            shared_dir: shared_root.join(&key),
+        }
+    }
+
+    /// The state record's path.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// A container's directory in the share.
+    pub fn container_dir(&self, container_id: &str) -> PathBuf {
+        self.shared_dir.join(container_id)
+    }
+}
+
+/// A directory name (and VM id) for a sandbox id: the id itself when it is short and
+/// plain, else a hash of it.
+pub fn dir_key(sandbox_id: &str) -> String {
+    let plain = !sandbox_id.is_empty()
+        && sandbox_id.len() <= 64
+        && !sandbox_id.starts_with('.')
+        && sandbox_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if plain {
+        sandbox_id.to_owned()
+    } else {
+        hex::encode(Sha256::digest(sandbox_id.as_bytes()))[..32].to_owned()
+    }
+}
+
+/// What the `delete` command needs to clean up after a dead shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub sandbox_id: String,
+    pub shim_pid: u32,
+    pub qemu_pid: u32,
+    /// Start time of QEMU (clock ticks since boot, /proc/<pid>/stat field 22), so a
+    /// recycled pid is never killed.
+    pub qemu_start_time: Option<u64>,
+    pub vm_run_dir: PathBuf,
+    pub shared_dir: PathBuf,
+}
+
+/// A process's start time from /proc/<pid>/stat.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a /proc/<pid>/stat line (the command may contain spaces and parentheses).
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Fields after comm start at field 3; starttime is field 22.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reads the configuration file chosen by `explicit` / KATA_CONF_FILE / the default and
+/// checks the files it names.
+pub async fn load_config(explicit: Option<PathBuf>) -> Result<Config, SandboxError> {
+    tokio::task::spawn_blocking(move || {
+        let path = Config::path(explicit.as_deref());
+        let config = Config::load(&path)?;
+        config.check_files()?;
+        Ok(config)
+    })
+    .await
+    .map_err(SandboxError::Join)?
+    .map_err(SandboxError::Config)
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub paths: SandboxPaths,
+    agent: AgentClient,
+    endpoint: Endpoint,
+    vm_pid: u32,
+    vm: Mutex<Option<Vm>>,
+    exit_rx: watch::Receiver<Option<ExitReport>>,
+    stopping: AtomicBool,
+    /// Held for the whole teardown; true once it is done.
+    torn_down: Mutex<bool>,
+}
+
+/// Undoes a partial [`Sandbox::create`].
+struct Undo {
+    paths: SandboxPaths,
+    shared_mounted: bool,
+}
+
+impl Undo {
+    async fn run(self, vm: Option<Vm>) {
+        if let Some(vm) = vm {
+            if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
+                tracing::warn!(error = %crate::error::chain(&error), "stopping VM after failed create");
+            }
+        }
+        let paths = self.paths;
+        let mounted = self.shared_mounted;
+        let result = tokio::task::spawn_blocking(move || {
+            if mounted {
+                mounts::remove_dir_sync(&paths.shared_dir)?;
+            } else if let Err(e) = std::fs::remove_dir(&paths.shared_dir) {
+                tracing::debug!(error = %e, "removing shared dir");
+            }
+            mounts::remove_dir_sync(&paths.state_dir)
+        })
+        .await;
+        if let Ok(Err(error)) = result {
+            tracing::warn!(error = %crate::error::chain(&error), "cleanup after failed create");
+        }
+    }
+}
+
+impl Sandbox {
+    /// Creates the sandbox `id` with `config` (see the module docs).
+    pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+        let paths = SandboxPaths::new(id);
+        if tokio::fs::try_exists(paths.state_file())
+            .await
+            .unwrap_or(false)
+        {
+            tracing::warn!(
+                sandbox = id,
+                "stale sandbox state found; cleaning it up first"
+            );
+            let stale = paths.clone();
+            tokio::task::spawn_blocking(move || crate::cleanup::cleanup_sandbox(&stale))
+                .await
+                .map_err(SandboxError::Join)?;
+        }
+        let mut undo = Undo {
+            paths: paths.clone(),
+            shared_mounted: false,
+        };
+        match Self::create_in(id, config, &paths, &mut undo).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err((error, vm)) => {
+                undo.run(vm).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn create_in(
+        id: &str,
+        config: &Config,
+        paths: &SandboxPaths,
+        undo: &mut Undo,
+    ) -> Result<Sandbox, (SandboxError, Option<Vm>)> {
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| (SandboxError::Dir { path, source }, None)
+        };
+        tokio::fs::create_dir_all(&paths.state_dir)
+            .await
+            .map_err(dir_err(&paths.state_dir))?;
+        tokio::fs::create_dir_all(&paths.shared_dir)
+            .await
+            .map_err(dir_err(&paths.shared_dir))?;
+        mounts::make_shared_mountpoint(paths.shared_dir.clone())
+            .await
+            .map_err(|e| (e.into(), None))?;
+        undo.shared_mounted = true;
+
+        let vm_config = config
+            .vm_config(
+                &dir_key(id),
+                paths.vm_run_dir.clone(),
+                paths.shared_dir.clone(),
+                HostLimits::detect(),
+            )
+            .map_err(|e| (SandboxError::Config(e), None))?;
+        let vm = Vm::start(vm_config)
+            .await
+            .map_err(|e| (SandboxError::Vm(e), None))?;
+        let record = StateRecord {
+            sandbox_id: id.to_owned(),
+            shim_pid: std::process::id(),
+            qemu_pid: vm.pid(),
+            qemu_start_time: proc_start_time(vm.pid()),
+            vm_run_dir: paths.vm_run_dir.clone(),
+            shared_dir: paths.shared_dir.clone(),
+        };
+        if let Err(e) = write_record(&paths.state_file(), &record).await {
+            return Err((e, Some(vm)));
+        }
+        let agent =
+            match AgentClient::connect(&vm, config.dial_timeout(), AGENT_REQUEST_TIMEOUT).await {
+                Ok(agent) => agent,
+                Err(e) => return Err((e.into(), Some(vm))),
+            };
+        if let Err(e) = agent.add_storages(vec![shared_fs_storage()]).await {
+            return Err((e.into(), Some(vm)));
+        }
+        tracing::info!(sandbox = id, qemu_pid = vm.pid(), accel = %vm.accel(), "sandbox ready");
+        Ok(Sandbox {
+            id: id.to_owned(),
+            paths: paths.clone(),
+            agent,
+            endpoint: vm.vsock_endpoint().clone(),
+            vm_pid: vm.pid(),
+            exit_rx: vm.exit_watch(),
+            vm: Mutex::new(Some(vm)),
+            stopping: AtomicBool::new(false),
+            torn_down: Mutex::new(false),
+        })
+    }
+
+    /// The agent client.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// QEMU's pid: the pid containerd sees for every task of the sandbox (as in Kata).
+    pub fn vm_pid(&self) -> u32 {
+        self.vm_pid
+    }
+
+    /// Turns `Some` when QEMU has exited.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit_rx.clone()
+    }
+
+    /// Whether [`Sandbox::teardown`] has begun (a VM exit is then expected).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// One new connection to the guest's stdio port.
+    pub async fn connect_stdio(&self) -> Result<VsockStream, IoError> {
+        self.endpoint
+            .connect(kata_proto::STDIO_VSOCK_PORT, STDIO_CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| IoError::Connect(Box::new(e)))
+    }
+
+    /// The guest console's last lines (empty once the VM is stopped).
+    pub async fn console_tail(&self) -> Vec<String> {
+        self.vm
+            .lock()
+            .await
+            .as_ref()
+            .map(Vm::console_tail)
+            .unwrap_or_default()
+    }
+
+    /// Stops the agent and the VM, unmounts and removes the sandbox's directories.
+    /// Idempotent, and a second caller waits for the first to finish; errors are logged,
+    /// never returned: teardown must go to the end.
+    pub async fn teardown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut done = self.torn_down.lock().await;
+        if *done {
+            return;
+        }
+        *done = true;
+        tracing::info!(sandbox = %self.id, "tearing down sandbox");
+        let vm = self.vm.lock().await.take();
+        if let Some(vm) = vm {
+            if vm.exit_watch().borrow().is_none() {
+                match tokio::time::timeout(AGENT_SHUTDOWN_TIMEOUT, self.agent.shutdown()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %crate::error::chain(&e), "agent shutdown")
+                    }
+                    Err(_) => tracing::debug!("agent shutdown timed out"),
+                }
+            }
+            if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
+                tracing::warn!(error = %crate::error::chain(&error), "stopping VM");
+            }
+        }
+        let paths = self.paths.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            mounts::remove_dir_sync(&paths.shared_dir)?;
+            mounts::remove_dir_sync(&paths.state_dir)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %crate::error::chain(&error), "removing sandbox directories")
+            }
+            Err(error) => tracing::warn!(%error, "sandbox cleanup task failed"),
+        }
+    }
+}
+
+async fn write_record(path: &Path, record: &StateRecord) -> Result<(), SandboxError> {
+    let err = |source| SandboxError::State {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(record).map_err(|e| err(e.into()))?;
+    let tmp = path.with_extension("json.tmp");
+    tokio::fs::write(&tmp, json).await.map_err(err)?;
+    tokio::fs::rename(&tmp, path).await.map_err(err)
+}
+
+/// Reads a state record (the `delete` command).
+pub fn read_record(path: &Path) -> Option<StateRecord> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_ids_are_used_as_is_and_odd_ones_hashed() {
+        let cri = "a".repeat(64);
+        assert_eq!(dir_key(&cri), cri);
+        assert_eq!(dir_key("c1"), "c1");
+        let long = "x".repeat(76);
+        let k = dir_key(&long);
+        assert_eq!(k.len(), 32);
+        assert_eq!(k, dir_key(&long), "deterministic");
+        assert_eq!(dir_key("a/b").len(), 32);
+        assert_eq!(dir_key("..").len(), 32);
+    }
+
+    #[test]
+    fn vm_run_dir_fits_the_hypervisor_limit() {
+        let p = SandboxPaths::new(&"f".repeat(64));
+        assert!(
+            p.vm_run_dir.as_os_str().len() <= 90,
+            "{}",
+            p.vm_run_dir.display()
+        );
+        assert_eq!(
+            p.container_dir("c1"),
+            PathBuf::from(format!("{SHARED_ROOT}/{}/c1", "f".repeat(64)))
+        );
+    }
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 200";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+        assert!(proc_start_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn state_record_round_trips() {
+        let r = StateRecord {
+            sandbox_id: "s".into(),
+            shim_pid: 1,
+            qemu_pid: 2,
+            qemu_start_time: Some(3),
+            vm_run_dir: "/run/kata/s/vm".into(),
+            shared_dir: "/run/kata-containers/shared/sandboxes/s".into(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(read_record(&path), Some(r));
+    }
+}

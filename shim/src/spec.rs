@@ -1,0 +1,250 @@
+//! The bundle's OCI runtime spec: reading it, the grouping facts it carries (sandbox id,
+//! container type), and rewriting it for the guest.
+//!
+//! The guest must never see host paths: the root moves to the container's directory in the
+//! virtio-fs share, hooks (host binaries) go, namespace paths (host `/proc/<pid>/ns/...`)
+//! go while their types stay, and mounts whose source is a host path are dropped until
+//! volumes are shared. The agent decides the guest cgroup, so `cgroupsPath` goes too.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Mount, Spec};
+
+use crate::agent::GUEST_SHARED_DIR;
+
+/// containerd CRI: the pod's sandbox id.
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// containerd CRI: `sandbox` or `container`.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI-O: the pod's sandbox id.
+pub const CRIO_SANDBOX_ID: &str = "io.kubernetes.cri-o.SandboxID";
+/// CRI-O: `sandbox` or `container`.
+pub const CRIO_CONTAINER_TYPE: &str = "io.kubernetes.cri-o.ContainerType";
+
+/// Mount types the guest kernel provides by itself; kept as they are.
+const GUEST_FS_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+];
+
+/// Errors reading the spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// config.json could not be read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// config.json is not a valid OCI runtime spec.
+    #[error("invalid OCI spec {}", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The rewritten spec could not be serialized.
+    #[error("cannot serialize the OCI spec")]
+    Serialize(#[source] serde_json::Error),
+}
+
+/// Reads `<bundle>/config.json`.
+pub async fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|source| SpecError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    parse(&bytes).map_err(|source| SpecError::Parse { path, source })
+}
+
+/// Reads `<bundle>/config.json` without async (the `start` and `delete` commands).
+pub fn load_sync(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|source| SpecError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    parse(&bytes).map_err(|source| SpecError::Parse { path, source })
+}
+
+/// Parses spec JSON.
+pub fn parse(bytes: &[u8]) -> Result<Spec, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+fn annotation<'a>(spec: &'a Spec, keys: &[&str]) -> Option<&'a str> {
+    let annotations = spec.annotations().as_ref()?;
+    keys.iter()
+        .find_map(|k| annotations.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The id that groups containers into one shim and one VM: the pod's sandbox id from
+/// the CRI annotations, else the container's own id (`ctr run`: one VM per container).
+pub fn sandbox_id(spec: Option<&Spec>, container_id: &str) -> String {
+    spec.and_then(|s| annotation(s, &[CRI_SANDBOX_ID, CRIO_SANDBOX_ID]))
+        .unwrap_or(container_id)
+        .to_owned()
+}
+
+/// Whether the spec describes a CRI pod sandbox (pause) container; `None` without CRI
+/// annotations.
+pub fn is_cri_sandbox(spec: &Spec) -> Option<bool> {
+    annotation(spec, &[CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE]).map(|t| t == "sandbox")
+}
+
+/// Where the guest sees a container's root filesystem.
+pub fn guest_rootfs(container_id: &str) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
+}
+
+/// Rewrites `spec` for the guest (see the module docs) and returns it as JSON.
+pub fn to_guest_json(mut spec: Spec, container_id: &str) -> Result<Vec<u8>, SpecError> {
+    rewrite_for_guest(&mut spec, container_id);
+    serde_json::to_vec(&spec).map_err(SpecError::Serialize)
+}
+
+/// The rewrite behind [`to_guest_json`].
+pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(PathBuf::from(guest_rootfs(container_id)));
+    spec.set_root(Some(root));
+    spec.set_hooks(None);
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_cgroups_path(None);
+        if let Some(namespaces) = linux.namespaces_mut() {
+            for ns in namespaces.iter_mut() {
+                ns.set_path(None);
+            }
+        }
+    }
+    if let Some(mounts) = spec.mounts_mut() {
+        let kept: Vec<Mount> = std::mem::take(mounts)
+            .into_iter()
+            .filter_map(guest_mount)
+            .collect();
+        *mounts = kept;
+    }
+}
+
+/// The guest's version of a mount, or `None` when it needs a host path.
+fn guest_mount(mut m: Mount) -> Option<Mount> {
+    let typ = m.typ().clone().unwrap_or_default();
+    if GUEST_FS_TYPES.contains(&typ.as_str()) {
+        return Some(m);
+    }
+    if m.destination() == Path::new("/dev/shm") {
+        // CRI binds the pod's host shm; the guest gets its own.
+        m.set_typ(Some("tmpfs".into()));
+        m.set_source(Some("shm".into()));
+        m.set_options(Some(
+            ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+                .map(String::from)
+                .to_vec(),
+        ));
+        return Some(m);
+    }
+    tracing::debug!(
+        destination = %m.destination().display(),
+        source = ?m.source(),
+        r#type = %typ,
+        "dropping a mount with a host source (volumes are not shared yet)"
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"{
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "/run/containerd/bundle/rootfs", "readonly": true},
+        "hooks": {"prestart": [{"path": "/usr/bin/hook"}]},
+        "annotations": {"io.kubernetes.cri.sandbox-id": "pod1",
+                        "io.kubernetes.cri.container-type": "container"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandboxes/pod1/shm",
+             "options": ["rbind", "ro"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/pod1/hosts",
+             "options": ["rbind"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}
+        ],
+        "linux": {
+            "cgroupsPath": "/kubepods/pod1/c1",
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"}
+            ]
+        }
+    }"#;
+
+    fn rewritten() -> serde_json::Value {
+        let spec = parse(SPEC.as_bytes()).unwrap();
+        serde_json::from_slice(&to_guest_json(spec, "c1").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn root_moves_into_the_share_and_keeps_readonly() {
+        let v = rewritten();
+        assert_eq!(
+            v["root"]["path"],
+            "/run/kata-containers/shared/containers/c1/rootfs"
+        );
+        assert_eq!(v["root"]["readonly"], true);
+    }
+
+    #[test]
+    fn host_only_parts_are_dropped() {
+        let v = rewritten();
+        assert!(v.get("hooks").is_none(), "{v}");
+        assert!(v["linux"].get("cgroupsPath").is_none(), "{v}");
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 2);
+        assert_eq!(ns[1]["type"], "network");
+        assert!(ns[1].get("path").is_none());
+    }
+
+    #[test]
+    fn mounts_keep_guest_filesystems_and_replace_shm() {
+        let v = rewritten();
+        let mounts = v["mounts"].as_array().unwrap();
+        let dests: Vec<&str> = mounts
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        assert_eq!(dests, ["/proc", "/dev/shm", "/sys/fs/cgroup"]);
+        assert_eq!(mounts[1]["type"], "tmpfs");
+        assert_eq!(mounts[1]["source"], "shm");
+    }
+
+    #[test]
+    fn process_is_untouched() {
+        let v = rewritten();
+        assert_eq!(v["process"]["args"][0], "sh");
+    }
+
+    #[test]
+    fn grouping_follows_cri_annotations() {
+        let spec = parse(SPEC.as_bytes()).unwrap();
+        assert_eq!(sandbox_id(Some(&spec), "c1"), "pod1");
+        assert_eq!(is_cri_sandbox(&spec), Some(false));
+        let crio = parse(
+            br#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri-o.SandboxID":"p2",
+                "io.kubernetes.cri-o.ContainerType":"sandbox"}}"#,
+        )
+        .unwrap();
+        assert_eq!(sandbox_id(Some(&crio), "p2"), "p2");
+        assert_eq!(is_cri_sandbox(&crio), Some(true));
+        let plain = parse(br#"{"ociVersion":"1.0.2"}"#).unwrap();
+        assert_eq!(sandbox_id(Some(&plain), "c9"), "c9");
+        assert_eq!(sandbox_id(None, "c9"), "c9");
+        assert_eq!(is_cri_sandbox(&plain), None);
+    }
+}
