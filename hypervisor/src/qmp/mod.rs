@@ -45,8 +45,30 @@ pub enum QmpError {
     #[error("cannot decode QMP reply")]
     Decode(#[source] serde_json::Error),
     /// QEMU answered the command with an error.
-    #[error("QMP command failed: {class}: {desc}")]
-    Command { class: String, desc: String },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    /// QEMU did not answer within [`COMMAND_TIMEOUT`].
+    #[error("QMP command {command} got no reply within {timeout:?}")]
+    TimedOut {
+        command: String,
+        timeout: std::time::Duration,
+    },
+}
+
+/// How long a command may wait for its reply: a wedged QEMU turns into an error instead of
+/// a hung caller.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The `execute` name of `command`, for error messages.
+fn command_name(command: &Command) -> String {
+    serde_json::to_value(command)
+        .ok()
+        .and_then(|v| v.get("execute").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 #[derive(Debug, Serialize)]
@@ -205,7 +227,28 @@ impl Qmp {
                 .remove(&id);
             return Err(QmpError::Closed);
         }
-        rx.await.unwrap_or(Err(QmpError::Closed))
+        let reply = match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(reply) => reply.unwrap_or(Err(QmpError::Closed)),
+            Err(_) => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .waiters
+                    .remove(&id);
+                return Err(QmpError::TimedOut {
+                    command: command_name(command),
+                    timeout: COMMAND_TIMEOUT,
+                });
+            }
+        };
+        reply.map_err(|e| match e {
+            QmpError::Command { class, desc, .. } => QmpError::Command {
+                command: command_name(command),
+                class,
+                desc,
+            },
+            other => other,
+        })
     }
 
     /// Asks QEMU to exit. A connection closed before the reply counts as success.
@@ -269,6 +312,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Incoming::Error { error, id }) => (
                 id,
                 Err(QmpError::Command {
+                    // Filled in by the caller, which knows what it sent.
+                    command: String::new(),
                     class: error.class,
                     desc: error.desc,
                 }),
@@ -458,9 +503,33 @@ mod tests {
         let dimm = Command::pc_dimm("dimm1", "m");
         let (result, ()) = tokio::join!(qmp.execute_unit(&dimm), server);
         match result.unwrap_err() {
-            QmpError::Command { class, desc } => {
+            QmpError::Command {
+                command,
+                class,
+                desc,
+            } => {
+                assert_eq!(command, "device_add");
                 assert_eq!(class, "GenericError");
                 assert_eq!(desc, "Duplicate ID 'dimm1'");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_command_times_out_naming_it() {
+        let (qmp, mut fake) = connect().await;
+        let server = async {
+            let cmd = fake.recv().await;
+            assert_eq!(cmd["execute"], "query-status");
+            // Never answer; keep the connection open.
+            fake
+        };
+        let (result, _fake) = tokio::join!(qmp.query_status(), server);
+        match result.unwrap_err() {
+            QmpError::TimedOut { command, timeout } => {
+                assert_eq!(command, "query-status");
+                assert_eq!(timeout, COMMAND_TIMEOUT);
             }
             other => panic!("unexpected {other:?}"),
         }
