@@ -104,6 +104,9 @@ pub struct Agent {
     storages: Arc<Mutex<Vec<PathBuf>>>,
     /// Process streams waiting for their stdio connection.
     stdio: crate::stdio::Registry,
+    /// Serializes "is it mounted? then mount": two concurrent AddStorages for the same mount
+    /// point must not stack two mounts.
+    mounting: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -118,6 +121,7 @@ impl Agent {
             opts,
             storages: Arc::default(),
             stdio: crate::stdio::Registry::default(),
+            mounting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -128,6 +132,7 @@ impl Agent {
             .iter()
             .map(|s| validate(s, &self.opts.base_dir))
             .collect::<Result<Vec<_>, _>>()?;
+        let _serialized = self.mounting.lock().await;
         for spec in specs {
             let mounter = self.opts.mounter.clone();
             let (spec, outcome) = tokio::task::spawn_blocking(move || {
