@@ -34,6 +34,9 @@ const VHOST_USER_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 
+/// Name under which the hybrid vsock daemon runs (logs, errors).
+const VSOCK_DAEMON_NAME: &str = "vhost-device-vsock";
+
 /// Errors starting, using or stopping a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -68,6 +71,14 @@ pub enum Error {
     /// QEMU exited before it was ready.
     #[error("QEMU exited during start ({status}): {stderr}")]
     QemuExited { status: ExitReport, stderr: String },
+    /// The hybrid vsock daemon died, so no guest port can be reached.
+    #[error("vsock daemon {name} exited ({status}) while connecting to port {port}: {stderr}")]
+    VsockDaemonExited {
+        name: String,
+        port: u32,
+        status: ExitReport,
+        stderr: String,
+    },
     /// A QMP exchange failed.
     #[error("QMP failed")]
     Qmp(#[from] QmpError),
@@ -185,15 +196,30 @@ impl Vm {
     }
 
     /// Connects to guest vsock `port`, retrying with backoff until `timeout`. Fails early
-    /// if QEMU exits.
+    /// if QEMU or the hybrid vsock daemon exits.
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<VsockStream, Error> {
+        let vsock_daemon = self.daemons.iter().find(|d| d.name() == VSOCK_DAEMON_NAME);
+        let daemon_exit = async {
+            match vsock_daemon {
+                Some(d) => (d, d.wait().await),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            result = self.endpoint.connect(port, timeout) => result.map_err(|source| {
-                Error::Connect { port, source, console_tail: self.console.tail() }
+            // A dead daemon is the most precise explanation; check it first.
+            biased;
+            (daemon, status) = daemon_exit => Err(Error::VsockDaemonExited {
+                name: daemon.name().to_owned(),
+                port,
+                status,
+                stderr: daemon.final_stderr().await,
             }),
             status = self.qemu.wait() => {
                 Err(Error::GuestExited { port, status, console_tail: self.console.tail() })
             }
+            result = self.endpoint.connect(port, timeout) => result.map_err(|source| {
+                Error::Connect { port, source, console_tail: self.console.tail() }
+            }),
         }
     }
 
@@ -350,7 +376,7 @@ async fn start_children(
             let uds = run_dir.join(HYBRID_VSOCK_SOCKET);
             let mut cmd = Command::new(&config.vsock_daemon);
             cmd.args(vsock::hybrid_daemon_args(&socket, &uds));
-            let daemon = ChildProcess::spawn("vhost-device-vsock", &config.id, cmd, Stdout::Null)?;
+            let daemon = ChildProcess::spawn(VSOCK_DAEMON_NAME, &config.id, cmd, Stdout::Null)?;
             starting.children.push(daemon);
             let daemon = starting.children.last().expect("just pushed");
             daemon.wait_for_path(&socket, timeout).await?;

@@ -231,3 +231,36 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_vsock_daemon_is_reported_not_waited_out() {
+    init_logging();
+    let mut t = TestVm::new("deadvsock");
+    t.config.vsock = VsockMode::Hybrid;
+    let leaks = t.leak_check();
+    let vm = Vm::start(t.config.clone()).await.expect("VM starts");
+    let (pid, _) = leaks
+        .processes()
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("vhost-device-vsock"))
+        .expect("the hybrid vsock daemon runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // With a 5-minute dial timeout, only the daemon's death can end this early.
+    let err = vm
+        .connect(kata_proto::AGENT_VSOCK_PORT, Duration::from_secs(300))
+        .await
+        .unwrap_err();
+    let msg = error_chain(&err);
+    assert!(
+        msg.contains("vhost-device-vsock exited") && msg.contains("SIGKILL"),
+        "{msg}"
+    );
+    vm.stop(STOP_TIMEOUT)
+        .await
+        .expect("stop with a dead daemon");
+    leaks.assert_clean();
+}
