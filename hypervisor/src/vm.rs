@@ -34,6 +34,9 @@ const VHOST_USER_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 
+/// How long a failed start waits for QEMU to finish exiting before blaming something else.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
 /// Name under which the hybrid vsock daemon runs (logs, errors).
 const VSOCK_DAEMON_NAME: &str = "vhost-device-vsock";
 
@@ -453,8 +456,9 @@ async fn start_children(
     };
     match qmp.await {
         Ok(qmp) => Ok((qmp, console, endpoint)),
-        Err(error) => match qemu.exit_status() {
-            // Whatever failed, a dead QEMU is the real cause; its stderr says why.
+        // Whatever failed, a dead QEMU is the real cause; its stderr says why. QEMU may be
+        // still on its way out (it closed QMP while exiting), so give it a moment.
+        Err(error) => match qemu.wait_timeout(EXIT_GRACE).await {
             Some(status) => Err(Error::QemuExited {
                 status,
                 stderr: qemu.final_stderr().await,
