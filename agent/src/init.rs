@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::logging::{self, chain};
 use crate::modules::{load_from_list, KernelModuleLoader, MODULE_LIST};
 use crate::mounts::{mount_all, SyscallMounter, BOOT_MOUNTS};
-use crate::reaper::Reaper;
 use crate::server::{self, serve_forever, ServerError};
 use crate::service::{Agent, AgentOptions, ShutdownMode};
 
@@ -55,6 +54,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_pid1(cfg: Config) -> ! {
+    let root_error = make_root_pivotable().err();
     let mount_errors = mount_all(&SyscallMounter, BOOT_MOUNTS);
     ensure_std_fds();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -63,6 +63,9 @@ fn run_pid1(cfg: Config) -> ! {
         version = env!("CARGO_PKG_VERSION"),
         "kata-agent starting as PID 1"
     );
+    if let Some(e) = root_error {
+        tracing::error!(error = %e, "cannot move / onto a bind mount; containers cannot pivot_root");
+    }
     for e in &mount_errors {
         tracing::error!(error = %chain(e), "boot mount failed");
     }
@@ -83,10 +86,9 @@ fn run_pid1(cfg: Config) -> ! {
             Ok(rt) => {
                 let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     rt.block_on(async {
-                        // Keep the reaper handle for the lifetime of the runtime.
-                        let _reaper = Reaper::start().inspect_err(
-                            |e| tracing::error!(error = %chain(e), "no zombie reaper"),
-                        );
+                        if let Err(e) = crate::reaper::start(agent.exits().clone()) {
+                            tracing::error!(error = %chain(&e), "no zombie reaper");
+                        }
                         spawn_stdio_listener(agent.stdio().clone());
                         serve_forever(&cfg.listen, agent.clone()).await
                     })
@@ -102,6 +104,38 @@ fn run_pid1(cfg: Config) -> ! {
             }
         }
     }
+}
+
+/// The initramfs root has no parent mount, and `pivot_root(2)` refuses such a root
+/// ("not attached"), so containers could not pivot. Like `switch_root`, move onto a mount
+/// of our own first: bind `/` at `/sysroot`, move that bind onto `/` and chroot into it.
+/// Everything mounted later lands on the bind.
+fn make_root_pivotable() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    const SYSROOT: &str = "/sysroot";
+    let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+    match std::fs::create_dir(SYSROOT) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("mkdir {SYSROOT}: {e}")),
+    }
+    step(
+        "bind / on /sysroot",
+        mount(
+            Some("/"),
+            SYSROOT,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+    )?;
+    step("chdir /sysroot", nix::unistd::chdir(SYSROOT))?;
+    step(
+        "move /sysroot onto /",
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+    )?;
+    step("chroot", nix::unistd::chroot("."))?;
+    step("chdir /", nix::unistd::chdir("/"))
 }
 
 /// Serves stdio connections on vsock for as long as the runtime lives; a failure to bind
@@ -160,6 +194,12 @@ fn run_by_hand(cfg: Config) -> Result<(), InitError> {
             loaded_modules: Vec::new(),
             mounter: Arc::new(SyscallMounter),
         }));
+        // Processes the agent runs are reparented to it, as they would be to PID 1.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if let Err(e) = crate::reaper::start(agent.exits().clone()) {
+            tracing::warn!(error = %chain(&e), "no reaper: container exits will not be seen");
+        }
         let mut server = server::start(&cfg.listen, agent).await?;
         tracing::info!(addr = %cfg.listen, base_dir = %cfg.base_dir.display(), "serving ttrpc (not PID 1)");
         tokio::select! {

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod container;
 pub mod files;
 pub mod guest;
 pub mod init;

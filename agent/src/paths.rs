@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 /// The directory below which requests may name paths.
 pub const DEFAULT_BASE_DIR: &str = "/run/kata-containers";
 
+/// Where container roots live, relative to the base directory (the shim's
+/// `<share>/containers/<id>/rootfs`, seen through the virtio-fs mount).
+pub const SHARED_CONTAINERS: &str = "shared/containers";
+
 /// A path from a request that the agent refuses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {

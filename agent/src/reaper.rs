@@ -1,18 +1,22 @@
-//! The zombie reaper of PID 1.
+//! The zombie reaper of PID 1, and the table that hands exits to whoever waits for them.
 //!
 //! Every orphan in the guest becomes our child. On each SIGCHLD the reaper calls
-//! `waitpid(-1, WNOHANG)` until nothing is left and publishes each exit on a broadcast
-//! channel, so a process table can claim the statuses of its own pids by subscribing
-//! (before it spawns, so that no exit is missed).
+//! `waitpid(-1, WNOHANG)` until nothing is left and delivers each exit to the watcher of
+//! that pid ([`Exits::watch`]). An exit nobody watches yet is kept (bounded) so that a
+//! process which exits before its watcher registers is not lost: container processes are
+//! forked by a helper and their pid is learnt only afterwards.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::broadcast;
+use tokio::sync::oneshot;
 
-/// How many exits a slow subscriber may lag behind.
-const CHANNEL_CAPACITY: usize = 1024;
+/// How many unclaimed exits are kept.
+const UNCLAIMED_CAPACITY: usize = 1024;
 
 /// A failure to start the reaper.
 #[derive(Debug, thiserror::Error)]
@@ -42,56 +46,95 @@ impl Exit {
     }
 }
 
-/// A handle to subscribe to exits.
-#[derive(Debug, Clone)]
-pub struct Reaper {
-    tx: broadcast::Sender<Exit>,
+#[derive(Debug, Default)]
+struct Table {
+    watchers: HashMap<Pid, oneshot::Sender<Exit>>,
+    unclaimed: HashMap<Pid, Exit>,
+    order: VecDeque<Pid>,
 }
 
-impl Reaper {
-    /// Installs the SIGCHLD handler and spawns the reaping task on the current runtime.
-    pub fn start() -> Result<Self, ReaperError> {
-        let mut sigchld = signal(SignalKind::child()).map_err(ReaperError::Signal)?;
-        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
-        let reaper = Self { tx: tx.clone() };
-        tokio::spawn(async move {
-            loop {
-                // Children that exited before the handler was installed are reaped on the
-                // first pass.
-                reap_all(&tx);
-                if sigchld.recv().await.is_none() {
-                    tracing::error!("SIGCHLD stream ended; reaper stops");
+/// The exit table shared by the reaper and the process owners.
+#[derive(Debug, Clone, Default)]
+pub struct Exits {
+    table: Arc<Mutex<Table>>,
+}
+
+impl Exits {
+    /// Delivers `pid`'s exit once it is reaped (or at once if it already was). Register
+    /// while the process is known to be ours: an unclaimed exit of an older process with
+    /// the same pid is told apart because our process still exists (`/proc/<pid>`).
+    pub fn watch(&self, pid: Pid) -> oneshot::Receiver<Exit> {
+        let (tx, rx) = oneshot::channel();
+        let mut t = self.lock();
+        if let Some(exit) = t.unclaimed.remove(&pid) {
+            t.order.retain(|p| *p != pid);
+            let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if gone {
+                let _ = tx.send(exit);
+                return rx;
+            }
+        }
+        t.watchers.insert(pid, tx);
+        rx
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reaps every child that has exited and delivers its exit. The table stays locked
+    /// while reaping so that [`watch`](Self::watch) sees a consistent picture.
+    fn reap_all(&self) {
+        let mut t = self.lock();
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { return };
+                    tracing::debug!(%pid, ?status, "reaped");
+                    let exit = Exit { pid, status };
+                    match t.watchers.remove(&pid) {
+                        // A dropped receiver means nobody cares any more.
+                        Some(tx) => {
+                            let _ = tx.send(exit);
+                        }
+                        None => {
+                            if t.unclaimed.insert(pid, exit).is_none() {
+                                t.order.push_back(pid);
+                            }
+                            while t.order.len() > UNCLAIMED_CAPACITY {
+                                if let Some(old) = t.order.pop_front() {
+                                    t.unclaimed.remove(&old);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(errno = %e, "waitpid");
                     return;
                 }
             }
-        });
-        Ok(reaper)
-    }
-
-    /// Exits reaped from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Exit> {
-        self.tx.subscribe()
+        }
     }
 }
 
-/// Reaps every child that has exited and publishes it.
-fn reap_all(tx: &broadcast::Sender<Exit>) {
-    loop {
-        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(status) => {
-                let Some(pid) = status.pid() else { return };
-                tracing::debug!(%pid, ?status, "reaped");
-                // No subscriber is normal: an orphan nobody waits for.
-                let _ = tx.send(Exit { pid, status });
-            }
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::warn!(errno = %e, "waitpid");
+/// Installs the SIGCHLD handler and spawns the reaping task on the current runtime.
+pub fn start(exits: Exits) -> Result<(), ReaperError> {
+    let mut sigchld = signal(SignalKind::child()).map_err(ReaperError::Signal)?;
+    tokio::spawn(async move {
+        loop {
+            // Children that exited before the handler was installed are reaped on the
+            // first pass.
+            exits.reap_all();
+            if sigchld.recv().await.is_none() {
+                tracing::error!("SIGCHLD stream ended; reaper stops");
                 return;
             }
         }
-    }
+    });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -99,28 +142,39 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    // One test drives the process-wide reaper: two reapers in one test binary would steal
+    // each other's children.
     #[tokio::test]
-    async fn publishes_exit_codes_of_children() {
-        let reaper = Reaper::start().unwrap();
-        let mut rx = reaper.subscribe();
-        let child = std::process::Command::new("/bin/sh")
-            .args(["-c", "exit 3"])
-            .spawn()
+    async fn delivers_exits_to_watchers_registered_before_or_after_reaping() {
+        let exits = Exits::default();
+        start(exits.clone()).unwrap();
+        // The reaper under test collects these children, not `Child::wait`.
+        #[allow(clippy::zombie_processes)]
+        let spawn = |script: &str| {
+            let child = std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            Pid::from_raw(child.id() as i32)
+        };
+        // Watched before it exits.
+        let pid = spawn("sleep 0.2; exit 3");
+        let rx = exits.watch(pid);
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .unwrap()
             .unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
-        // The reaper, not `Child::wait`, collects the status.
-        std::mem::forget(child);
-        let exit = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let e = rx.recv().await.unwrap();
-                if e.pid == pid {
-                    return e;
-                }
+        assert_eq!(exit.code(), 3);
+        // Reaped before anyone watches: kept, then delivered at once.
+        let pid = spawn("exit 5");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !exits.lock().unclaimed.contains_key(&pid) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await
         .unwrap();
-        assert_eq!(exit.code(), 3);
+        assert_eq!(exits.watch(pid).await.unwrap().code(), 5);
     }
 
     #[test]

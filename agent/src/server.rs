@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kata_proto::agent_ttrpc::create_agent_service;
+use kata_proto::agent_ttrpc::{create_agent_service, create_container_service};
 use kata_proto::health_ttrpc::create_health;
 use ttrpc::asynchronous::Server;
 
@@ -38,8 +38,8 @@ pub enum ServerError {
     },
 }
 
-/// Binds `addr` (`vsock://cid:port` or `unix:///path`), registers `Health` and
-/// `AgentService` backed by `agent`, and starts serving. Keep the returned server alive.
+/// Binds `addr` (`vsock://cid:port` or `unix:///path`), registers `Health`,
+/// `AgentService` and `ContainerService` backed by `agent`, and starts serving. Keep the returned server alive.
 pub async fn start(addr: &str, agent: Arc<Agent>) -> Result<Server, ServerError> {
     let mut server = Server::new()
         .bind(addr)
@@ -48,7 +48,8 @@ pub async fn start(addr: &str, agent: Arc<Agent>) -> Result<Server, ServerError>
             source,
         })?
         .register_service(create_health(agent.clone()))
-        .register_service(create_agent_service(agent));
+        .register_service(create_agent_service(agent.clone()))
+        .register_service(create_container_service(agent));
     server.start().await.map_err(|source| ServerError::Start {
         addr: addr.to_owned(),
         source,

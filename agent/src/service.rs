@@ -7,10 +7,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kata_proto::agent::{
-    AddStoragesRequest, Empty, GuestDetailsRequest, GuestDetailsResponse, ReadFileRequest,
-    ReadFileResponse, ShutdownRequest,
+    AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty,
+    ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest,
+    ListPidsResponse, PauseContainerRequest, ReadFileRequest, ReadFileResponse,
+    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StartProcessResponse,
+    StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
-use kata_proto::agent_ttrpc::AgentService;
+use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
     health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
 };
@@ -18,6 +23,7 @@ use kata_proto::health_ttrpc::Health;
 use ttrpc::asynchronous::TtrpcContext;
 use ttrpc::Code;
 
+use crate::container::{ContainerError, Containers};
 use crate::files::{read_file, FileError};
 use crate::guest::{guest_details, GuestError};
 use crate::logging::chain;
@@ -42,6 +48,9 @@ pub enum ServiceError {
     /// A blocking task panicked or was cancelled.
     #[error("blocking task")]
     Join(#[from] tokio::task::JoinError),
+    /// A container or process request failed.
+    #[error(transparent)]
+    Container(#[from] ContainerError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -56,6 +65,20 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             Code::INVALID_ARGUMENT
         }
         ServiceError::File(FileError::NotFound(_)) => Code::NOT_FOUND,
+        ServiceError::Container(e) => match e {
+            ContainerError::Spec(_)
+            | ContainerError::BadId { .. }
+            | ContainerError::NoRoot { .. }
+            | ContainerError::Resources(_) => Code::INVALID_ARGUMENT,
+            ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ContainerError::NotFound(_) => Code::NOT_FOUND,
+            ContainerError::Setup { .. } | ContainerError::State(_) => Code::FAILED_PRECONDITION,
+            ContainerError::Timeout(_) => Code::DEADLINE_EXCEEDED,
+            ContainerError::Cgroup { .. }
+            | ContainerError::Spawn(_)
+            | ContainerError::Channel(_)
+            | ContainerError::Kill { .. } => Code::INTERNAL,
+        },
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
@@ -107,6 +130,10 @@ pub struct Agent {
     /// Serializes "is it mounted? then mount": two concurrent AddStorages for the same mount
     /// point must not stack two mounts.
     mounting: tokio::sync::Mutex<()>,
+    /// Exits of our children, fed by the reaper.
+    exits: crate::reaper::Exits,
+    /// The containers.
+    containers: Containers,
 }
 
 impl Agent {
@@ -115,13 +142,27 @@ impl Agent {
         &self.stdio
     }
 
+    /// The exit table the reaper must feed (see [`crate::reaper::start`]).
+    pub fn exits(&self) -> &crate::reaper::Exits {
+        &self.exits
+    }
+
     /// Creates the agent state.
     pub fn new(opts: AgentOptions) -> Self {
+        let stdio = crate::stdio::Registry::default();
+        let exits = crate::reaper::Exits::default();
+        let containers = Containers::new(
+            exits.clone(),
+            stdio.clone(),
+            opts.base_dir.join(crate::paths::SHARED_CONTAINERS),
+        );
         Self {
             opts,
             storages: Arc::default(),
-            stdio: crate::stdio::Registry::default(),
+            stdio,
             mounting: tokio::sync::Mutex::new(()),
+            exits,
+            containers,
         }
     }
 
@@ -255,6 +296,193 @@ impl AgentService for Agent {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         self.schedule_shutdown();
         Ok(Empty::new())
+    }
+}
+
+fn container_failure(method: &str, err: ContainerError) -> ttrpc::Error {
+    log_failure(method, err.into())
+}
+
+#[async_trait]
+impl ContainerService for Agent {
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.oci_spec, &stdio)
+            .await
+            .map_err(|e| container_failure("CreateContainer", e))?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .start(&req.container_id, "")
+            .await
+            .map_err(|e| container_failure("StartContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        self.containers
+            .exec(&req.container_id, &req.exec_id, &req.process, &stdio)
+            .await
+            .map_err(|e| container_failure("ExecProcess", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartProcessRequest,
+    ) -> ttrpc::Result<StartProcessResponse> {
+        let pid = self
+            .containers
+            .start(&req.container_id, &req.exec_id)
+            .await
+            .map_err(|e| container_failure("StartProcess", e))?;
+        Ok(StartProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(|e| container_failure("SignalProcess", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let f = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(|e| container_failure("WaitProcess", e))?;
+        Ok(WaitProcessResponse {
+            status: f.status,
+            oom_killed: f.oom_killed,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove(&req.container_id)
+            .await
+            .map_err(|e| container_failure("RemoveContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListPidsRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(|e| container_failure("ListPids", e))?;
+        Ok(ListPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .resize(&req.container_id, &req.exec_id, req.rows, req.columns)
+            .map_err(|e| container_failure("ResizeTty", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .map_err(|e| container_failure("CloseStdin", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .freeze(&req.container_id, true)
+            .await
+            .map_err(|e| container_failure("PauseContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .freeze(&req.container_id, false)
+            .await
+            .map_err(|e| container_failure("ResumeContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources)
+            .await
+            .map_err(|e| container_failure("UpdateContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers
+            .stats(&req.container_id)
+            .await
+            .map_err(|e| container_failure("StatsContainer", e))
     }
 }
 

@@ -124,6 +124,17 @@ impl Registry {
         self.lock().retain(|k, _| k.container_id != container_id);
     }
 
+    /// Forgets the pending (never attached) streams of one process, closing their fds.
+    pub fn forget_process(&self, container_id: &str, exec_id: &str) {
+        self.lock()
+            .retain(|k, _| k.container_id != container_id || k.exec_id != exec_id);
+    }
+
+    /// Forgets one pending stream, closing its fd; false if it was not pending.
+    pub fn forget(&self, key: &StreamKey) -> bool {
+        self.lock().remove(key).is_some()
+    }
+
     fn take(&self, key: &StreamKey) -> Option<Pending> {
         self.lock().remove(key)
     }

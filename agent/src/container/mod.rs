@@ -1,0 +1,821 @@
+//! Containers in the guest: the process table behind `ContainerService`.
+//!
+//! Each container has a cgroup (`/sys/fs/cgroup/kata/<id>`), an init process and execs.
+//! Processes are created by the helper ([`child`]), which reports over a control channel
+//! ([`channel`]); their exits come from the reaper ([`crate::reaper::Exits`]) and their
+//! stdio is bound to vsock connections by [`crate::stdio`]. A process counts as finished
+//! for `WaitProcess` once it has exited and all its output has been copied.
+
+pub mod caps;
+pub mod channel;
+pub mod child;
+pub mod fs;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kata_proto::agent::{StatsContainerResponse, Stdio};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::sync::{oneshot, watch};
+
+use crate::cgroup;
+use crate::reaper::{Exit, Exits};
+use crate::stdio::{Registry, StreamKey, StreamKind};
+use channel::{AgentEnd, ChannelError, FromChild, ToChild};
+use child::{Mode, Plan, HELPER_ARG};
+use spec::SpecError;
+
+/// Where container cgroups live.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/kata";
+/// Controllers enabled for containers.
+const CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
+/// How long a helper may take to set a process up (virtio-fs under TCG is slow).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long RemoveContainer waits for the container's processes to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A container request that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// The spec or process cannot be run.
+    #[error("invalid request")]
+    Spec(#[from] SpecError),
+    /// An id that is empty or not a single path component.
+    #[error("invalid {what} id {id:?}")]
+    BadId {
+        /// `container` or `exec`.
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The id is taken.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// No such container or process.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The root filesystem is not there.
+    #[error("container root {path} is not a directory")]
+    NoRoot {
+        /// root.path.
+        path: String,
+    },
+    /// The resources document is unusable.
+    #[error("linux.resources")]
+    Resources(#[from] cgroup::ResourcesError),
+    /// A cgroup file operation failed.
+    #[error("cgroup {}", .path.display())]
+    Cgroup {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The helper could not be started.
+    #[error("spawn container helper")]
+    Spawn(#[source] std::io::Error),
+    /// The control channel failed.
+    #[error("container helper channel")]
+    Channel(#[from] ChannelError),
+    /// The helper or the process reported a failure.
+    #[error("{process}: {message}")]
+    Setup {
+        /// Which process.
+        process: String,
+        /// The helper's message.
+        message: String,
+    },
+    /// The step took too long.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// The process is in the wrong state for the request.
+    #[error("{0}")]
+    State(String),
+    /// A signal could not be sent.
+    #[error("signal {signal} to pid {pid}")]
+    Kill {
+        /// The signal.
+        signal: i32,
+        /// The pid.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+type Result<T> = std::result::Result<T, ContainerError>;
+
+/// What `WaitProcess` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Exit code or 128 + signal.
+    pub status: i32,
+    /// The cgroup's OOM killer ended it.
+    pub oom_killed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Alive,
+    Exited,
+    Done(Finished),
+}
+
+/// One process of a container.
+#[derive(Debug)]
+struct Proc {
+    exec_id: String,
+    pid: Pid,
+    /// The helper channel, until Start.
+    ctl: tokio::sync::Mutex<Option<AgentEnd>>,
+    /// A copy of the pty master, for resizing.
+    tty: Option<OwnedFd>,
+    phase: watch::Sender<Phase>,
+}
+
+impl Proc {
+    fn started(&self) -> bool {
+        self.ctl.try_lock().map(|c| c.is_none()).unwrap_or(false)
+    }
+
+    fn alive(&self) -> bool {
+        *self.phase.borrow() == Phase::Alive
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    cgroup: PathBuf,
+    namespaces: Vec<String>,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+/// The containers of this guest.
+#[derive(Debug)]
+pub struct Containers {
+    exits: Exits,
+    stdio: Registry,
+    shared_base: PathBuf,
+    cgroup_root: PathBuf,
+    table: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_id(what: &'static str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id.len() <= 256
+        && !id.contains(['/', ' ', '\n', '\0']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::BadId {
+            what,
+            id: id.to_owned(),
+        })
+    }
+}
+
+fn cg_err(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::Cgroup {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Containers {
+    /// A table whose roots must lie under `shared_base`.
+    pub fn new(exits: Exits, stdio: Registry, shared_base: PathBuf) -> Self {
+        Self {
+            exits,
+            stdio,
+            shared_base,
+            cgroup_root: PathBuf::from(CGROUP_ROOT),
+            table: Mutex::default(),
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.table)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Proc>)> {
+        let c = self.container(id)?;
+        if exec_id.is_empty() {
+            let init = c.init.clone();
+            return Ok((c, init));
+        }
+        let p = lock(&c.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(format!("exec {exec_id} in container {id}")))?;
+        Ok((c, p))
+    }
+
+    /// Creates a container whose init waits for [`start`](Self::start); returns its pid.
+    pub async fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
+        check_id("container", id)?;
+        if lock(&self.table).contains_key(id) {
+            return Err(ContainerError::AlreadyExists(format!("container {id}")));
+        }
+        let spec = spec::parse_spec(spec_json, &self.shared_base)?;
+        let root = spec
+            .root
+            .as_ref()
+            .map(|r| r.path.clone())
+            .unwrap_or_default();
+        let root_ok = tokio::fs::metadata(&root)
+            .await
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if !root_ok {
+            return Err(ContainerError::NoRoot { path: root });
+        }
+        let cgroup = self.make_cgroup(id, spec.linux.resources.as_ref())?;
+        let namespaces = spec
+            .linux
+            .namespaces
+            .iter()
+            .map(|n| n.typ.clone())
+            .collect();
+        let plan = Plan {
+            container_id: id.to_owned(),
+            cgroup: cgroup.clone(),
+            process: spec.process.clone().unwrap_or_default(),
+            mode: Mode::Init(Box::new(spec)),
+        };
+        let init = match self.launch(id, "", plan, stdio).await {
+            Ok(p) => p,
+            Err(e) => {
+                remove_cgroup(&cgroup).await;
+                return Err(e);
+            }
+        };
+        let pid = init.pid.as_raw() as u32;
+        let container = Arc::new(Container {
+            cgroup,
+            namespaces,
+            init,
+            execs: Mutex::default(),
+        });
+        lock(&self.table).insert(id.to_owned(), container);
+        tracing::info!(container = id, pid, "container created");
+        Ok(pid)
+    }
+
+    /// Creates the container's cgroup with its limits.
+    fn make_cgroup(&self, id: &str, resources: Option<&serde_json::Value>) -> Result<PathBuf> {
+        let files = match resources {
+            Some(r) => cgroup::resource_files(r.to_string().as_bytes())?,
+            None => Vec::new(),
+        };
+        let top = self.cgroup_root.parent().unwrap_or(Path::new("/"));
+        enable_controllers(top);
+        std::fs::create_dir_all(&self.cgroup_root).map_err(cg_err(&self.cgroup_root))?;
+        enable_controllers(&self.cgroup_root);
+        let dir = self.cgroup_root.join(id);
+        if dir.exists() {
+            // A leftover of a container that failed half way.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        std::fs::create_dir(&dir).map_err(cg_err(&dir))?;
+        for (name, value) in files {
+            let path = dir.join(name);
+            if let Err(e) = std::fs::write(&path, &value) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(ContainerError::Cgroup { path, source: e });
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Spawns a helper for `plan` and drives it to Ready.
+    async fn launch(
+        &self,
+        id: &str,
+        exec_id: &str,
+        plan: Plan,
+        stdio: &Stdio,
+    ) -> Result<Arc<Proc>> {
+        let name = if exec_id.is_empty() {
+            format!("container {id} init")
+        } else {
+            format!("exec {exec_id} in container {id}")
+        };
+        let terminal = plan.process.terminal;
+        let (agent_end, helper_end) = channel::pair()?;
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg(HELPER_ARG).env_clear();
+        let mut streams: Vec<(StreamKind, OwnedFd)> = Vec::new();
+        let pipe =
+            || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+        if !terminal && stdio.stdin {
+            let (r, w) = pipe().map_err(ContainerError::Spawn)?;
+            cmd.stdin(r);
+            streams.push((StreamKind::Stdin, w));
+        } else {
+            cmd.stdin(std::process::Stdio::null());
+        }
+        if !terminal && stdio.stdout {
+            let (r, w) = pipe().map_err(ContainerError::Spawn)?;
+            cmd.stdout(w);
+            streams.push((StreamKind::Stdout, r));
+        } else {
+            cmd.stdout(std::process::Stdio::null());
+        }
+        if !terminal && stdio.stderr {
+            let (r, w) = pipe().map_err(ContainerError::Spawn)?;
+            cmd.stderr(w);
+            streams.push((StreamKind::Stderr, r));
+        } else {
+            cmd.stderr(std::process::Stdio::null());
+        }
+        let raw = helper_end.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe; it runs in the forked child before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, child::CHANNEL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let helper = cmd.spawn().map_err(ContainerError::Spawn)?;
+        // The reaper collects the helper; nobody needs its status.
+        drop(self.exits.watch(Pid::from_raw(helper.id() as i32)));
+        drop(helper);
+        // Close our copies of the child's ends, or EOF would never come.
+        drop(cmd);
+        drop(helper_end);
+        let end = AgentEnd::new(agent_end).map_err(ContainerError::Spawn)?;
+        end.send(&plan)?;
+
+        let mut pid = None;
+        let mut exit_rx = None;
+        let mut tty = None;
+        let setup = async {
+            loop {
+                match end.recv().await? {
+                    Some((FromChild::Pid(p), _)) => {
+                        let p = Pid::from_raw(p);
+                        exit_rx = Some(self.exits.watch(p));
+                        pid = Some(p);
+                    }
+                    Some((FromChild::Tty, fd)) => tty = fd,
+                    Some((FromChild::Ready, _)) => return Ok(()),
+                    Some((FromChild::Error(message), _)) => {
+                        return Err(ContainerError::Setup {
+                            process: name.clone(),
+                            message,
+                        })
+                    }
+                    None => {
+                        return Err(ContainerError::Setup {
+                            process: name.clone(),
+                            message: "the helper exited without reporting".into(),
+                        })
+                    }
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+            Ok(r) => r,
+            Err(_) => Err(ContainerError::Timeout(format!("setting up {name}"))),
+        };
+        let (pid, exit_rx) = match (outcome, pid, exit_rx) {
+            (Ok(()), Some(pid), Some(rx)) => (pid, rx),
+            (outcome, pid, rx) => {
+                if let (Some(pid), Some(rx)) = (pid, rx) {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    let _ = tokio::time::timeout(KILL_TIMEOUT, rx).await;
+                }
+                return Err(outcome.err().unwrap_or_else(|| ContainerError::Setup {
+                    process: name,
+                    message: "ready without a pid".into(),
+                }));
+            }
+        };
+        let mut done = Vec::new();
+        let key = |kind| StreamKey {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            kind,
+        };
+        let mut resize = None;
+        if let Some(master) = tty {
+            resize =
+                nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+                    .ok()
+                    .map(|fd| {
+                        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that we own.
+                        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                    });
+            done.push(self.stdio.register(key(StreamKind::Tty), master));
+        }
+        for (kind, fd) in streams {
+            let rx = self.stdio.register(key(kind), fd);
+            if kind != StreamKind::Stdin {
+                done.push(rx);
+            }
+        }
+        let (phase, _) = watch::channel(Phase::Alive);
+        let proc = Arc::new(Proc {
+            exec_id: exec_id.to_owned(),
+            pid,
+            ctl: tokio::sync::Mutex::new(Some(end)),
+            tty: resize,
+            phase,
+        });
+        self.spawn_exit_watch(id, proc.clone(), exit_rx, done);
+        Ok(proc)
+    }
+
+    /// Waits for the process's exit and its output, then publishes `Done`.
+    fn spawn_exit_watch(
+        &self,
+        id: &str,
+        proc: Arc<Proc>,
+        exit_rx: oneshot::Receiver<Exit>,
+        outputs: Vec<oneshot::Receiver<()>>,
+    ) {
+        let stdio = self.stdio.clone();
+        let id = id.to_owned();
+        let cgroup = self.cgroup_root.join(&id);
+        tokio::spawn(async move {
+            // A dropped sender cannot happen while the reaper runs; treat it as killed.
+            let status = exit_rx.await.map(|e| e.code()).unwrap_or(137);
+            proc.phase.send_replace(Phase::Exited);
+            // Streams never attached will never be copied: release them.
+            stdio.forget_process(&id, &proc.exec_id);
+            for rx in outputs {
+                let _ = rx.await;
+            }
+            let oom_killed = status == 137 && oom_kills(&cgroup).await > 0;
+            tracing::info!(container = %id, exec = %proc.exec_id, pid = %proc.pid, status, oom_killed, "process finished");
+            proc.phase
+                .send_replace(Phase::Done(Finished { status, oom_killed }));
+        });
+    }
+
+    /// Starts a created init or exec; returns its pid.
+    pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let (_, p) = self.process(id, exec_id)?;
+        let name = process_name(id, exec_id);
+        let mut ctl = p.ctl.lock().await;
+        let Some(end) = ctl.take() else {
+            return Err(ContainerError::State(format!("{name} was already started")));
+        };
+        if !p.alive() {
+            return Err(ContainerError::State(format!("{name} has exited")));
+        }
+        end.send(&ToChild::Start)?;
+        let reply = tokio::time::timeout(SETUP_TIMEOUT, end.recv())
+            .await
+            .map_err(|_| ContainerError::Timeout(format!("starting {name}")))??;
+        match reply {
+            // Close-on-exec closed the channel: the program runs.
+            None => Ok(p.pid.as_raw() as u32),
+            Some((FromChild::Error(message), _)) => Err(ContainerError::Setup {
+                process: name,
+                message,
+            }),
+            Some((other, _)) => Err(ContainerError::Setup {
+                process: name,
+                message: format!("unexpected {other:?} after start"),
+            }),
+        }
+    }
+
+    /// Creates an exec process in a running container (started later).
+    pub async fn exec(&self, id: &str, exec_id: &str, process: &[u8], stdio: &Stdio) -> Result<()> {
+        check_id("exec", exec_id)?;
+        let c = self.container(id)?;
+        if !c.init.alive() {
+            return Err(ContainerError::State(format!(
+                "container {id} is not running"
+            )));
+        }
+        if let Some(old) = lock(&c.execs).get(exec_id) {
+            // An exec id may be reused once its process is gone.
+            if old.alive() {
+                return Err(ContainerError::AlreadyExists(format!(
+                    "exec {exec_id} in container {id}"
+                )));
+            }
+        }
+        let process = spec::parse_process(process)?;
+        let plan = Plan {
+            container_id: id.to_owned(),
+            cgroup: c.cgroup.clone(),
+            process,
+            mode: Mode::Exec {
+                init_pid: c.init.pid.as_raw(),
+                namespaces: c.namespaces.clone(),
+            },
+        };
+        let p = self.launch(id, exec_id, plan, stdio).await?;
+        lock(&c.execs).insert(exec_id.to_owned(), p);
+        Ok(())
+    }
+
+    /// Sends a signal to a process, or with `all` to every process of the container. An
+    /// exec that was created but never started is discarded.
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let sig = signal as i32;
+        if all {
+            let c = self.container(id)?;
+            for pid in read_procs(&c.cgroup).await {
+                send_signal(pid as i32, sig)?;
+            }
+            return Ok(());
+        }
+        let (c, p) = self.process(id, exec_id)?;
+        if !exec_id.is_empty() && !p.started() && p.alive() {
+            send_signal(p.pid.as_raw(), libc::SIGKILL)?;
+            lock(&c.execs).remove(exec_id);
+            return Ok(());
+        }
+        if p.alive() {
+            send_signal(p.pid.as_raw(), sig)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the process has exited and its output is copied.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Finished> {
+        let (_, p) = self.process(id, exec_id)?;
+        let mut rx = p.phase.subscribe();
+        let phase = rx
+            .wait_for(|ph| matches!(ph, Phase::Done(_)))
+            .await
+            .map_err(|_| ContainerError::State("process table dropped".into()))?;
+        match *phase {
+            Phase::Done(f) => Ok(f),
+            _ => unreachable!("wait_for returned a phase it was not waiting for"),
+        }
+    }
+
+    /// Kills every process of the container and forgets it.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        kill_cgroup(&c.cgroup).await;
+        let mut rx = c.init.phase.subscribe();
+        let _ = tokio::time::timeout(KILL_TIMEOUT, rx.wait_for(|p| *p != Phase::Alive)).await;
+        let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+        while !read_procs(&c.cgroup).await.is_empty() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(ContainerError::Timeout(format!(
+                    "killing the processes of container {id}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        remove_cgroup(&c.cgroup).await;
+        self.stdio.forget_container(id);
+        lock(&self.table).remove(id);
+        tracing::info!(container = id, "container removed");
+        Ok(())
+    }
+
+    /// Pids in the container's cgroup.
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let c = self.container(id)?;
+        Ok(read_procs(&c.cgroup).await)
+    }
+
+    /// Freezes (`true`) or thaws the container's cgroup and waits until it is done.
+    pub async fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        let c = self.container(id)?;
+        let file = c.cgroup.join("cgroup.freeze");
+        tokio::fs::write(&file, if frozen { "1" } else { "0" })
+            .await
+            .map_err(cg_err(&file))?;
+        let events = c.cgroup.join("cgroup.events");
+        let want = if frozen { 1 } else { 0 };
+        let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+        loop {
+            let text = tokio::fs::read_to_string(&events)
+                .await
+                .map_err(cg_err(&events))?;
+            if cgroup::parse_flat_keyed(&text).get("frozen") == Some(&want) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ContainerError::Timeout(format!(
+                    "{} container {id}",
+                    if frozen { "freezing" } else { "thawing" }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Applies new limits.
+    pub async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        let c = self.container(id)?;
+        for (name, value) in cgroup::resource_files(resources)? {
+            let path = c.cgroup.join(name);
+            tokio::fs::write(&path, value)
+                .await
+                .map_err(cg_err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup counters.
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        let c = self.container(id)?;
+        let read = |name: &str| {
+            let path = c.cgroup.join(name);
+            async move { tokio::fs::read_to_string(path).await.unwrap_or_default() }
+        };
+        let cpu = cgroup::parse_flat_keyed(&read("cpu.stat").await);
+        let mem = cgroup::parse_flat_keyed(&read("memory.stat").await);
+        let events = cgroup::parse_flat_keyed(&read("memory.events").await);
+        let get = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        Ok(StatsContainerResponse {
+            cpu_usage_usec: get(&cpu, "usage_usec"),
+            cpu_user_usec: get(&cpu, "user_usec"),
+            cpu_system_usec: get(&cpu, "system_usec"),
+            cpu_nr_periods: get(&cpu, "nr_periods"),
+            cpu_nr_throttled: get(&cpu, "nr_throttled"),
+            cpu_throttled_usec: get(&cpu, "throttled_usec"),
+            memory_usage: cgroup::parse_single(&read("memory.current").await),
+            memory_limit: cgroup::parse_single(&read("memory.max").await),
+            memory_anon: get(&mem, "anon"),
+            memory_file: get(&mem, "file"),
+            memory_inactive_file: get(&mem, "inactive_file"),
+            memory_events_oom: get(&events, "oom"),
+            memory_events_oom_kill: get(&events, "oom_kill"),
+            pids_current: cgroup::parse_single(&read("pids.current").await),
+            pids_limit: cgroup::parse_single(&read("pids.max").await),
+            ..Default::default()
+        })
+    }
+
+    /// Sets a process's pty size.
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let (_, p) = self.process(id, exec_id)?;
+        let Some(fd) = &p.tty else {
+            return Err(ContainerError::State(format!(
+                "{} has no terminal",
+                process_name(id, exec_id)
+            )));
+        };
+        let ws = libc::winsize {
+            ws_row: rows.min(u16::MAX as u32) as u16,
+            ws_col: cols.min(u16::MAX as u32) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc != 0 {
+            return Err(ContainerError::State(format!(
+                "resize pty: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Closes a process's stdin if its stream was never attached (an attached stream ends
+    /// when the shim half-closes the connection).
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.process(id, exec_id)?;
+        self.stdio.forget(&StreamKey {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            kind: StreamKind::Stdin,
+        });
+        Ok(())
+    }
+}
+
+fn process_name(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("container {id} init")
+    } else {
+        format!("exec {exec_id} in container {id}")
+    }
+}
+
+fn send_signal(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: kill with plain integers.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        let errno = nix::errno::Errno::last();
+        // Already gone: nothing to signal.
+        if errno != nix::errno::Errno::ESRCH {
+            return Err(ContainerError::Kill {
+                signal: sig,
+                pid,
+                source: errno,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Enables the container controllers for the children of `dir` (each on its own, so one
+/// missing controller does not block the others).
+fn enable_controllers(dir: &Path) {
+    let file = dir.join("cgroup.subtree_control");
+    for c in CONTROLLERS {
+        if let Err(e) = std::fs::write(&file, format!("+{c}")) {
+            tracing::debug!(controller = c, dir = %dir.display(), error = %e, "enable controller");
+        }
+    }
+}
+
+async fn read_procs(cgroup: &Path) -> Vec<u32> {
+    tokio::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .await
+        .map(|t| cgroup::parse_procs(&t))
+        .unwrap_or_default()
+}
+
+async fn oom_kills(cgroup: &Path) -> u64 {
+    let text = tokio::fs::read_to_string(cgroup.join("memory.events"))
+        .await
+        .unwrap_or_default();
+    cgroup::parse_flat_keyed(&text)
+        .get("oom_kill")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// SIGKILLs everything in the cgroup (`cgroup.kill`, or pid by pid on old kernels).
+async fn kill_cgroup(cgroup: &Path) {
+    if tokio::fs::write(cgroup.join("cgroup.kill"), "1")
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    // A frozen cgroup must be thawed for the kill to be acted on.
+    let _ = tokio::fs::write(cgroup.join("cgroup.freeze"), "0").await;
+    for pid in read_procs(cgroup).await {
+        let _ = send_signal(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// Removes an (empty) cgroup, retrying while the kernel still counts dying tasks.
+async fn remove_cgroup(cgroup: &Path) {
+    for _ in 0..100 {
+        match tokio::fs::remove_dir(cgroup).await {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    tracing::warn!(cgroup = %cgroup.display(), "cannot remove cgroup");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_single_components() {
+        check_id("container", "c1").unwrap();
+        for bad in ["", ".", "..", "a/b", "a b", "a\nb"] {
+            assert!(check_id("exec", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_containers_are_not_found() {
+        let t = Containers::new(Exits::default(), Registry::default(), "/x".into());
+        assert!(matches!(
+            t.start("nope", "").await,
+            Err(ContainerError::NotFound(_))
+        ));
+        assert!(matches!(
+            t.wait("nope", "e").await,
+            Err(ContainerError::NotFound(_))
+        ));
+        assert!(matches!(
+            t.remove("nope").await,
+            Err(ContainerError::NotFound(_))
+        ));
+        let e = t.create("a/b", b"{}", &Stdio::default()).await.unwrap_err();
+        assert!(e.to_string().contains("\"a/b\""), "{e}");
+    }
+}
