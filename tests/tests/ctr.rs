@@ -2,10 +2,6 @@
 //! every check runs twice, with runc (`io.containerd.runc.v2`, proving the test itself) and
 //! with our runtime (`io.containerd.kata.v2`, a QEMU VM per container). Each test ends with
 //! a leak check.
-//!
-//! Compiled only with the `shim-e2e` feature until `containerd-shim-kata-v2` lands.
-
-#![cfg(feature = "shim-e2e")]
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -137,8 +133,11 @@ fn processes_naming(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// A container id no other test of this run uses (runc and kata variants run at once).
 fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{name}-{}-{n}", std::process::id())
 }
 
 fn stdout(out: &Output) -> String {
@@ -445,7 +444,98 @@ fn five_at_once(env: &Env) {
     env.assert_no_leaks(&refs);
 }
 
+/// The spec's isolation as `ctr` writes it: read-only root, capability sets (containerd's
+/// defaults minus a dropped one), no_new_privileges, the RLIMIT_NOFILE default, masked and
+/// read-only /proc paths, a working /dev.
+fn isolation(env: &Env) {
+    let id = unique("iso");
+    let script = "touch /x 2>/dev/null && echo root-rw || echo root-ro; \
+        grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status; \
+        echo nofile=$(ulimit -n); \
+        echo timer_list=$(wc -c < /proc/timer_list); \
+        grep -q ' /proc/keys ' /proc/self/mountinfo && echo keys-masked; \
+        echo firmware=$(ls /sys/firmware | wc -l); \
+        (echo 1 > /proc/sys/kernel/ctrl-alt-del) 2>/dev/null && echo sys-rw || echo sys-ro; \
+        echo x > /dev/null && echo devnull-ok; \
+        test -c /dev/zero && test -L /dev/fd && echo dev-ok";
+    let out = env.run(
+        &id,
+        &["--read-only", "--cap-drop", "CAP_NET_RAW"],
+        &["sh", "-c", script],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let s = stdout(&out);
+    // containerd's default set 0xa80425fb without CAP_NET_RAW (bit 13).
+    for want in [
+        "root-ro",
+        "CapEff:\t00000000a80405fb",
+        "CapBnd:\t00000000a80405fb",
+        "NoNewPrivs:\t1",
+        "nofile=1024",
+        "timer_list=0",
+        "keys-masked",
+        "firmware=0",
+        "sys-ro",
+        "devnull-ok",
+        "dev-ok",
+    ] {
+        assert!(s.contains(want), "{want:?} missing in:\n{}", text(&out));
+    }
+    env.assert_no_leaks(&[&id]);
+}
+
+/// A memory limit from `ctr` reaches the container's cgroup (seen through the task's
+/// metrics, which both runtimes read from the cgroup).
+fn limits(env: &Env) {
+    let id = unique("lim");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--memory-limit",
+        "67108864",
+        "--runtime",
+        env.runtime,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&id)
+        == "RUNNING"));
+    let out = env.ctd.ctr(&["task", "metrics", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let limit = stdout(&out)
+        .lines()
+        // cgroup v1 metrics (runc on this host) or v2 (the guest).
+        .find(|l| l.starts_with("memory.limit_in_bytes") || l.starts_with("memory.usage_limit"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(str::to_owned);
+    assert_eq!(limit.as_deref(), Some("67108864"), "{}", text(&out));
+    env.remove(&id);
+    env.assert_no_leaks(&[&id]);
+}
+
+/// A command that does not exist fails the run with its name in the error, and nothing
+/// is left behind.
+fn missing_command(env: &Env) {
+    let id = unique("nocmd");
+    let out = env.run(&id, &[], &["no-such-command-xyz"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-command-xyz") && err.contains("not found"),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id]);
+}
+
 both_runtimes! {
+    spec_isolation_applies => isolation;
+    cgroup_limits_apply => limits;
+    missing_command_is_named => missing_command;
     runs_on_its_kernel => kernel_release;
     exit_code_passes_through => exit_code;
     stdin_is_piped => piped_stdin;
