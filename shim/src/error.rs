@@ -53,7 +53,7 @@ pub enum TaskError {
     Io(#[from] IoError),
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("rootfs")]
+    #[error("mount")]
     Mount(#[from] MountError),
 }
 
@@ -65,7 +65,9 @@ impl TaskError {
             | TaskError::ProcessNotFound { .. }
             | TaskError::ProcessFinished => Code::NOT_FOUND,
             TaskError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            TaskError::InvalidArgument(_) | TaskError::Spec(_) => Code::INVALID_ARGUMENT,
+            TaskError::InvalidArgument(_)
+            | TaskError::Spec(_)
+            | TaskError::Mount(MountError::MissingSource { .. }) => Code::INVALID_ARGUMENT,
             TaskError::Io(IoError::UnsupportedScheme { .. } | IoError::RelativePath(_)) => {
                 Code::INVALID_ARGUMENT
             }
@@ -189,7 +191,7 @@ mod tests {
         });
         let (_, msg) = status_of(e);
         assert!(
-            msg.starts_with("rootfs: cannot create or remove /x: "),
+            msg.starts_with("mount: cannot create or remove /x: "),
             "{msg}"
         );
     }

@@ -41,6 +41,14 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    /// A bind mount's host source is not there.
+    #[error("mount source {} for {} does not exist", .path.display(), .destination.display())]
+    MissingSource {
+        path: PathBuf,
+        destination: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The blocking task was cancelled or panicked.
     #[error("mount task failed")]
     Join(#[source] tokio::task::JoinError),
@@ -148,6 +156,61 @@ pub async fn bind_dir(source: PathBuf, target: PathBuf) -> Result<(), MountError
             target: target.clone(),
             source: e,
         })
+    })
+    .await
+}
+
+/// Binds a container's host path (file or directory) at `target` in the share, read-only
+/// on the host side too when asked.
+pub async fn bind_host_path(
+    bind: crate::spec::HostBind,
+    target: PathBuf,
+) -> Result<(), MountError> {
+    blocking(move || {
+        let meta = std::fs::metadata(&bind.source).map_err(|e| MountError::MissingSource {
+            path: bind.source.clone(),
+            destination: bind.destination.clone(),
+            source: e,
+        })?;
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| MountError::Dir { path, source }
+        };
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target).map_err(dir_err(&target))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(dir_err(parent))?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&target)
+                .map_err(dir_err(&target))?;
+        }
+        let err = |source| MountError::Mount {
+            source_path: bind.source.display().to_string(),
+            fstype: "bind".into(),
+            target: target.clone(),
+            source,
+        };
+        mount(
+            Some(&bind.source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(err)?;
+        if bind.readonly {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            if let Err(e) = mount(None::<&str>, &target, None::<&str>, flags, None::<&str>) {
+                let _ = umount2(&target, MntFlags::MNT_DETACH);
+                return Err(err(e));
+            }
+        }
+        Ok(())
     })
     .await
 }

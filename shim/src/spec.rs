@@ -3,8 +3,9 @@
 //!
 //! The guest must never see host paths: the root moves to the container's directory in the
 //! virtio-fs share, hooks (host binaries) go, namespace paths (host `/proc/<pid>/ns/...`)
-//! go while their types stay, and mounts whose source is a host path are dropped until
-//! volumes are shared. The agent decides the guest cgroup, so `cgroupsPath` goes too.
+//! go while their types stay, and bind mounts of host paths become binds of
+//! `<share>/<id>/mounts/<n>`, where the shim bind-mounts the host path ([`HostBind`]).
+//! The agent decides the guest cgroup, so `cgroupsPath` goes too.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,26 @@ pub enum SpecError {
     /// The rewritten spec could not be serialized.
     #[error("cannot serialize the OCI spec")]
     Serialize(#[source] serde_json::Error),
+    /// A mount the guest cannot provide.
+    #[error("mount of type {typ:?} on {destination} is not supported in the VM (expected a bind of a host path or one of {GUEST_FS_TYPES:?})")]
+    UnsupportedMount { destination: String, typ: String },
+    /// A bind mount without a source path.
+    #[error("bind mount on {destination} has no absolute source path")]
+    BindWithoutSource { destination: String },
+}
+
+/// A host path a container mounts: the shim binds it at `<container share>/<share_path>`
+/// before the guest creates the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host path (file or directory).
+    pub source: PathBuf,
+    /// Where it goes, relative to the container's share directory (`mounts/<n>`).
+    pub share_path: PathBuf,
+    /// Mount it read-only on the host side too.
+    pub readonly: bool,
+    /// The destination in the container (for messages).
+    pub destination: PathBuf,
 }
 
 /// Reads `<bundle>/config.json`.
@@ -102,14 +123,19 @@ pub fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
 }
 
-/// Rewrites `spec` for the guest (see the module docs) and returns it as JSON.
-pub fn to_guest_json(mut spec: Spec, container_id: &str) -> Result<Vec<u8>, SpecError> {
-    rewrite_for_guest(&mut spec, container_id);
-    serde_json::to_vec(&spec).map_err(SpecError::Serialize)
+/// Rewrites `spec` for the guest (see the module docs); returns it as JSON and the host
+/// paths to bind into the container's share first.
+pub fn to_guest_json(
+    mut spec: Spec,
+    container_id: &str,
+) -> Result<(Vec<u8>, Vec<HostBind>), SpecError> {
+    let binds = rewrite_for_guest(&mut spec, container_id)?;
+    let json = serde_json::to_vec(&spec).map_err(SpecError::Serialize)?;
+    Ok((json, binds))
 }
 
 /// The rewrite behind [`to_guest_json`].
-pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) {
+pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) -> Result<Vec<HostBind>, SpecError> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from(guest_rootfs(container_id)));
     spec.set_root(Some(root));
@@ -122,20 +148,27 @@ pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) {
             }
         }
     }
+    let mut binds = Vec::new();
     if let Some(mounts) = spec.mounts_mut() {
-        let kept: Vec<Mount> = std::mem::take(mounts)
-            .into_iter()
-            .filter_map(guest_mount)
-            .collect();
+        let mut kept = Vec::with_capacity(mounts.len());
+        for m in std::mem::take(mounts) {
+            kept.push(guest_mount(m, container_id, &mut binds)?);
+        }
         *mounts = kept;
     }
+    Ok(binds)
 }
 
-/// The guest's version of a mount, or `None` when it needs a host path.
-fn guest_mount(mut m: Mount) -> Option<Mount> {
+/// The guest's version of a mount; a bind of a host path is recorded in `binds` and
+/// pointed at its place in the share.
+fn guest_mount(
+    mut m: Mount,
+    container_id: &str,
+    binds: &mut Vec<HostBind>,
+) -> Result<Mount, SpecError> {
     let typ = m.typ().clone().unwrap_or_default();
     if GUEST_FS_TYPES.contains(&typ.as_str()) {
-        return Some(m);
+        return Ok(m);
     }
     if m.destination() == Path::new("/dev/shm") {
         // CRI binds the pod's host shm; the guest gets its own.
@@ -146,15 +179,29 @@ fn guest_mount(mut m: Mount) -> Option<Mount> {
                 .map(String::from)
                 .to_vec(),
         ));
-        return Some(m);
+        return Ok(m);
     }
-    tracing::debug!(
-        destination = %m.destination().display(),
-        source = ?m.source(),
-        r#type = %typ,
-        "dropping a mount with a host source (volumes are not shared yet)"
-    );
-    None
+    let options = m.options().clone().unwrap_or_default();
+    let is_bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+    let destination = m.destination().display().to_string();
+    if !is_bind {
+        return Err(SpecError::UnsupportedMount { destination, typ });
+    }
+    let source = match m.source() {
+        Some(s) if s.is_absolute() => s.clone(),
+        _ => return Err(SpecError::BindWithoutSource { destination }),
+    };
+    let share_path = PathBuf::from(format!("mounts/{}", binds.len()));
+    let guest_source = format!("{GUEST_SHARED_DIR}/{container_id}/{}", share_path.display());
+    binds.push(HostBind {
+        source,
+        share_path,
+        readonly: options.iter().any(|o| o == "ro"),
+        destination: m.destination().clone(),
+    });
+    m.set_source(Some(PathBuf::from(guest_source)));
+    m.set_typ(Some("bind".into()));
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -187,7 +234,7 @@ mod tests {
 
     fn rewritten() -> serde_json::Value {
         let spec = parse(SPEC.as_bytes()).unwrap();
-        serde_json::from_slice(&to_guest_json(spec, "c1").unwrap()).unwrap()
+        serde_json::from_slice(&to_guest_json(spec, "c1").unwrap().0).unwrap()
     }
 
     #[test]
@@ -212,16 +259,49 @@ mod tests {
     }
 
     #[test]
-    fn mounts_keep_guest_filesystems_and_replace_shm() {
+    fn mounts_keep_guest_filesystems_replace_shm_and_share_binds() {
         let v = rewritten();
         let mounts = v["mounts"].as_array().unwrap();
         let dests: Vec<&str> = mounts
             .iter()
             .map(|m| m["destination"].as_str().unwrap())
             .collect();
-        assert_eq!(dests, ["/proc", "/dev/shm", "/sys/fs/cgroup"]);
+        assert_eq!(dests, ["/proc", "/dev/shm", "/etc/hosts", "/sys/fs/cgroup"]);
         assert_eq!(mounts[1]["type"], "tmpfs");
         assert_eq!(mounts[1]["source"], "shm");
+        assert_eq!(
+            mounts[2]["source"],
+            "/run/kata-containers/shared/containers/c1/mounts/0"
+        );
+        assert_eq!(mounts[2]["type"], "bind");
+        let (_, binds) = to_guest_json(parse(SPEC.as_bytes()).unwrap(), "c1").unwrap();
+        assert_eq!(
+            binds,
+            [HostBind {
+                source: "/var/lib/pod1/hosts".into(),
+                share_path: "mounts/0".into(),
+                readonly: false,
+                destination: "/etc/hosts".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn mounts_the_guest_cannot_provide_are_refused_by_name() {
+        let spec = parse(
+            br#"{"ociVersion":"1.0.2","mounts":[{"destination":"/data","type":"ext4","source":"/dev/sdb1"}]}"#,
+        )
+        .unwrap();
+        let e = to_guest_json(spec, "c").unwrap_err();
+        assert!(e.to_string().contains("\"ext4\" on /data"), "{e}");
+        let spec = parse(
+            br#"{"ociVersion":"1.0.2","mounts":[{"destination":"/data","type":"bind","options":["rbind"]}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            to_guest_json(spec, "c").unwrap_err(),
+            SpecError::BindWithoutSource { .. }
+        ));
     }
 
     #[test]

@@ -532,7 +532,71 @@ fn missing_command(env: &Env) {
     env.assert_no_leaks(&[&id]);
 }
 
+/// Host directories and files bound with `--mount` (read-only and read-write) are seen,
+/// and their mounts are gone afterwards.
+fn bind_mounts(env: &Env) {
+    let id = unique("bind");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello"), "from host\n").unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let single = files.path().join("single");
+    std::fs::write(&single, "single file\n").unwrap();
+    let dir_mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        dir.path().display()
+    );
+    let file_mount = format!(
+        "type=bind,src={},dst=/etc/single,options=rbind:rw",
+        single.display()
+    );
+    let out = env.run(
+        &id,
+        &["--mount", &dir_mount, "--mount", &file_mount],
+        &[
+            "sh",
+            "-c",
+            "cat /data/hello; touch /data/x 2>/dev/null && echo data-rw || echo data-ro; \
+             cat /etc/single; echo changed > /etc/single",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        stdout(&out),
+        "from host\ndata-ro\nsingle file\n",
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&single).unwrap(), "changed\n");
+    assert!(!dir.path().join("x").exists());
+    env.assert_no_leaks(&[&id]);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for p in [dir.path(), files.path()] {
+        let p = p.display().to_string();
+        assert!(!info.contains(&p), "{p} still mounted");
+    }
+}
+
+/// A bind source that does not exist fails the run naming the path; nothing is left.
+fn missing_bind_source(env: &Env) {
+    let id = unique("nosrc");
+    let out = env.run(
+        &id,
+        &[
+            "--mount",
+            "type=bind,src=/no-such-dir-xyz,dst=/data,options=rbind",
+        ],
+        &["true"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no-such-dir-xyz"), "{}", text(&out));
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id]);
+}
+
 both_runtimes! {
+    bind_mounts_share_host_paths => bind_mounts;
+    missing_bind_source_is_named => missing_bind_source;
     spec_isolation_applies => isolation;
     cgroup_limits_apply => limits;
     missing_command_is_named => missing_command;
