@@ -594,7 +594,61 @@ fn missing_bind_source(env: &Env) {
     env.assert_no_leaks(&[&id]);
 }
 
+/// Task events reach containerd in the order it requires: create, start, exec added,
+/// exec started, exec exit, paused, resumed, exit, delete.
+fn events_in_order(env: &Env) {
+    let id = unique("events");
+    let events = env
+        .ctd
+        .ctr_cmd(&["events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // subscribed
+    env.run_detached(&id, &["sleep", "1000"]);
+    let out = env
+        .ctd
+        .ctr(&["task", "exec", "--exec-id", "ev1", &id, "true"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for verb in ["pause", "resume"] {
+        let out = env.ctd.ctr(&["task", verb, &id]);
+        assert!(out.status.success(), "{verb}: {}", text(&out));
+    }
+    env.remove(&id);
+    std::thread::sleep(Duration::from_millis(500)); // the last events are printed
+                                                    // Stop the subscriber by its pid.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let out = events.wait_with_output().unwrap();
+    let text_out = String::from_utf8_lossy(&out.stdout);
+    let topics: Vec<&str> = text_out
+        .lines()
+        .filter(|l| l.contains(&format!("\"{id}\"")))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
+        "{text_out}"
+    );
+    env.assert_no_leaks(&[&id]);
+}
+
 both_runtimes! {
+    task_events_in_order => events_in_order;
     bind_mounts_share_host_paths => bind_mounts;
     missing_bind_source_is_named => missing_bind_source;
     spec_isolation_applies => isolation;
