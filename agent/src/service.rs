@@ -133,7 +133,7 @@ pub struct Agent {
     /// Exits of our children, fed by the reaper.
     exits: crate::reaper::Exits,
     /// The containers.
-    containers: Containers,
+    containers: Arc<Containers>,
 }
 
 impl Agent {
@@ -151,11 +151,11 @@ impl Agent {
     pub fn new(opts: AgentOptions) -> Self {
         let stdio = crate::stdio::Registry::default();
         let exits = crate::reaper::Exits::default();
-        let containers = Containers::new(
+        let containers = Arc::new(Containers::new(
             exits.clone(),
             stdio.clone(),
             opts.base_dir.join(crate::paths::SHARED_CONTAINERS),
-        );
+        ));
         Self {
             opts,
             storages: Arc::default(),

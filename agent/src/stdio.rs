@@ -7,11 +7,14 @@
 //! unattached pipe blocks instead of losing data.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
 /// Longest header accepted, in bytes.
@@ -171,38 +174,126 @@ where
     if conn.write_all(b"OK\n").await.is_err() {
         return;
     }
-    let file = tokio::fs::File::from_std(File::from(pending.fd));
-    match key.kind {
+    let copied = match key.kind {
         StreamKind::Stdout | StreamKind::Stderr => {
-            let mut file = file;
-            let _ = tokio::io::copy(&mut file, &mut conn).await;
-            let _ = conn.shutdown().await;
+            copy_output(pipe::Receiver::from_owned_fd(pending.fd), &mut conn).await
         }
-        StreamKind::Stdin => {
-            let mut file = file;
-            let _ = tokio::io::copy(&mut conn, &mut file).await;
-            let _ = file.flush().await;
-            drop(file);
-        }
-        StreamKind::Tty => {
-            let (mut cr, mut cw) = tokio::io::split(conn);
-            let (mut fr, mut fw) = tokio::io::split(file);
-            let out = async {
-                let _ = tokio::io::copy(&mut fr, &mut cw).await;
-                let _ = cw.shutdown().await;
-            };
-            let inp = async {
-                let _ = tokio::io::copy(&mut cr, &mut fw).await;
-            };
-            // Output end decides: once the pty hangs up, the stream is done.
-            tokio::select! {
-                () = out => {}
-                () = async { inp.await; std::future::pending::<()>().await } => {}
-            }
-        }
+        StreamKind::Stdin => match pipe::Sender::from_owned_fd(pending.fd) {
+            Ok(mut w) => tokio::io::copy(&mut conn, &mut w).await.map(drop),
+            Err(e) => Err(e),
+        },
+        StreamKind::Tty => match Pty::new(pending.fd) {
+            Ok(pty) => copy_tty(pty, conn).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = copied {
+        tracing::debug!(stream = ?key, error = %e, "stdio copy ended");
     }
     if let Some(tx) = pending.done.take() {
         let _ = tx.send(());
+    }
+}
+
+async fn copy_output<C>(
+    reader: std::io::Result<pipe::Receiver>,
+    conn: &mut C,
+) -> std::io::Result<()>
+where
+    C: AsyncWrite + Unpin,
+{
+    let mut reader = reader?;
+    let r = tokio::io::copy(&mut reader, conn).await.map(drop);
+    let _ = conn.shutdown().await;
+    r
+}
+
+/// Both directions over the pty master; done once the output side ends (the pty hangs up
+/// when the last slave fd closes).
+async fn copy_tty<S>(pty: Pty, conn: S) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(conn);
+    let (mut pr, mut pw) = tokio::io::split(pty);
+    let out = async {
+        let r = tokio::io::copy(&mut pr, &mut cw).await.map(drop);
+        let _ = cw.shutdown().await;
+        r
+    };
+    let inp = async {
+        let _ = tokio::io::copy(&mut cr, &mut pw).await;
+        // Input ended; keep copying output.
+        std::future::pending::<std::io::Result<()>>().await
+    };
+    tokio::select! {
+        r = out => r,
+        r = inp => r,
+    }
+}
+
+/// A pty master driven by readiness (non-blocking), so reads and writes proceed
+/// independently. (`tokio::fs::File` runs one operation at a time and drops a read in
+/// flight when a write comes in, which corrupts a full-duplex pty.)
+struct Pty(AsyncFd<OwnedFd>);
+
+impl Pty {
+    fn new(fd: OwnedFd) -> std::io::Result<Self> {
+        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        // SAFETY: `fd` is an open pty master the AsyncFd owns from now on.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
+        Ok(Self(fd))
+    }
+}
+
+impl AsyncRead for Pty {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.as_raw_fd(), unfilled).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // EIO: every slave fd is closed; that is the end of the output.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Pty {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            match guard.try_io(|fd| nix::unistd::write(fd, data).map_err(std::io::Error::from)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -264,6 +355,53 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"OK\nhello");
+        done.await.unwrap();
+    }
+
+    /// Input and output cross a pty at the same time, and nothing is lost (a blocking-file
+    /// wrapper dropped output whenever input arrived).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tty_carries_both_directions() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let reg = Registry::default();
+        let done = reg.register(
+            StreamKey {
+                container_id: "c".into(),
+                exec_id: "e".into(),
+                kind: StreamKind::Tty,
+            },
+            pty.master,
+        );
+        let (mut client, server) = tokio::io::duplex(1024);
+        tokio::spawn(handle(server, reg.clone()));
+        client.write_all(b"c e tty\n").await.unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        let mut reader = slave.try_clone().unwrap();
+        let echo = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while reader.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let mut w = &slave;
+            for i in 0..200 {
+                write!(w, "out{i} ").unwrap();
+            }
+            writeln!(w, "got {}", String::from_utf8_lossy(&line)).unwrap();
+            // Closing the last slave fd ends the stream.
+            drop(reader);
+        });
+        client.write_all(b"ping\n").await.unwrap();
+        tokio::task::spawn_blocking(move || echo.join().unwrap())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("OK\n"), "{got}");
+        assert!(got.contains("out0 out1 "), "{got}");
+        assert!(got.contains("out199 got ping"), "{got}");
         done.await.unwrap();
     }
 

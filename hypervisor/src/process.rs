@@ -121,6 +121,27 @@ pub struct ChildProcess {
     stderr_done: watch::Receiver<bool>,
 }
 
+/// Makes the child get SIGKILL when the thread that spawned it ends, so a VM never outlives
+/// a shim that was killed (SIGKILL leaves no chance to stop it). Children are spawned from
+/// the tokio worker threads, which live as long as the process's runtime.
+fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only calls prctl and getppid,
+    // which are async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would send it.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
 impl ChildProcess {
     /// Spawns `command` as `name` (for logs and errors) of VM `vm`: stdin is null, stderr
     /// is captured, stdout goes to `stdout`. Must run inside a tokio runtime.
@@ -139,6 +160,7 @@ impl ChildProcess {
             Stdout::Null => Stdio::null(),
             Stdout::Lines(..) => Stdio::piped(),
         });
+        die_with_parent(&mut command);
         let mut child = command
             .spawn()
             .map_err(|source| ProcessError::Spawn { program, source })?;

@@ -21,6 +21,8 @@ pub const NAMESPACE: &str = "kata-test";
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
+    /// containerd was killed and reaped already.
+    killed: bool,
 }
 
 impl Containerd {
@@ -70,7 +72,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .stderr(log)
             .spawn()
             .expect("containerd starts (run hack/install-deps.sh)");
-        let this = Self { dir, child };
+        let this = Self {
+            dir,
+            child,
+            killed: false,
+        };
         let sock = this.socket();
         assert!(
             wait_until(Duration::from_secs(20), || {
@@ -128,8 +134,33 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// SIGKILLs containerd now (not its shims), as a crash would.
+    pub fn kill_daemon(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.killed = true;
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if self.killed {
+            for (pid, _) in crate::processes_naming(&self.socket().to_string_lossy()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return;
+        }
+        // A failed test may leave tasks: delete them through containerd so their shims
+        // clean up (VM, mounts, directories) before the shims are killed below.
+        let tasks = self.ctr(&["task", "ls", "-q"]);
+        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
+            let _ = self.ctr(&["task", "delete", "-f", id]);
+            let _ = self.ctr(&["container", "delete", id]);
+        }
         // SIGTERM by pid, then SIGKILL if it lingers; always reap.
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -245,8 +245,10 @@ fn big_stdout_is_byte_exact(env: &Env) {
 /// `ctr -t` needs a terminal: run it under `script`.
 fn in_pty(env: &Env, args: &[&str]) -> Output {
     let sock = env.ctd.socket();
+    // A known window size, which ctr passes on with ResizePty right after the start (the
+    // container must give it a moment: runc and ours alike).
     let mut line = format!(
-        "ctr -a {} -n {} ",
+        "stty rows 37 cols 101; ctr -a {} -n {} ",
         sock.display(),
         kata_tests::containerd::NAMESPACE
     );
@@ -264,12 +266,21 @@ fn tty(env: &Env) {
     let id = unique("tty");
     let out = in_pty(
         env,
-        &env.run_args(&id, &["-t"], &["sh", "-c", "tty; stty size; exit 3"]),
+        &env.run_args(
+            &id,
+            &["-t"],
+            &["sh", "-c", "tty; sleep 1; stty size; exit 3"],
+        ),
     );
     let s = stdout(&out);
     assert!(
         s.contains("/dev/pts/"),
         "no pty in the container: {}",
+        text(&out)
+    );
+    assert!(
+        s.contains("37 101"),
+        "pty size not passed on: {}",
         text(&out)
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
@@ -701,5 +712,57 @@ fn a_bad_configuration_fails_create_naming_the_key_and_leaves_nothing() {
         runtime: KATA_RUNTIME,
     };
     let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id]);
+}
+
+/// A shim killed with SIGKILL takes its VM with it: with containerd gone too (nobody runs
+/// the dead shim's cleanup), QEMU and the daemons still die with the shim. The shim's
+/// `delete` action, run as containerd would, then removes its mounts and directories.
+#[test]
+fn a_killed_shim_leaves_no_vm_behind() {
+    let mut env = Env::new(KATA_RUNTIME);
+    let id = unique("shimkill");
+    env.run_detached(&id, &["sleep", "1000"]);
+    let run_dir = format!("/run/kata/{id}/");
+    let qemu = kata_tests::processes_naming(&run_dir)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("qemu-system"))
+        .expect("a QEMU process for the container");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", qemu.0)).unwrap();
+    // Field 4 (after the parenthesised command) is the parent pid: the shim.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let shim: i32 = after.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let shim_cmd = std::fs::read_to_string(format!("/proc/{shim}/cmdline")).unwrap();
+    assert!(shim_cmd.contains("containerd-shim-kata-v2"), "{shim_cmd}");
+    let bundle = env.ctd.task_state_dir().join(&id);
+    env.ctd.kill_daemon();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = wait_until(Duration::from_secs(15), || {
+        kata_tests::processes_naming(&run_dir).is_empty()
+    });
+    assert!(
+        gone,
+        "VM processes outlived the shim: {:?}",
+        kata_tests::processes_naming(&run_dir)
+    );
+    let shim_bin = env
+        ._shim
+        .as_ref()
+        .unwrap()
+        .bin_dir()
+        .join("containerd-shim-kata-v2");
+    let out = Command::new(shim_bin)
+        .args(["-namespace", kata_tests::containerd::NAMESPACE, "-address"])
+        .arg(env.ctd.socket())
+        .args(["-publish-binary", "/bin/true", "-id", &id, "delete"])
+        .current_dir(&bundle)
+        .env("KATA_CONF_FILE", env._shim.as_ref().unwrap().config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "shim delete: {}", text(&out));
     env.assert_no_leaks(&[&id]);
 }

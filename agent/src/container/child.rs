@@ -77,12 +77,26 @@ pub fn helper_main() -> ! {
         Ok(None) => std::process::exit(1),
         Err(e) => fail(&sock, format!("read plan: {e}")),
     };
+    // Not ptrace-able or dumpable by the container while it still holds the agent's
+    // privileges (execve of the container's program resets this).
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     if let Err(e) = prepare(&plan) {
         fail(&sock, e);
     }
+    // The child waits until its pid is reported, so `Pid` always precedes its messages.
+    let (go_r, go_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => fail(&sock, format!("pipe: {e}")),
+    };
     // SAFETY: the helper is single-threaded, so the child may do anything after fork.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
+            drop(go_w);
+            let mut byte = [0u8; 1];
+            // EOF (the helper died) or the byte: either way the pid went out first.
+            let _ = nix::unistd::read(go_r.as_raw_fd(), &mut byte);
+            drop(go_r);
             let e = match child(&plan, &sock) {
                 Ok(never) => match never {},
                 Err(e) => e,
@@ -90,7 +104,13 @@ pub fn helper_main() -> ! {
             fail(&sock, e)
         }
         Ok(ForkResult::Parent { child }) => {
-            let _ = channel::send(sock.as_raw_fd(), &FromChild::Pid(child.as_raw()), None);
+            drop(go_r);
+            let sent = channel::send(sock.as_raw_fd(), &FromChild::Pid(child.as_raw()), None);
+            if sent.is_err() {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                std::process::exit(1);
+            }
+            let _ = nix::unistd::write(&go_w, b"g");
             std::process::exit(0)
         }
         Err(e) => fail(&sock, format!("fork: {e}")),
@@ -164,6 +184,13 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
             let root = PathBuf::from(&spec.root.as_ref().ok_or("no root")?.path);
             setup_rootfs(spec, &root, &plan.cgroup, &p.cwd)?;
             pivot(&root)?;
+            let prop = root_propagation(spec)?;
+            if prop.contains(MsFlags::MS_SHARED) {
+                ctx(
+                    mount(None::<&str>, "/", None::<&str>, prop, None::<&str>),
+                    || format!("set / propagation to {prop:?}"),
+                )?;
+            }
             for (k, v) in &spec.linux.sysctl {
                 let path = format!("/proc/sys/{}", k.replace('.', "/"));
                 ctx(fs::write(&path, v), || format!("sysctl {k}={v}"))?;
@@ -199,9 +226,9 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
             ctx(nix::unistd::setsid(), || "setsid".into())?;
         }
         Mode::Exec { .. } => {
-            if p.terminal {
-                ctx(nix::unistd::setsid(), || "setsid".into())?;
-            }
+            // Its own session and process group: `kill 0` in one container must not reach
+            // processes of others (they would share the agent's group otherwise).
+            ctx(nix::unistd::setsid(), || "setsid".into())?;
         }
     }
     if p.terminal {
@@ -265,16 +292,14 @@ fn set_domainname(name: &str) -> Result<()> {
 
 /// Mounts everything the spec asks for under `root`, before pivot_root.
 fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()> {
-    let prop = spec
-        .linux
-        .rootfs_propagation
-        .as_deref()
-        .map(|w| propagation(w).ok_or_else(|| format!("unknown rootfsPropagation {w:?}")))
-        .transpose()?
-        .unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
+    // pivot_root refuses shared mounts: a shared propagation is applied after it.
+    let prop = match root_propagation(spec)? {
+        p if p.contains(MsFlags::MS_SHARED) => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        p => p,
+    };
     ctx(
         mount(None::<&str>, "/", None::<&str>, prop, None::<&str>),
-        || "set / propagation".into(),
+        || format!("set / propagation to {prop:?}"),
     )?;
     ctx(
         mount(
@@ -337,7 +362,14 @@ fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
     let dest = ctx(secure_join(root, Path::new(&m.destination)), || {
         format!("resolve mount destination {:?}", m.destination)
     })?;
-    let what = || format!("mount {typ} on {}", m.destination);
+    let what = || {
+        format!(
+            "mount {typ} {:?} on {} with {:?}",
+            m.source.as_deref().unwrap_or(""),
+            m.destination,
+            m.options
+        )
+    };
     let bind_source: Option<PathBuf> = if typ == "cgroup" || typ == "cgroup2" {
         Some(cgroup.to_path_buf())
     } else if typ == "bind" || opts.is_bind() {
@@ -411,6 +443,16 @@ fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The rootfs propagation the spec asks for (`rslave` when it says nothing, as runc).
+fn root_propagation(spec: &Spec) -> Result<MsFlags> {
+    match spec.linux.rootfs_propagation.as_deref() {
+        None | Some("") => Ok(MsFlags::MS_SLAVE | MsFlags::MS_REC),
+        Some(w) => propagation(w).ok_or_else(|| {
+            format!("unknown linux.rootfsPropagation {w:?} (expected private, rslave, shared, ...)")
+        }),
+    }
 }
 
 /// Makes `root` the process's `/` and detaches the old root.
@@ -564,7 +606,7 @@ fn identity(p: &Process) -> Result<Vec<String>> {
     }
     let sets = p.capabilities.clone().unwrap_or_default();
     ctx(caps::drop_bounding(caps::mask(&sets.bounding)), || {
-        "drop bounding capabilities".into()
+        format!("limit the bounding set to {:?}", sets.bounding)
     })?;
     // Keep permitted capabilities across the uid change; capset below sets them exactly.
     // SAFETY: prctl with integer arguments only.
@@ -585,10 +627,18 @@ fn identity(p: &Process) -> Result<Vec<String>> {
             caps::mask(&sets.permitted),
             caps::mask(&sets.inheritable),
         ),
-        || "set capabilities".into(),
+        || {
+            format!(
+                "set capabilities effective={:?} permitted={:?} inheritable={:?}",
+                sets.effective, sets.permitted, sets.inheritable
+            )
+        },
     )?;
     ctx(caps::raise_ambient(caps::mask(&sets.ambient)), || {
-        "raise ambient capabilities".into()
+        format!(
+            "raise ambient capabilities {:?} (each must also be permitted and inheritable)",
+            sets.ambient
+        )
     })?;
     Ok(env)
 }

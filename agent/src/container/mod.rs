@@ -35,8 +35,9 @@ use spec::SpecError;
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/kata";
 /// Controllers enabled for containers.
 const CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
-/// How long a helper may take to set a process up (virtio-fs under TCG is slow).
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a helper may take to set a process up (virtio-fs under TCG is slow). Below the
+/// shim's 30 s request deadline, so our own message reaches it.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long RemoveContainer waits for the container's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,10 +62,12 @@ pub enum ContainerError {
     #[error("{0} not found")]
     NotFound(String),
     /// The root filesystem is not there.
-    #[error("container root {path} is not a directory")]
+    #[error("container root {path} is not a usable directory: {reason}")]
     NoRoot {
         /// root.path.
         path: String,
+        /// What stat said.
+        reason: String,
     },
     /// The resources document is unusable.
     #[error("linux.resources")]
@@ -136,14 +139,16 @@ struct Proc {
     pid: Pid,
     /// The helper channel, until Start.
     ctl: tokio::sync::Mutex<Option<AgentEnd>>,
-    /// A copy of the pty master, for resizing.
-    tty: Option<OwnedFd>,
+    /// Set before Start is sent: from then on the process is not "created" any more.
+    started: std::sync::atomic::AtomicBool,
+    /// A copy of the pty master, for resizing; released at exit.
+    tty: Mutex<Option<OwnedFd>>,
     phase: watch::Sender<Phase>,
 }
 
 impl Proc {
     fn started(&self) -> bool {
-        self.ctl.try_lock().map(|c| c.is_none()).unwrap_or(false)
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn alive(&self) -> bool {
@@ -153,6 +158,10 @@ impl Proc {
 
 #[derive(Debug)]
 struct Container {
+    /// Serializes exec creation with removal (a helper must not join a dying cgroup).
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Set by RemoveContainer.
+    removing: std::sync::atomic::AtomicBool,
     cgroup: PathBuf,
     namespaces: Vec<String>,
     init: Arc<Proc>,
@@ -229,7 +238,32 @@ impl Containers {
     }
 
     /// Creates a container whose init waits for [`start`](Self::start); returns its pid.
-    pub async fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
+    ///
+    /// The work runs in its own task: if the caller goes away (the request's deadline
+    /// passed), the container is removed again instead of being left half made.
+    pub async fn create(
+        self: &Arc<Self>,
+        id: &str,
+        spec_json: &[u8],
+        stdio: &Stdio,
+    ) -> Result<u32> {
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        let (id, json, stdio) = (id.to_owned(), spec_json.to_vec(), stdio.clone());
+        tokio::spawn(async move {
+            let result = this.create_inner(&id, &json, &stdio).await;
+            if let Err(Ok(_)) = tx.send(result) {
+                tracing::warn!(container = %id, "CreateContainer abandoned by the caller; removing");
+                if let Err(e) = this.remove(&id).await {
+                    tracing::warn!(container = %id, error = %crate::logging::chain(&e), "remove");
+                }
+            }
+        });
+        rx.await
+            .map_err(|_| ContainerError::State("create task lost (see the agent log)".into()))?
+    }
+
+    async fn create_inner(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
         check_id("container", id)?;
         if lock(&self.table).contains_key(id) {
             return Err(ContainerError::AlreadyExists(format!("container {id}")));
@@ -240,12 +274,20 @@ impl Containers {
             .as_ref()
             .map(|r| r.path.clone())
             .unwrap_or_default();
-        let root_ok = tokio::fs::metadata(&root)
-            .await
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
-        if !root_ok {
-            return Err(ContainerError::NoRoot { path: root });
+        match tokio::fs::metadata(&root).await {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ContainerError::NoRoot {
+                    path: root,
+                    reason: "not a directory".into(),
+                })
+            }
+            Err(e) => {
+                return Err(ContainerError::NoRoot {
+                    path: root,
+                    reason: e.to_string(),
+                })
+            }
         }
         let cgroup = self.make_cgroup(id, spec.linux.resources.as_ref())?;
         let namespaces = spec
@@ -269,6 +311,8 @@ impl Containers {
         };
         let pid = init.pid.as_raw() as u32;
         let container = Arc::new(Container {
+            lifecycle: tokio::sync::Mutex::new(()),
+            removing: std::sync::atomic::AtomicBool::new(false),
             cgroup,
             namespaces,
             init,
@@ -291,8 +335,13 @@ impl Containers {
         enable_controllers(&self.cgroup_root);
         let dir = self.cgroup_root.join(id);
         if dir.exists() {
-            // A leftover of a container that failed half way.
-            let _ = std::fs::remove_dir(&dir);
+            // A leftover of a container that failed half way: it must be empty.
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                return Err(ContainerError::Cgroup {
+                    path: dir,
+                    source: e,
+                });
+            }
         }
         std::fs::create_dir(&dir).map_err(cg_err(&dir))?;
         for (name, value) in files {
@@ -347,10 +396,16 @@ impl Containers {
             cmd.stderr(std::process::Stdio::null());
         }
         let raw = helper_end.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; it runs in the forked child before exec.
+        // SAFETY: dup2 and fcntl are async-signal-safe; this runs in the forked child
+        // before exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(raw, child::CHANNEL_FD) < 0 {
+                if raw == child::CHANNEL_FD {
+                    // dup2 onto itself would keep close-on-exec set.
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, child::CHANNEL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -439,7 +494,8 @@ impl Containers {
             exec_id: exec_id.to_owned(),
             pid,
             ctl: tokio::sync::Mutex::new(Some(end)),
-            tty: resize,
+            started: std::sync::atomic::AtomicBool::new(false),
+            tty: Mutex::new(resize),
             phase,
         });
         self.spawn_exit_watch(id, proc.clone(), exit_rx, done);
@@ -461,6 +517,7 @@ impl Containers {
             // A dropped sender cannot happen while the reaper runs; treat it as killed.
             let status = exit_rx.await.map(|e| e.code()).unwrap_or(137);
             proc.phase.send_replace(Phase::Exited);
+            lock(&proc.tty).take();
             // Streams never attached will never be copied: release them.
             stdio.forget_process(&id, &proc.exec_id);
             for rx in outputs {
@@ -475,8 +532,13 @@ impl Containers {
 
     /// Starts a created init or exec; returns its pid.
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
-        let (_, p) = self.process(id, exec_id)?;
+        let (c, p) = self.process(id, exec_id)?;
         let name = process_name(id, exec_id);
+        if is_frozen(&c.cgroup).await {
+            return Err(ContainerError::State(format!(
+                "container {id} is paused: resume it first"
+            )));
+        }
         let mut ctl = p.ctl.lock().await;
         let Some(end) = ctl.take() else {
             return Err(ContainerError::State(format!("{name} was already started")));
@@ -484,6 +546,7 @@ impl Containers {
         if !p.alive() {
             return Err(ContainerError::State(format!("{name} has exited")));
         }
+        p.started.store(true, std::sync::atomic::Ordering::SeqCst);
         end.send(&ToChild::Start)?;
         let reply = tokio::time::timeout(SETUP_TIMEOUT, end.recv())
             .await
@@ -502,10 +565,56 @@ impl Containers {
         }
     }
 
-    /// Creates an exec process in a running container (started later).
-    pub async fn exec(&self, id: &str, exec_id: &str, process: &[u8], stdio: &Stdio) -> Result<()> {
+    /// Creates an exec process in a running container (started later). Like
+    /// [`create`](Self::create), an abandoned request does not leave the process behind.
+    pub async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        exec_id: &str,
+        process: &[u8],
+        stdio: &Stdio,
+    ) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        let (id, exec_id, process, stdio) = (
+            id.to_owned(),
+            exec_id.to_owned(),
+            process.to_vec(),
+            stdio.clone(),
+        );
+        tokio::spawn(async move {
+            let result = this.exec_inner(&id, &exec_id, &process, &stdio).await;
+            if let Err(Ok(())) = tx.send(result) {
+                tracing::warn!(container = %id, exec = %exec_id, "ExecProcess abandoned by the caller; discarding");
+                let _ = this
+                    .signal(&id, &exec_id, libc::SIGKILL as u32, false)
+                    .await;
+            }
+        });
+        rx.await
+            .map_err(|_| ContainerError::State("exec task lost (see the agent log)".into()))?
+    }
+
+    async fn exec_inner(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &[u8],
+        stdio: &Stdio,
+    ) -> Result<()> {
         check_id("exec", exec_id)?;
         let c = self.container(id)?;
+        let _lifecycle = c.lifecycle.lock().await;
+        if c.removing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ContainerError::State(format!(
+                "container {id} is being removed"
+            )));
+        }
+        if is_frozen(&c.cgroup).await {
+            return Err(ContainerError::State(format!(
+                "container {id} is paused: resume it first"
+            )));
+        }
         if !c.init.alive() {
             return Err(ContainerError::State(format!(
                 "container {id} is not running"
@@ -559,21 +668,33 @@ impl Containers {
 
     /// Waits until the process has exited and its output is copied.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Finished> {
-        let (_, p) = self.process(id, exec_id)?;
+        let (c, p) = self.process(id, exec_id)?;
         let mut rx = p.phase.subscribe();
-        let phase = rx
-            .wait_for(|ph| matches!(ph, Phase::Done(_)))
-            .await
-            .map_err(|_| ContainerError::State("process table dropped".into()))?;
-        match *phase {
-            Phase::Done(f) => Ok(f),
-            _ => unreachable!("wait_for returned a phase it was not waiting for"),
+        let finished = {
+            let phase = rx
+                .wait_for(|ph| matches!(ph, Phase::Done(_)))
+                .await
+                .map_err(|_| ContainerError::State("process table dropped".into()))?;
+            match *phase {
+                Phase::Done(f) => f,
+                _ => unreachable!("wait_for returned a phase it was not waiting for"),
+            }
+        };
+        if !exec_id.is_empty() {
+            // Its status is delivered: the exec's entry is not needed any more.
+            let mut execs = lock(&c.execs);
+            if execs.get(exec_id).is_some_and(|e| Arc::ptr_eq(e, &p)) {
+                execs.remove(exec_id);
+            }
         }
+        Ok(finished)
     }
 
     /// Kills every process of the container and forgets it.
     pub async fn remove(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
+        c.removing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _lifecycle = c.lifecycle.lock().await;
         kill_cgroup(&c.cgroup).await;
         let mut rx = c.init.phase.subscribe();
         let _ = tokio::time::timeout(KILL_TIMEOUT, rx.wait_for(|p| *p != Phase::Alive)).await;
@@ -672,7 +793,8 @@ impl Containers {
     /// Sets a process's pty size.
     pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
         let (_, p) = self.process(id, exec_id)?;
-        let Some(fd) = &p.tty else {
+        let tty = lock(&p.tty);
+        let Some(fd) = tty.as_ref() else {
             return Err(ContainerError::State(format!(
                 "{} has no terminal",
                 process_name(id, exec_id)
@@ -776,16 +898,49 @@ async fn kill_cgroup(cgroup: &Path) {
     }
 }
 
-/// Removes an (empty) cgroup, retrying while the kernel still counts dying tasks.
+/// Removes a cgroup and the child cgroups the container made, deepest first, retrying
+/// while the kernel still counts dying tasks.
 async fn remove_cgroup(cgroup: &Path) {
-    for _ in 0..100 {
-        match tokio::fs::remove_dir(cgroup).await {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+    let mut dirs = Vec::new();
+    let mut stack = vec![cgroup.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(mut rd) = tokio::fs::read_dir(&d).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                if e.file_type().await.map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    // Children after their parent in `dirs`: remove in reverse.
+    for dir in dirs.iter().rev() {
+        let mut removed = false;
+        for _ in 0..100 {
+            match tokio::fs::remove_dir(dir).await {
+                Ok(()) => {
+                    removed = true;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    removed = true;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        if !removed {
+            tracing::warn!(cgroup = %dir.display(), "cannot remove cgroup");
         }
     }
-    tracing::warn!(cgroup = %cgroup.display(), "cannot remove cgroup");
+}
+
+/// Whether the container's cgroup is frozen (paused).
+async fn is_frozen(cgroup: &Path) -> bool {
+    tokio::fs::read_to_string(cgroup.join("cgroup.freeze"))
+        .await
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -802,7 +957,11 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_containers_are_not_found() {
-        let t = Containers::new(Exits::default(), Registry::default(), "/x".into());
+        let t = Arc::new(Containers::new(
+            Exits::default(),
+            Registry::default(),
+            "/x".into(),
+        ));
         assert!(matches!(
             t.start("nope", "").await,
             Err(ContainerError::NotFound(_))

@@ -275,6 +275,17 @@ pub enum SpecError {
     /// An unknown capability name.
     #[error("unknown capability {0:?} (expected CAP_CHOWN, CAP_NET_ADMIN, ...)")]
     Capability(String),
+    /// A sysctl that is not namespaced (it would change the whole guest).
+    #[error("sysctl {0:?} is not namespaced (allowed: net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*, kernel.hostname, kernel.domainname)")]
+    Sysctl(String),
+    /// A namespaced sysctl without its namespace.
+    #[error("sysctl {key:?} needs a {namespace} namespace in the spec")]
+    SysctlNamespace {
+        /// The sysctl.
+        key: String,
+        /// The namespace it belongs to.
+        namespace: &'static str,
+    },
     /// An `env` entry without `=`.
     #[error("process.env entry {0:?} is not KEY=value")]
     Env(String),
@@ -301,6 +312,23 @@ pub fn parse_spec(json: &[u8], shared_base: &Path) -> Result<Spec, SpecError> {
     }
     for d in &spec.linux.devices {
         check_abs("linux.devices[].path", &d.path)?;
+    }
+    let has = |t: &str| spec.linux.namespaces.iter().any(|n| n.typ == t);
+    if !has("mount") {
+        // Without its own mount namespace, pivot_root would move the guest's root.
+        return Err(SpecError::Namespace {
+            typ: "mount".into(),
+            reason: "a container needs its own mount namespace in the guest",
+        });
+    }
+    for key in spec.linux.sysctl.keys() {
+        let ns = sysctl_namespace(key).ok_or_else(|| SpecError::Sysctl(key.clone()))?;
+        if !has(ns) {
+            return Err(SpecError::SysctlNamespace {
+                key: key.clone(),
+                namespace: ns,
+            });
+        }
     }
     for ns in &spec.linux.namespaces {
         namespace_flag(&ns.typ)?;
@@ -364,6 +392,24 @@ fn check_abs(field: &'static str, value: &str) -> Result<(), SpecError> {
             field,
             value: value.to_owned(),
         })
+    }
+}
+
+/// The namespace a sysctl belongs to, if it is namespaced at all (runc's list).
+pub fn sysctl_namespace(key: &str) -> Option<&'static str> {
+    match key {
+        "kernel.sem"
+        | "kernel.msgmax"
+        | "kernel.msgmnb"
+        | "kernel.msgmni"
+        | "kernel.shmall"
+        | "kernel.shmmax"
+        | "kernel.shmmni"
+        | "kernel.shm_rmid_forced" => Some("ipc"),
+        k if k.starts_with("fs.mqueue.") => Some("ipc"),
+        "kernel.hostname" | "kernel.domainname" => Some("uts"),
+        k if k.starts_with("net.") => Some("network"),
+        _ => None,
     }
 }
 
@@ -487,6 +533,19 @@ mod tests {
         assert_eq!(e, SpecError::Capability("CAP_FLY".into()));
         let e = parse_spec(b"[", base).unwrap_err();
         assert!(matches!(e, SpecError::Json { .. }));
+        let no_mnt = spec_json("").replace(r#",{"type":"mount"}"#, "");
+        let e = parse_spec(no_mnt.as_bytes(), base).unwrap_err();
+        assert!(e.to_string().contains("\"mount\""), "{e}");
+        let vm =
+            spec_json("").replace(r#""maskedPaths":null"#, r#""sysctl":{"vm.swappiness":"1"}"#);
+        let e = parse_spec(vm.as_bytes(), base).unwrap_err();
+        assert_eq!(e, SpecError::Sysctl("vm.swappiness".into()));
+        let net = spec_json("").replace(
+            r#""maskedPaths":null"#,
+            r#""sysctl":{"net.ipv4.ip_forward":"1"}"#,
+        );
+        let e = parse_spec(net.as_bytes(), base).unwrap_err();
+        assert!(e.to_string().contains("network namespace"), "{e}");
     }
 
     #[test]
