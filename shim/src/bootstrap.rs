@@ -145,7 +145,10 @@ fn start(flags: &Flags) -> Result<(), BootstrapError> {
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
     let path = socket_path(&address).to_owned();
     if !socket_alive(&path) {
-        spawn_server(flags, &bundle, &address)?;
+        let pid = spawn_server(flags, &bundle, &address)?;
+        // As runc's shim does: tools find the shim of a task here.
+        std::fs::write(bundle.join("shim.pid"), pid.to_string())
+            .map_err(io_err("cannot write shim.pid"))?;
     }
     write_address_file(&bundle, &address)?;
     let mut out = std::io::stdout();
@@ -155,8 +158,8 @@ fn start(flags: &Flags) -> Result<(), BootstrapError> {
 }
 
 /// Starts ourselves in server mode and waits until it serves (it closes its stdout) or
-/// dies.
-fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> Result<(), BootstrapError> {
+/// dies. Returns the server's pid.
+fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> Result<u32, BootstrapError> {
     let exe = std::env::current_exe().map_err(io_err("cannot find our own binary"))?;
     let mut cmd = Command::new(exe);
     cmd.current_dir(bundle)
@@ -195,7 +198,7 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> Result<(), Boots
             status,
             output: String::from_utf8_lossy(&output).trim().to_owned(),
         }),
-        _ => Ok(()),
+        _ => Ok(child.id()),
     }
 }
 

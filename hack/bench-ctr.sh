@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Container benchmark through containerd, runc (io.containerd.runc.v2) next to ours
+# (io.containerd.kata.v2), in one run:
+#   - wall time of `ctr run --rm <image> <id> true`: median of RUNS runs (default 5) after
+#     one untimed warm-up run per runtime; the runtimes alternate run by run;
+#   - the shim's own memory: VmRSS of the shim process while a detached `sleep 30`
+#     container runs (its pid from shim.pid in the task's bundle, else the parent of the
+#     task's pid), and the PSS sum of the processes the shim started (runc: the
+#     container; ours: QEMU, virtiofsd, vhost-device-vsock; PSS so the guest RAM they all
+#     map is counted once);
+#   - ours, broken down from the shim's log lines (medians): VM launch, agent ready,
+#     sandbox ready, container create, container start, and the rest of the wall time.
+# Uses a private containerd 1.6 (hack/lib/containerd.sh) and the working tree: the guest
+# image in build/guest and the release shim in target/release, first on containerd's PATH.
+# The shim's configuration is shim/configuration.toml (the defaults) with build/guest's
+# kernel and initrd, unless KATA_CONF_FILE names another. Needs hack/install-deps.sh.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+runs=${RUNS:-5}
+image=docker.io/library/busybox:kata
+RUNC=io.containerd.runc.v2
+KATA=io.containerd.kata.v2
+log() { echo "bench-ctr: $*" >&2; }
+
+hack/build-guest.sh >/dev/null
+cargo build --quiet --release -p kata-shim --bin containerd-shim-kata-v2
+hack/build-test-images.sh 2>/dev/null
+bench=$repo/build/bench
+mkdir -p "$bench/bin"
+ln -sfn "${CARGO_TARGET_DIR:-$repo/target}/release/containerd-shim-kata-v2" \
+  "$bench/bin/containerd-shim-kata-v2"
+conf=${KATA_CONF_FILE:-}
+if [[ -z $conf ]]; then
+  conf=$bench/configuration.toml
+  sed -e "s|^kernel = .*|kernel = \"$repo/build/guest/vmlinuz\"|" \
+    -e "s|^initrd = .*|initrd = \"$repo/build/guest/initrd.img\"|" \
+    shim/configuration.toml >"$conf"
+  if ! grep -q "^kernel = \"$repo/build/guest/vmlinuz\"" "$conf" ||
+    ! grep -q "^initrd = \"$repo/build/guest/initrd.img\"" "$conf"; then
+    log "cannot point $conf at build/guest (shim/configuration.toml changed?)"
+    exit 1
+  fi
+fi
+conf_value() { awk -F' *= *' -v k="$1" '$1 == k {gsub(/"/, "", $2); print $2; exit}' "$conf"; }
+
+accel_host=tcg
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then accel_host=kvm; fi
+
+# shellcheck source=hack/lib/containerd.sh
+source hack/lib/containerd.sh
+CTD_NS=kata-bench
+CTD_ENV="KATA_CONF_FILE=$conf"
+ctd_start "$bench/bin"
+ctd_ctr images import build/images/busybox.tar >/dev/null
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+median() {
+  sort -n | awk '{a[NR]=$1} END {if (NR == 0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'
+}
+short() { if [[ $1 == "$KATA" ]]; then echo kata; else echo runc; fi; }
+declare -A failed=() wall=() shim_rss=() kids_pss=()
+
+# fail RUNTIME WHAT FILE: the runtime is out of the benchmark; FILE holds ctr's error.
+fail() {
+  failed[$1]="$2: $(tr -s '\n' ' ' <"$3")"
+  log "$(short "$1") failed: ${failed[$1]}"
+}
+
+# run_once RUNTIME ID: times `ctr run --rm ... true` into last_ms.
+run_once() {
+  local t0
+  t0=$(now_ms)
+  if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run --rm --runtime "$1" "$image" "$2" true \
+    >/dev/null 2>"$CTD_DIR/ctr.err"; then
+    fail "$1" "ctr run --rm $2 true" "$CTD_DIR/ctr.err"
+    return 1
+  fi
+  last_ms=$(($(now_ms) - t0))
+}
+
+# shim_field ID FIELD: FIELD=<ms> from the shim's log line about sandbox, container or
+# process ID (the shim's lines reach containerd's log as they are).
+shim_field() {
+  { grep -E "(sandbox|container|process)=\"?$1\"?( |$)" "$CTD_LOG" || true; } |
+    grep -oE "(^| )$2=[0-9]+" | tail -n 1 | cut -d= -f2
+}
+
+# memory RUNTIME ID: run `sleep 30` detached, sample the shim's VmRSS and the PSS of what
+# it started (kB), delete it.
+memory() {
+  local rt=$1 id=$2 i status='' pid kid kb pss=0
+  if ! ctd_ctr run -d --runtime "$rt" "$image" "$id" sleep 30 >/dev/null 2>"$CTD_DIR/ctr.err"; then
+    fail "$rt" "ctr run -d $id sleep 30" "$CTD_DIR/ctr.err"
+    ctd_ctr containers delete "$id" >/dev/null 2>&1 || true
+    return 1
+  fi
+  for ((i = 0; i < 600; i++)); do
+    status=$(ctd_ctr task ls 2>/dev/null | awk -v id="$id" '$1 == id {print $3}')
+    [[ $status == RUNNING ]] && break
+    sleep 0.2
+  done
+  sleep 1 # let it settle
+  if [[ $status == RUNNING ]] && pid=$(ctd_shim_pid "$id"); then
+    shim_rss[$rt]=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
+    for kid in $(ctd_descendants "$pid"); do
+      kb=$(awk '/^Pss:/ {print $2}' "/proc/$kid/smaps_rollup" 2>/dev/null || true)
+      pss=$((pss + ${kb:-0}))
+    done
+    kids_pss[$rt]=$pss
+    log "$(short "$rt"): shim pid $pid VmRSS ${shim_rss[$rt]} kB, its processes PSS $pss kB"
+  else
+    log "$(short "$rt"): no running task $id to sample (status '$status')"
+  fi
+  timeout 120 ctr -a "$CTD_SOCK" -n "$CTD_NS" task delete -f "$id" >/dev/null 2>&1 || true
+  timeout 120 ctr -a "$CTD_SOCK" -n "$CTD_NS" containers delete "$id" >/dev/null 2>&1 || true
+}
+
+vm=() agent=() sbx=() create=() start=() rest=()
+for rt in "$RUNC" "$KATA"; do
+  log "$(short "$rt"): warm-up run"
+  run_once "$rt" "bench-$(short "$rt")-warm" || true
+done
+for i in $(seq "$runs"); do
+  for rt in "$RUNC" "$KATA"; do
+    [[ -z ${failed[$rt]:-} ]] || continue
+    id=bench-$(short "$rt")-$i
+    run_once "$rt" "$id" || continue
+    wall[$rt]+=" $last_ms"
+    if [[ $rt == "$KATA" ]]; then
+      for _ in $(seq 20); do [[ -n $(shim_field "$id" start_ms) ]] && break; sleep 0.1; done
+      v=$(shim_field "$id" vm_launch_ms) a=$(shim_field "$id" agent_ready_ms)
+      s=$(shim_field "$id" sandbox_ready_ms) c=$(shim_field "$id" container_create_ms)
+      st=$(shim_field "$id" start_ms)
+      if [[ -n $v && -n $a && -n $s && -n $c && -n $st ]]; then
+        vm+=("$v") agent+=("$a") sbx+=("$s") create+=("$c") start+=("$st")
+        rest+=($((last_ms - s - c - st)))
+        log "run $i: kata $last_ms ms (VM launch $v, agent ready $a, sandbox ready $s, create $c, start $st)"
+      else
+        log "run $i: kata $last_ms ms (no timing lines in the shim's log for $id)"
+      fi
+    else
+      log "run $i: runc $last_ms ms"
+    fi
+  done
+done
+for rt in "$RUNC" "$KATA"; do
+  if [[ -z ${failed[$rt]:-} ]]; then memory "$rt" "bench-$(short "$rt")-sleep" || true; fi
+done
+
+# Table cells: "failed" for a runtime out of the benchmark.
+cell() { if [[ -n ${failed[$1]:-} ]]; then echo failed; else echo "${2:-n/a}"; fi; }
+mib() { [[ -n ${1:-} ]] && awk -v k="$1" 'BEGIN {printf "%.1f", k/1024}'; }
+med() { if (($#)); then printf '%s\n' "$@" | median; else echo n/a; fi; }
+# shellcheck disable=SC2086 # the lists are space separated numbers
+w_runc=$(med ${wall[$RUNC]:-}) w_kata=$(med ${wall[$KATA]:-})
+accel=$(grep -oE '(^| )accel=[a-z]+' "$CTD_LOG" | tail -n 1 | cut -d= -f2 || true)
+
+echo
+echo "ctr benchmark: $runs runs each (after one warm-up), image $image"
+echo "host: $(nproc) CPUs, kernel $(uname -r), containerd $(containerd --version | awk '{print $3}'), $(runc --version | head -n 1)"
+echo "kata guest: kernel $(cat build/guest/kernel-release 2>/dev/null || echo '?'), accel ${accel:-?}" \
+  "(host: $( [[ $accel_host == kvm ]] && echo 'KVM usable' || echo 'no vmx/svm: TCG')), $(conf_value default_memory) MiB," \
+  "$(conf_value default_vcpus) vCPU, config $conf"
+row() { printf '%-58s %10s %10s\n' "$@"; }
+row "measure" "runc" "kata"
+row "ctr run --rm busybox true: wall time, median ms" "$(cell "$RUNC" "$w_runc")" "$(cell "$KATA" "$w_kata")"
+row "shim VmRSS, MiB (sleep 30 running)" \
+  "$(cell "$RUNC" "$(mib "${shim_rss[$RUNC]:-}")")" "$(cell "$KATA" "$(mib "${shim_rss[$KATA]:-}")")"
+row "processes the shim started, PSS sum MiB" \
+  "$(cell "$RUNC" "$(mib "${kids_pss[$RUNC]:-}")")" "$(cell "$KATA" "$(mib "${kids_pss[$KATA]:-}")")"
+echo "  (runc: the container; kata: QEMU, virtiofsd, vsock daemon)"
+echo "kata, from the shim's log (median ms):"
+row "  VM launch (Vm::start: daemons + QEMU + QMP)" "" "$(cell "$KATA" "$(med "${vm[@]}")")"
+row "  agent ready (from VM launch: agent answered)" "" "$(cell "$KATA" "$(med "${agent[@]}")")"
+row "  sandbox ready (+ virtio-fs mounted in the guest)" "" "$(cell "$KATA" "$(med "${sbx[@]}")")"
+row "  container create (rootfs shared + CreateContainer)" "" "$(cell "$KATA" "$(med "${create[@]}")")"
+row "  container start (stdio + StartContainer)" "" "$(cell "$KATA" "$(med "${start[@]}")")"
+row "  rest (ctr, containerd, exit, VM stop, cleanup)" "" "$(cell "$KATA" "$(med "${rest[@]}")")"
+
+if ((${#failed[@]})); then
+  echo
+  for rt in "${!failed[@]}"; do echo "$rt failed: ${failed[$rt]}"; done
+  if [[ -n ${failed[$KATA]:-} && -n $(shim_field bench-kata-warm sandbox_ready_ms) ]]; then
+    echo "(its sandbox got ready first: VM launch $(shim_field bench-kata-warm vm_launch_ms) ms," \
+      "agent ready $(shim_field bench-kata-warm agent_ready_ms) ms," \
+      "sandbox ready $(shim_field bench-kata-warm sandbox_ready_ms) ms)"
+  fi
+  shim_log=$(grep -v '^time=' "$CTD_LOG" || true)
+  if [[ -n $shim_log ]]; then
+    echo "the shim's log (last lines):"
+    tail -n 15 <<<"$shim_log"
+  fi
+  exit 1
+fi
