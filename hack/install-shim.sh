@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds and installs containerd-shim-kata-v2 and its default configuration.
+# Builds and installs containerd-shim-kata-v2, its default configuration and the
+# containerd CRI runtime entry (hack/containerd/kata.toml as a conf.d drop-in).
 #
 # Usage: hack/install-shim.sh [--prefix DIR]
 #   --prefix DIR   install the binary to DIR/bin (default /usr/local; containerd finds
@@ -43,4 +44,24 @@ elif cmp -s "$src" "$conf"; then
 else
   install -m 0644 "$src" "$conf.new"
   log "$conf was edited locally: kept it; the new default is $conf.new"
+fi
+
+# containerd: the CRI runtime entry as a drop-in, imported by the main configuration.
+ctd_dir=/etc/containerd
+dropin="$ctd_dir/conf.d/50-kata.toml"
+install -d "$ctd_dir/conf.d"
+install -m 0644 "$repo/hack/containerd/kata.toml" "$dropin"
+log "installed $dropin"
+main="$ctd_dir/config.toml"
+if [[ ! -e $main ]]; then
+  printf 'version = 2\nimports = ["%s/conf.d/*.toml"]\n' "$ctd_dir" > "$main"
+  log "wrote $main importing $ctd_dir/conf.d/*.toml"
+elif grep -q '^imports' "$main"; then
+  grep -q 'conf.d' "$main" ||
+    log "$main has its own imports: add \"$ctd_dir/conf.d/*.toml\" to them for the kata runtime"
+else
+  # `imports` is a top-level key: it must come before the first table.
+  { printf 'imports = ["%s/conf.d/*.toml"]\n' "$ctd_dir"; cat "$main"; } > "$main.tmp"
+  mv -f "$main.tmp" "$main"
+  log "$main now imports $ctd_dir/conf.d/*.toml (restart containerd to load the kata runtime)"
 fi
