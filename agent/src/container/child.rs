@@ -314,7 +314,7 @@ fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()
     let mut dev_mounted = false;
     for m in &spec.mounts {
         mount_one(m, root, cgroup)?;
-        dev_mounted |= m.destination == "/dev";
+        dev_mounted |= Path::new(&m.destination) == Path::new("/dev");
     }
     if dev_mounted {
         let devices = default_devices()
