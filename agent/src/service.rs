@@ -154,7 +154,7 @@ impl Agent {
         let containers = Arc::new(Containers::new(
             exits.clone(),
             stdio.clone(),
-            opts.base_dir.join(crate::paths::SHARED_CONTAINERS),
+            &opts.base_dir,
         ));
         Self {
             opts,
@@ -313,7 +313,7 @@ impl ContainerService for Agent {
         let stdio = req.stdio.clone().unwrap_or_default();
         let pid = self
             .containers
-            .create(&req.container_id, &req.oci_spec, &stdio)
+            .create(&req.container_id, &req.oci_spec, &stdio, req.sandbox)
             .await
             .map_err(|e| container_failure("CreateContainer", e))?;
         Ok(CreateContainerResponse {

@@ -253,11 +253,13 @@ impl AgentClient {
         container_id: &str,
         oci_spec: Vec<u8>,
         stdio: Stdio,
+        sandbox: bool,
     ) -> Result<u32, AgentError> {
         let req = CreateContainerRequest {
             container_id: container_id.to_owned(),
             oci_spec,
             stdio: Some(stdio).into(),
+            sandbox,
             ..Default::default()
         };
         let resp = call(

@@ -43,6 +43,12 @@ pub enum TaskError {
     Unimplemented(&'static str),
     #[error("no sandbox is running")]
     NoSandbox,
+    /// A pod container whose pod this shim does not run.
+    #[error("container {container} belongs to sandbox {sandbox_id}, which is not running")]
+    SandboxNotRunning {
+        container: String,
+        sandbox_id: String,
+    },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("sandbox")]
@@ -73,6 +79,7 @@ impl TaskError {
             }
             TaskError::Unimplemented(_) => Code::UNIMPLEMENTED,
             TaskError::NoSandbox
+            | TaskError::SandboxNotRunning { .. }
             | TaskError::State(_)
             | TaskError::Sandbox(SandboxError::Config(_)) => Code::FAILED_PRECONDITION,
             TaskError::Agent(e) | TaskError::Sandbox(SandboxError::Agent(e)) => {

@@ -50,6 +50,12 @@ pub enum SpecError {
     /// A mount the guest cannot provide.
     #[error("mount of type {typ:?} on {destination} is not supported in the VM (expected a bind of a host path or one of {GUEST_FS_TYPES:?})")]
     UnsupportedMount { destination: String, typ: String },
+    /// CRI annotations that contradict each other or are incomplete.
+    #[error("invalid CRI annotations: {0}")]
+    Annotation(String),
+    /// A container joins a namespace the guest cannot give it.
+    #[error("namespace {typ} path {path} cannot be shared in the VM (only a pod's ipc, uts, network and pid namespaces)")]
+    Namespace { typ: String, path: String },
     /// A bind mount without a source path.
     #[error("bind mount on {destination} has no absolute source path")]
     BindWithoutSource { destination: String },
@@ -118,6 +124,70 @@ pub fn is_cri_sandbox(spec: &Spec) -> Option<bool> {
     annotation(spec, &[CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE]).map(|t| t == "sandbox")
 }
 
+/// What a container is to its pod, from the CRI annotations (containerd's or CRI-O's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// No CRI annotations (`ctr run`): its own VM, its own namespaces.
+    Standalone,
+    /// The pod's sandbox (pause) container: it boots the VM; its namespaces are the pod's.
+    Sandbox,
+    /// An application container joining the pod `sandbox_id`.
+    Container {
+        /// The pod's sandbox id.
+        sandbox_id: String,
+    },
+}
+
+impl Role {
+    /// Whether the container belongs to a CRI pod.
+    pub fn in_pod(&self) -> bool {
+        !matches!(self, Role::Standalone)
+    }
+}
+
+/// Reads the container's [`Role`]; annotations that contradict each other are an error
+/// naming them.
+pub fn role(spec: &Spec, container_id: &str) -> Result<Role, SpecError> {
+    let typ = annotation(spec, &[CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE]);
+    let sandbox_id = annotation(spec, &[CRI_SANDBOX_ID, CRIO_SANDBOX_ID]);
+    match (typ, sandbox_id) {
+        (None, None) => Ok(Role::Standalone),
+        (Some("sandbox"), Some(s)) if s != container_id => Err(SpecError::Annotation(format!(
+            "sandbox container {container_id} names another sandbox id {s:?}"
+        ))),
+        (Some("sandbox"), _) => Ok(Role::Sandbox),
+        (Some("container"), Some(s)) => Ok(Role::Container {
+            sandbox_id: s.to_owned(),
+        }),
+        (Some("container"), None) => Err(SpecError::Annotation(format!(
+            "container {container_id} has no {CRI_SANDBOX_ID} / {CRIO_SANDBOX_ID} annotation"
+        ))),
+        (Some(other), _) => Err(SpecError::Annotation(format!(
+            "container type {other:?} (expected \"sandbox\" or \"container\")"
+        ))),
+        (None, Some(s)) => Err(SpecError::Annotation(format!(
+            "sandbox id {s:?} without a container type annotation"
+        ))),
+    }
+}
+
+/// Where the guest keeps a pod's namespaces and its shared memory.
+pub const GUEST_SANDBOX_NS_DIR: &str = "/run/kata-containers/sandbox/ns";
+/// The pod's /dev/shm in the guest.
+pub const GUEST_SANDBOX_SHM: &str = "/run/kata-containers/sandbox/shm";
+
+/// The guest's name for a pod namespace of type `typ` (ipc, uts, net/network, pid).
+fn guest_ns_path(typ: &str) -> Option<String> {
+    let file = match typ {
+        "ipc" => "ipc",
+        "uts" => "uts",
+        "net" | "network" => "net",
+        "pid" => "pid",
+        _ => return None,
+    };
+    Some(format!("{GUEST_SANDBOX_NS_DIR}/{file}"))
+}
+
 /// Where the guest sees a container's root filesystem.
 pub fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
@@ -128,14 +198,22 @@ pub fn guest_rootfs(container_id: &str) -> String {
 pub fn to_guest_json(
     mut spec: Spec,
     container_id: &str,
+    role: &Role,
 ) -> Result<(Vec<u8>, Vec<HostBind>), SpecError> {
-    let binds = rewrite_for_guest(&mut spec, container_id)?;
+    let binds = rewrite_for_guest(&mut spec, container_id, role)?;
     let json = serde_json::to_vec(&spec).map_err(SpecError::Serialize)?;
     Ok((json, binds))
 }
 
 /// The rewrite behind [`to_guest_json`].
-pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) -> Result<Vec<HostBind>, SpecError> {
+///
+/// In a pod, a container's namespace that has a host path (the sandbox's, as CRI gives it)
+/// becomes the pod's namespace in the guest, and /dev/shm the pod's shm.
+pub fn rewrite_for_guest(
+    spec: &mut Spec,
+    container_id: &str,
+    role: &Role,
+) -> Result<Vec<HostBind>, SpecError> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from(guest_rootfs(container_id)));
     spec.set_root(Some(root));
@@ -144,7 +222,31 @@ pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) -> Result<Vec<Host
         linux.set_cgroups_path(None);
         if let Some(namespaces) = linux.namespaces_mut() {
             for ns in namespaces.iter_mut() {
-                ns.set_path(None);
+                let Some(path) = ns.path().clone() else {
+                    continue;
+                };
+                let typ = ns.typ().to_string();
+                let joined = match role {
+                    Role::Container { .. } => guest_ns_path(&typ),
+                    _ => None,
+                };
+                match joined {
+                    Some(guest) => {
+                        ns.set_path(Some(PathBuf::from(guest)));
+                    }
+                    // The sandbox's (and ctr's) namespaces are new ones in the guest; the
+                    // host path names the host's pod network namespace (CNI), which the
+                    // VM stands in for.
+                    None if matches!(role, Role::Container { .. }) => {
+                        return Err(SpecError::Namespace {
+                            typ,
+                            path: path.display().to_string(),
+                        })
+                    }
+                    None => {
+                        ns.set_path(None);
+                    }
+                }
             }
         }
     }
@@ -152,7 +254,7 @@ pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) -> Result<Vec<Host
     if let Some(mounts) = spec.mounts_mut() {
         let mut kept = Vec::with_capacity(mounts.len());
         for m in std::mem::take(mounts) {
-            kept.push(guest_mount(m, container_id, &mut binds)?);
+            kept.push(guest_mount(m, container_id, role, &mut binds)?);
         }
         *mounts = kept;
     }
@@ -164,9 +266,21 @@ pub fn rewrite_for_guest(spec: &mut Spec, container_id: &str) -> Result<Vec<Host
 fn guest_mount(
     mut m: Mount,
     container_id: &str,
+    role: &Role,
     binds: &mut Vec<HostBind>,
 ) -> Result<Mount, SpecError> {
     let typ = m.typ().clone().unwrap_or_default();
+    if m.destination() == Path::new("/dev/shm") && role.in_pod() {
+        // The pod's containers share one shm, which the guest keeps for the pod.
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some(GUEST_SANDBOX_SHM.into()));
+        m.set_options(Some(
+            ["rbind", "nosuid", "nodev", "noexec"]
+                .map(String::from)
+                .to_vec(),
+        ));
+        return Ok(m);
+    }
     if GUEST_FS_TYPES.contains(&typ.as_str()) {
         return Ok(m);
     }
@@ -234,7 +348,8 @@ mod tests {
 
     fn rewritten() -> serde_json::Value {
         let spec = parse(SPEC.as_bytes()).unwrap();
-        serde_json::from_slice(&to_guest_json(spec, "c1").unwrap().0).unwrap()
+        let role = role(&spec, "c1").unwrap();
+        serde_json::from_slice(&to_guest_json(spec, "c1", &role).unwrap().0).unwrap()
     }
 
     #[test]
@@ -248,14 +363,69 @@ mod tests {
     }
 
     #[test]
-    fn host_only_parts_are_dropped() {
+    fn host_only_parts_are_dropped_and_pod_namespaces_point_at_the_guest() {
         let v = rewritten();
         assert!(v.get("hooks").is_none(), "{v}");
         assert!(v["linux"].get("cgroupsPath").is_none(), "{v}");
         let ns = v["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns.len(), 2);
+        assert!(ns[0].get("path").is_none());
         assert_eq!(ns[1]["type"], "network");
-        assert!(ns[1].get("path").is_none());
+        assert_eq!(ns[1]["path"], "/run/kata-containers/sandbox/ns/net");
+        // The sandbox itself (and ctr's containers) get new namespaces.
+        let mut spec = parse(SPEC.as_bytes()).unwrap();
+        rewrite_for_guest(&mut spec, "pod1", &Role::Sandbox).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        assert!(v["linux"]["namespaces"][1].get("path").is_none(), "{v}");
+        // A pod container may not join a namespace the VM cannot give it.
+        let mut spec = parse(
+            &SPEC
+                .replace(
+                    r#"{"type": "pid"}"#,
+                    r#"{"type": "mount", "path": "/proc/1/ns/mnt"}"#,
+                )
+                .into_bytes(),
+        )
+        .unwrap();
+        let role = Role::Container {
+            sandbox_id: "pod1".into(),
+        };
+        let e = rewrite_for_guest(&mut spec, "c1", &role).unwrap_err();
+        assert!(e.to_string().contains("/proc/1/ns/mnt"), "{e}");
+    }
+
+    #[test]
+    fn roles_come_from_either_dialect_and_contradictions_are_named() {
+        let spec = |a: &str| {
+            parse(format!(r#"{{"ociVersion":"1.0.2","annotations":{{{a}}}}}"#).as_bytes()).unwrap()
+        };
+        assert_eq!(role(&spec(""), "c").unwrap(), Role::Standalone);
+        assert_eq!(
+            role(&spec(r#""io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"p""#), "p").unwrap(),
+            Role::Sandbox
+        );
+        assert_eq!(
+            role(&spec(r#""io.kubernetes.cri-o.ContainerType":"container","io.kubernetes.cri-o.SandboxID":"p""#), "c").unwrap(),
+            Role::Container { sandbox_id: "p".into() }
+        );
+        for (bad, named) in [
+            (
+                r#""io.kubernetes.cri.container-type":"pod","io.kubernetes.cri.sandbox-id":"p""#,
+                "\"pod\"",
+            ),
+            (
+                r#""io.kubernetes.cri.container-type":"container""#,
+                "c has no",
+            ),
+            (
+                r#""io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"q""#,
+                "\"q\"",
+            ),
+            (r#""io.kubernetes.cri.sandbox-id":"p""#, "\"p\""),
+        ] {
+            let e = role(&spec(bad), "c").unwrap_err();
+            assert!(e.to_string().contains(named), "{e}");
+        }
     }
 
     #[test]
@@ -267,14 +437,16 @@ mod tests {
             .map(|m| m["destination"].as_str().unwrap())
             .collect();
         assert_eq!(dests, ["/proc", "/dev/shm", "/etc/hosts", "/sys/fs/cgroup"]);
-        assert_eq!(mounts[1]["type"], "tmpfs");
-        assert_eq!(mounts[1]["source"], "shm");
+        // In a pod, /dev/shm is the pod's.
+        assert_eq!(mounts[1]["type"], "bind");
+        assert_eq!(mounts[1]["source"], "/run/kata-containers/sandbox/shm");
         assert_eq!(
             mounts[2]["source"],
             "/run/kata-containers/shared/containers/c1/mounts/0"
         );
         assert_eq!(mounts[2]["type"], "bind");
-        let (_, binds) = to_guest_json(parse(SPEC.as_bytes()).unwrap(), "c1").unwrap();
+        let spec = parse(SPEC.as_bytes()).unwrap();
+        let (_, binds) = to_guest_json(spec, "c1", &Role::Standalone).unwrap();
         assert_eq!(
             binds,
             [HostBind {
@@ -292,14 +464,14 @@ mod tests {
             br#"{"ociVersion":"1.0.2","mounts":[{"destination":"/data","type":"ext4","source":"/dev/sdb1"}]}"#,
         )
         .unwrap();
-        let e = to_guest_json(spec, "c").unwrap_err();
+        let e = to_guest_json(spec, "c", &Role::Standalone).unwrap_err();
         assert!(e.to_string().contains("\"ext4\" on /data"), "{e}");
         let spec = parse(
             br#"{"ociVersion":"1.0.2","mounts":[{"destination":"/data","type":"bind","options":["rbind"]}]}"#,
         )
         .unwrap();
         assert!(matches!(
-            to_guest_json(spec, "c").unwrap_err(),
+            to_guest_json(spec, "c", &Role::Standalone).unwrap_err(),
             SpecError::BindWithoutSource { .. }
         ));
     }

@@ -149,6 +149,7 @@ impl TaskService {
         }
         let stdio = StdioSpec::new(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
         let spec = spec::load(&bundle).await?;
+        let role = spec::role(&spec, &req.id)?;
         let sandbox_id = spec::sandbox_id(Some(&spec), &req.id);
 
         let _create = self.create_lock.lock().await;
@@ -157,6 +158,11 @@ impl TaskService {
         }
         let existing = lock(&self.sandbox).clone();
         let (sandbox, new_sandbox) = match existing {
+            Some(_) if role == spec::Role::Sandbox => {
+                return Err(TaskError::AlreadyExists(format!(
+                    "sandbox {sandbox_id} (this shim already runs it)"
+                )))
+            }
             Some(s) if s.id == sandbox_id => (s, false),
             Some(s) => {
                 return Err(TaskError::InvalidArgument(format!(
@@ -164,10 +170,19 @@ impl TaskService {
                     req.id, s.id
                 )))
             }
-            None => (self.start_sandbox(&sandbox_id, req).await?, true),
+            None => {
+                if let spec::Role::Container { sandbox_id } = &role {
+                    // A pod container never boots a VM of its own.
+                    return Err(TaskError::SandboxNotRunning {
+                        container: req.id.clone(),
+                        sandbox_id: sandbox_id.clone(),
+                    });
+                }
+                (self.start_sandbox(&sandbox_id, req).await?, true)
+            }
         };
         match self
-            .create_container(&sandbox, req, bundle, spec, stdio, new_sandbox)
+            .create_container(&sandbox, req, bundle, spec, &role, stdio)
             .await
         {
             Ok(pid) => Ok(pid),
@@ -203,9 +218,11 @@ impl TaskService {
         req: &CreateTaskRequest,
         bundle: PathBuf,
         spec: oci_spec::runtime::Spec,
+        role: &spec::Role,
         stdio: StdioSpec,
-        is_sandbox: bool,
     ) -> Result<u32, TaskError> {
+        // Deleting it ends the sandbox: the pod's pause container, or ctr's own container.
+        let is_sandbox = !matches!(role, spec::Role::Container { .. });
         let id = req.id.as_str();
         let create_started = std::time::Instant::now();
         let rootfs = bundle.join("rootfs");
@@ -213,14 +230,14 @@ impl TaskService {
         let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
         let result = async {
             mounts::bind_dir(rootfs.clone(), shared_dir.join("rootfs")).await?;
-            let (json, binds) = spec::to_guest_json(spec, id)?;
+            let (json, binds) = spec::to_guest_json(spec, id, role)?;
             for bind in binds {
                 let target = shared_dir.join(&bind.share_path);
                 mounts::bind_host_path(bind, target).await?;
             }
             let pid = sandbox
                 .agent()
-                .create_container(id, json, stdio.agent_stdio())
+                .create_container(id, json, stdio.agent_stdio(), *role == spec::Role::Sandbox)
                 .await?;
             Ok::<u32, TaskError>(pid)
         }

@@ -659,6 +659,7 @@ fn events_in_order(env: &Env) {
 }
 
 both_runtimes! {
+    pod_containers_share_namespaces => pod_by_annotations;
     task_events_in_order => events_in_order;
     bind_mounts_share_host_paths => bind_mounts;
     missing_bind_source_is_named => missing_bind_source;
@@ -765,4 +766,122 @@ fn a_killed_shim_leaves_no_vm_behind() {
         .unwrap();
     assert!(out.status.success(), "shim delete: {}", text(&out));
     env.assert_no_leaks(&[&id]);
+}
+
+/// A pod through CRI's annotations as `ctr` can set them: a sandbox container, and a
+/// container of the same pod joining its IPC and UTS namespaces (`--with-ns` paths of the
+/// sandbox's task pid, as CRI passes them). They share those namespaces and one kernel;
+/// with kata both run in the one VM the sandbox booted, and share the pod's /dev/shm.
+fn pod_by_annotations(env: &Env) {
+    let sb = unique("podsb");
+    let c1 = unique("podc");
+    let sb_type = "io.kubernetes.cri.container-type=sandbox".to_owned();
+    let sb_id = format!("io.kubernetes.cri.sandbox-id={sb}");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        env.runtime,
+        "--annotation",
+        &sb_type,
+        "--annotation",
+        &sb_id,
+        BUSYBOX,
+        &sb,
+        "sh",
+        "-c",
+        "echo from-sandbox > /dev/shm/pod; exec sleep 1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&sb)
+        == "RUNNING"));
+    let pid = {
+        let out = env.ctd.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(sb.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .to_owned()
+    };
+    let facts = "readlink /proc/self/ns/uts /proc/self/ns/ipc; cat /proc/sys/kernel/random/boot_id";
+    let out = env
+        .ctd
+        .ctr(&["task", "exec", "--exec-id", "facts", &sb, "sh", "-c", facts]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sandbox_facts = stdout(&out);
+    let ipc = format!("ipc:/proc/{pid}/ns/ipc");
+    let uts = format!("uts:/proc/{pid}/ns/uts");
+    let c_type = "io.kubernetes.cri.container-type=container".to_owned();
+    let script = format!("{facts}; cat /dev/shm/pod 2>/dev/null || echo no-pod-shm");
+    let out = env.ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        env.runtime,
+        "--annotation",
+        &c_type,
+        "--annotation",
+        &sb_id,
+        "--with-ns",
+        &ipc,
+        "--with-ns",
+        &uts,
+        BUSYBOX,
+        &c1,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let container_facts = stdout(&out);
+    assert!(
+        container_facts.starts_with(&sandbox_facts),
+        "namespaces or kernel differ:\nsandbox:\n{sandbox_facts}\ncontainer:\n{container_facts}"
+    );
+    if env.is_kata() {
+        assert!(
+            container_facts.ends_with("from-sandbox\n"),
+            "{container_facts}"
+        );
+        let vms: Vec<_> = kata_tests::processes_naming("qemu-system")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&format!("/run/kata/{sb}/")))
+            .collect();
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        assert!(kata_tests::processes_naming(&format!("/run/kata/{c1}/")).is_empty());
+    }
+    env.remove(&sb);
+    env.assert_no_leaks(&[&sb, &c1]);
+}
+
+/// A pod container whose sandbox is not running fails naming the sandbox, and leaves
+/// nothing (no VM is booted for it).
+#[test]
+fn a_container_of_a_missing_pod_is_refused() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("orphan");
+    let missing = unique("nopod");
+    let out = env.ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        KATA_RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        &format!("io.kubernetes.cri.sandbox-id={missing}"),
+        BUSYBOX,
+        &id,
+        "true",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&missing) && err.contains("not running"),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id, &missing]);
 }

@@ -137,9 +137,19 @@ fn prepare(plan: &Plan) -> Result<()> {
     })?;
     match &plan.mode {
         Mode::Init(spec) => {
+            // The pod's namespaces first (a pid namespace applies to the forked child),
+            // then new ones for the rest.
             let mut flags = 0;
             for ns in &spec.linux.namespaces {
-                flags |= ctx(namespace_flag(&ns.typ), || "namespace".into())?;
+                match &ns.path {
+                    Some(path) => {
+                        let f = ctx(fs::File::open(path), || {
+                            format!("open pod namespace {path} (is the pod's sandbox running?)")
+                        })?;
+                        ctx(setns(&f, CloneFlags::empty()), || format!("setns {path}"))?;
+                    }
+                    None => flags |= ctx(namespace_flag(&ns.typ), || "namespace".into())?,
+                }
             }
             ctx(unshare(CloneFlags::from_bits_retain(flags)), || {
                 format!("unshare namespaces {:?}", ns_types(spec))
@@ -172,6 +182,7 @@ fn ns_types(spec: &Spec) -> Vec<&str> {
     spec.linux
         .namespaces
         .iter()
+        .filter(|n| n.path.is_none())
         .map(|n| n.typ.as_str())
         .collect()
 }
@@ -195,7 +206,13 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
                 let path = format!("/proc/sys/{}", k.replace('.', "/"));
                 ctx(fs::write(&path, v), || format!("sysctl {k}={v}"))?;
             }
-            if spec.linux.namespaces.iter().any(|n| n.typ == "uts") {
+            // Only a UTS namespace of its own: a pod container must not rename the pod.
+            if spec
+                .linux
+                .namespaces
+                .iter()
+                .any(|n| n.typ == "uts" && n.path.is_none())
+            {
                 if !spec.hostname.is_empty() {
                     ctx(sethostname(&spec.hostname), || {
                         format!("sethostname {:?}", spec.hostname)

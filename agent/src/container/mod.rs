@@ -158,6 +158,10 @@ impl Proc {
 
 #[derive(Debug)]
 struct Container {
+    /// The pod's sandbox container: the pod's namespaces are bound from its init.
+    sandbox: bool,
+    /// The pod namespace files bound from this (sandbox) container.
+    pod_ns: Vec<PathBuf>,
     /// Serializes exec creation with removal (a helper must not join a dying cgroup).
     lifecycle: tokio::sync::Mutex<()>,
     /// Set by RemoveContainer.
@@ -174,6 +178,10 @@ pub struct Containers {
     exits: Exits,
     stdio: Registry,
     shared_base: PathBuf,
+    pod_ns_dir: PathBuf,
+    pod_shm: PathBuf,
+    /// Whether the pod's shm tmpfs is mounted.
+    pod_shm_mounted: tokio::sync::Mutex<bool>,
     cgroup_root: PathBuf,
     table: Mutex<HashMap<String, Arc<Container>>>,
 }
@@ -206,12 +214,16 @@ fn cg_err(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
 }
 
 impl Containers {
-    /// A table whose roots must lie under `shared_base`.
-    pub fn new(exits: Exits, stdio: Registry, shared_base: PathBuf) -> Self {
+    /// A table for the agent's base directory (`/run/kata-containers`): roots lie under
+    /// `shared/containers`, a pod's namespaces and shm under `sandbox/`.
+    pub fn new(exits: Exits, stdio: Registry, base_dir: &Path) -> Self {
         Self {
             exits,
             stdio,
-            shared_base,
+            shared_base: base_dir.join(crate::paths::SHARED_CONTAINERS),
+            pod_ns_dir: base_dir.join("sandbox/ns"),
+            pod_shm: base_dir.join("sandbox/shm"),
+            pod_shm_mounted: tokio::sync::Mutex::new(false),
             cgroup_root: PathBuf::from(CGROUP_ROOT),
             table: Mutex::default(),
         }
@@ -246,12 +258,13 @@ impl Containers {
         id: &str,
         spec_json: &[u8],
         stdio: &Stdio,
+        sandbox: bool,
     ) -> Result<u32> {
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         let (id, json, stdio) = (id.to_owned(), spec_json.to_vec(), stdio.clone());
         tokio::spawn(async move {
-            let result = this.create_inner(&id, &json, &stdio).await;
+            let result = this.create_inner(&id, &json, &stdio, sandbox).await;
             if let Err(Ok(_)) = tx.send(result) {
                 tracing::warn!(container = %id, "CreateContainer abandoned by the caller; removing");
                 if let Err(e) = this.remove(&id).await {
@@ -263,12 +276,37 @@ impl Containers {
             .map_err(|_| ContainerError::State("create task lost (see the agent log)".into()))?
     }
 
-    async fn create_inner(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
+    async fn create_inner(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        stdio: &Stdio,
+        sandbox: bool,
+    ) -> Result<u32> {
         check_id("container", id)?;
-        if lock(&self.table).contains_key(id) {
-            return Err(ContainerError::AlreadyExists(format!("container {id}")));
+        {
+            let table = lock(&self.table);
+            if table.contains_key(id) {
+                return Err(ContainerError::AlreadyExists(format!("container {id}")));
+            }
+            if sandbox {
+                if let Some((other, _)) = table.iter().find(|(_, c)| c.sandbox) {
+                    return Err(ContainerError::AlreadyExists(format!(
+                        "a sandbox container ({other}) in this VM"
+                    )));
+                }
+            }
         }
-        let spec = spec::parse_spec(spec_json, &self.shared_base)?;
+        let spec = spec::parse_spec(spec_json, &self.shared_base, &self.pod_ns_dir)?;
+        let shm = self.pod_shm.to_string_lossy();
+        if sandbox
+            || spec
+                .mounts
+                .iter()
+                .any(|m| m.source.as_deref() == Some(&*shm))
+        {
+            self.ensure_pod_shm().await?;
+        }
         let root = spec
             .root
             .as_ref()
@@ -290,7 +328,7 @@ impl Containers {
             }
         }
         let cgroup = self.make_cgroup(id, spec.linux.resources.as_ref())?;
-        let namespaces = spec
+        let namespaces: Vec<String> = spec
             .linux
             .namespaces
             .iter()
@@ -310,7 +348,25 @@ impl Containers {
             }
         };
         let pid = init.pid.as_raw() as u32;
+        let pod_ns = if sandbox {
+            match self.bind_pod_namespaces(init.pid, &namespaces).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    let _ = nix::sys::signal::kill(init.pid, Signal::SIGKILL);
+                    let mut rx = init.phase.subscribe();
+                    let _ = tokio::time::timeout(KILL_TIMEOUT, rx.wait_for(|p| *p != Phase::Alive))
+                        .await;
+                    remove_cgroup(&cgroup).await;
+                    self.stdio.forget_container(id);
+                    return Err(e);
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let container = Arc::new(Container {
+            sandbox,
+            pod_ns,
             lifecycle: tokio::sync::Mutex::new(()),
             removing: std::sync::atomic::AtomicBool::new(false),
             cgroup,
@@ -321,6 +377,72 @@ impl Containers {
         lock(&self.table).insert(id.to_owned(), container);
         tracing::info!(container = id, pid, "container created");
         Ok(pid)
+    }
+
+    /// Mounts the pod's shm (a tmpfs shared by the pod's containers) once.
+    async fn ensure_pod_shm(&self) -> Result<()> {
+        let mut mounted = self.pod_shm_mounted.lock().await;
+        if *mounted {
+            return Ok(());
+        }
+        let dir = self.pod_shm.clone();
+        let err = |source: std::io::Error| ContainerError::Cgroup {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        nix::mount::mount(
+            Some("shm"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some("mode=1777,size=65536k"),
+        )
+        .map_err(|e| err(e.into()))?;
+        *mounted = true;
+        Ok(())
+    }
+
+    /// Binds the sandbox init's new ipc/uts/net/pid namespaces where pod containers join
+    /// them (the bind also keeps them alive).
+    async fn bind_pod_namespaces(&self, pid: Pid, types: &[String]) -> Result<Vec<PathBuf>> {
+        let mut bound = Vec::new();
+        std::fs::create_dir_all(&self.pod_ns_dir).map_err(cg_err(&self.pod_ns_dir))?;
+        for typ in types {
+            if !matches!(typ.as_str(), "ipc" | "uts" | "network" | "pid") {
+                continue;
+            }
+            let Some(file) = spec::namespace_file(typ) else {
+                continue;
+            };
+            let target = self.pod_ns_dir.join(file);
+            let source = PathBuf::from(format!("/proc/{pid}/ns/{file}"));
+            let result = std::fs::File::create(&target)
+                .map_err(cg_err(&target))
+                .and_then(|_| {
+                    nix::mount::mount(
+                        Some(&source),
+                        &target,
+                        None::<&str>,
+                        nix::mount::MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .map_err(|e| ContainerError::Cgroup {
+                        path: target.clone(),
+                        source: e.into(),
+                    })
+                });
+            if let Err(e) = result {
+                for f in &bound {
+                    let _ = nix::mount::umount2(f, nix::mount::MntFlags::MNT_DETACH);
+                }
+                return Err(e);
+            }
+            bound.push(target);
+        }
+        Ok(bound)
     }
 
     /// Creates the container's cgroup with its limits.
@@ -708,6 +830,10 @@ impl Containers {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         remove_cgroup(&c.cgroup).await;
+        for f in &c.pod_ns {
+            let _ = nix::mount::umount2(f, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(f);
+        }
         self.stdio.forget_container(id);
         lock(&self.table).remove(id);
         tracing::info!(container = id, "container removed");
@@ -960,7 +1086,7 @@ mod tests {
         let t = Arc::new(Containers::new(
             Exits::default(),
             Registry::default(),
-            "/x".into(),
+            Path::new("/x"),
         ));
         assert!(matches!(
             t.start("nope", "").await,
@@ -974,7 +1100,10 @@ mod tests {
             t.remove("nope").await,
             Err(ContainerError::NotFound(_))
         ));
-        let e = t.create("a/b", b"{}", &Stdio::default()).await.unwrap_err();
+        let e = t
+            .create("a/b", b"{}", &Stdio::default(), false)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("\"a/b\""), "{e}");
     }
 }

@@ -269,6 +269,16 @@ pub enum SpecError {
         /// Why.
         reason: &'static str,
     },
+    /// A namespace path other than the pod's.
+    #[error("namespace {typ} path {path:?} cannot be joined (expected {expected})")]
+    NamespacePath {
+        /// The type.
+        typ: String,
+        /// The path.
+        path: String,
+        /// What would be accepted.
+        expected: String,
+    },
     /// An unknown rlimit.
     #[error("unknown rlimit {0:?} (expected RLIMIT_NOFILE, RLIMIT_NPROC, ...)")]
     Rlimit(String),
@@ -291,8 +301,9 @@ pub enum SpecError {
     Env(String),
 }
 
-/// Parses and validates a container's spec; `shared_base` is where roots must live.
-pub fn parse_spec(json: &[u8], shared_base: &Path) -> Result<Spec, SpecError> {
+/// Parses and validates a container's spec; `shared_base` is where roots must live,
+/// `pod_ns_dir` where a pod's namespaces are kept (the only paths a spec may join).
+pub fn parse_spec(json: &[u8], shared_base: &Path, pod_ns_dir: &Path) -> Result<Spec, SpecError> {
     let spec: Spec = serde_json::from_slice(json).map_err(|e| SpecError::Json {
         what: "OCI spec",
         reason: e.to_string(),
@@ -332,11 +343,19 @@ pub fn parse_spec(json: &[u8], shared_base: &Path) -> Result<Spec, SpecError> {
     }
     for ns in &spec.linux.namespaces {
         namespace_flag(&ns.typ)?;
-        if ns.path.is_some() {
-            return Err(SpecError::Namespace {
-                typ: ns.typ.clone(),
-                reason: "joining an existing namespace by path",
-            });
+        if let Some(path) = &ns.path {
+            let expected = namespace_file(&ns.typ).map(|f| pod_ns_dir.join(f));
+            let pod_ns = matches!(ns.typ.as_str(), "ipc" | "uts" | "network" | "pid");
+            if !pod_ns || expected.as_deref() != Some(Path::new(path)) {
+                return Err(SpecError::NamespacePath {
+                    typ: ns.typ.clone(),
+                    path: path.clone(),
+                    expected: expected
+                        .filter(|_| pod_ns)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "no path (a new namespace)".into()),
+                });
+            }
         }
     }
     Ok(spec)
@@ -480,6 +499,11 @@ mod tests {
     use super::*;
 
     const BASE: &str = "/run/kata-containers/shared/containers";
+    const POD_NS: &str = "/run/kata-containers/sandbox/ns";
+
+    fn parse_spec(json: &[u8], base: &Path) -> Result<Spec, SpecError> {
+        super::parse_spec(json, base, Path::new(POD_NS))
+    }
 
     fn spec_json(extra: &str) -> String {
         format!(
@@ -524,7 +548,17 @@ mod tests {
             r#"{"type":"pid"}"#,
             r#"{"type":"network","path":"/proc/1/ns/net"}"#,
         );
-        assert!(parse_spec(joined.as_bytes(), base).is_err());
+        let e = parse_spec(joined.as_bytes(), base).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/run/kata-containers/sandbox/ns/net"),
+            "{e}"
+        );
+        let pod = spec_json("").replace(
+            r#"{"type":"pid"}"#,
+            r#"{"type":"network","path":"/run/kata-containers/sandbox/ns/net"}"#,
+        );
+        parse_spec(pod.as_bytes(), base).unwrap();
         let rl = spec_json("").replace("RLIMIT_NOFILE", "RLIMIT_BOGUS");
         let e = parse_spec(rl.as_bytes(), base).unwrap_err();
         assert_eq!(e, SpecError::Rlimit("RLIMIT_BOGUS".into()));
