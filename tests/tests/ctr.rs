@@ -549,6 +549,9 @@ fn bind_mounts(env: &Env) {
     let id = unique("bind");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello"), "from host\n").unwrap();
+    // Symlinks in a volume resolve inside the container, never to the host's files.
+    std::os::unix::fs::symlink("/etc", dir.path().join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../../../etc", dir.path().join("up")).unwrap();
     let files = tempfile::tempdir().unwrap();
     let single = files.path().join("single");
     std::fs::write(&single, "single file\n").unwrap();
@@ -567,13 +570,14 @@ fn bind_mounts(env: &Env) {
             "sh",
             "-c",
             "cat /data/hello; touch /data/x 2>/dev/null && echo data-rw || echo data-ro; \
-             cat /etc/single; echo changed > /etc/single",
+             cat /etc/single; echo changed > /etc/single; \
+             grep -c '^user:x:1000:' /data/abs/passwd /data/up/passwd",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         stdout(&out),
-        "from host\ndata-ro\nsingle file\n",
+        "from host\ndata-ro\nsingle file\n/data/abs/passwd:1\n/data/up/passwd:1\n",
         "{}",
         text(&out)
     );
