@@ -662,7 +662,37 @@ fn events_in_order(env: &Env) {
     env.assert_no_leaks(&[&id]);
 }
 
+/// A container over its memory limit is OOM-killed: exit 137 and a TaskOOM event.
+fn oom_kill(env: &Env) {
+    let id = unique("oom");
+    let events = env
+        .ctd
+        .ctr_cmd(&["events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // tail buffers its "line" from /dev/zero without bound.
+    let out = env.run(&id, &["--memory-limit", "33554432"], &["tail", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let seen = events.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    assert!(
+        seen.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains(&format!("\"{id}\""))),
+        "no TaskOOM for {id}:\n{seen}"
+    );
+    env.assert_no_leaks(&[&id]);
+}
+
 both_runtimes! {
+    oom_kill_is_reported => oom_kill;
     pod_containers_share_namespaces => pod_by_annotations;
     task_events_in_order => events_in_order;
     bind_mounts_share_host_paths => bind_mounts;
