@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kata_proto::agent::GuestDetailsResponse;
+use std::time::Duration;
+
+use kata_proto::agent::{GuestDetailsResponse, OnlineResourcesRequest, OnlineResourcesResponse};
 
 const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 const MEMINFO: &str = "/proc/meminfo";
@@ -17,6 +19,31 @@ pub enum GuestError {
     Read {
         /// The file.
         path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hot-added resources did not come online in time.
+    #[error("the guest has {memory_blocks} online memory blocks and {cpus} online CPUs after {waited_ms} ms, expected at least {want_blocks} and {want_cpus}")]
+    NotOnline {
+        /// Online memory blocks seen.
+        memory_blocks: u32,
+        /// Online CPUs seen.
+        cpus: u32,
+        /// Asked for.
+        want_blocks: u32,
+        /// Asked for.
+        want_cpus: u32,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// A file could not be written.
+    #[error("write {value:?} to {path:?}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What was written.
+        value: &'static str,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -109,6 +136,95 @@ pub async fn guest_details(loaded_modules: &[String]) -> Result<GuestDetailsResp
     resp.online_cpus = parse_cpu_list(&read(CPU_ONLINE).await?)?;
     resp.loaded_modules = loaded_modules.to_vec();
     Ok(resp)
+}
+
+const MEMORY_DIR: &str = "/sys/devices/system/memory";
+const CPU_DIR: &str = "/sys/devices/system/cpu";
+
+/// Writes `value` to every `<dir>/<prefix>N/<file>` whose content is `offline_value`;
+/// returns how many are (now) online.
+async fn online_all(
+    dir: &str,
+    prefix: &str,
+    file: &str,
+    offline_value: &str,
+    value: &'static str,
+) -> Result<u32, GuestError> {
+    let mut online = 0;
+    let mut rd = match tokio::fs::read_dir(dir).await {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(GuestError::Read {
+                path: dir.into(),
+                source,
+            })
+        }
+    };
+    while let Ok(Some(entry)) = rd.next_entry().await {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(n) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path().join(file);
+        let state = match tokio::fs::read_to_string(&path).await {
+            Ok(s) => s,
+            // cpu0 has no `online` file: it is always online.
+            Err(_) => {
+                online += 1;
+                continue;
+            }
+        };
+        if state.trim() == offline_value {
+            // A block the kernel onlined meanwhile answers EINVAL: count it by re-reading.
+            if let Err(source) = tokio::fs::write(&path, value).await {
+                let now = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+                if now.trim() == offline_value {
+                    return Err(GuestError::Write {
+                        path,
+                        value,
+                        source,
+                    });
+                }
+            }
+        }
+        online += 1;
+    }
+    Ok(online)
+}
+
+/// Onlines offline memory blocks and CPUs until the guest has at least the requested
+/// numbers online, or the timeout passes (an error giving both numbers).
+pub async fn online_resources(
+    req: &OnlineResourcesRequest,
+) -> Result<OnlineResourcesResponse, GuestError> {
+    let started = std::time::Instant::now();
+    let timeout = Duration::from_millis(req.timeout_ms.into());
+    loop {
+        let memory_blocks = online_all(MEMORY_DIR, "memory", "state", "offline", "online").await?;
+        let cpus = online_all(CPU_DIR, "cpu", "online", "0", "1").await?;
+        if memory_blocks >= req.min_memory_blocks && cpus >= req.min_cpus {
+            let mut resp = OnlineResourcesResponse::new();
+            resp.memory_blocks = memory_blocks;
+            resp.online_cpus = cpus;
+            resp.mem_total_kib = parse_mem_total_kib(&read(MEMINFO).await?)?;
+            return Ok(resp);
+        }
+        if started.elapsed() >= timeout {
+            return Err(GuestError::NotOnline {
+                memory_blocks,
+                cpus,
+                want_blocks: req.min_memory_blocks,
+                want_cpus: req.min_cpus,
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use async_trait::async_trait;
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty,
     ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest,
-    ListPidsResponse, PauseContainerRequest, ReadFileRequest, ReadFileResponse,
-    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StartProcessResponse,
-    StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest,
+    ReadFileRequest, ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StartProcessRequest, StartProcessResponse, StatsContainerRequest, StatsContainerResponse,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -79,6 +79,7 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             | ContainerError::Channel(_)
             | ContainerError::Kill { .. } => Code::INTERNAL,
         },
+        ServiceError::Guest(GuestError::NotOnline { .. }) => Code::DEADLINE_EXCEEDED,
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
@@ -291,6 +292,16 @@ impl AgentService for Agent {
         guest_details(&self.opts.loaded_modules)
             .await
             .map_err(|e| log_failure("GetGuestDetails", e.into()))
+    }
+
+    async fn online_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        req: OnlineResourcesRequest,
+    ) -> ttrpc::Result<OnlineResourcesResponse> {
+        crate::guest::online_resources(&req)
+            .await
+            .map_err(|e| log_failure("OnlineResources", e.into()))
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {

@@ -27,6 +27,9 @@ pub const DEFAULT_KERNEL_PARAMS: &[&str] = &[
     "i8042.dumbkbd=1",
     "i8042.nopnp=1",
     "i8042.noaux=1",
+    // Hot-added memory comes online in the kernel at once (the agent checks and onlines
+    // anything left offline).
+    "memhp_default_state=online",
     "cryptomgr.notests",
 ];
 

@@ -13,11 +13,11 @@ use std::future::Future;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, PauseContainerRequest,
-    ReadFileRequest, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
-    StatsContainerRequest, StatsContainerResponse, Stdio, Storage, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, OnlineResourcesRequest,
+    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, RemoveContainerRequest,
+    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StartProcessRequest, StatsContainerRequest, StatsContainerResponse,
+    Stdio, Storage, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
@@ -244,6 +244,30 @@ async fn call<T>(
 impl AgentClient {
     fn ctx_default(&self) -> ttrpc::context::Context {
         Self::ctx(self.timeout)
+    }
+
+    /// Onlines hot-added memory and vCPUs in the guest and waits (at most `timeout_ms`)
+    /// until at least `min_blocks` memory blocks and `min_cpus` CPUs are online.
+    pub async fn online_resources(
+        &self,
+        min_blocks: u32,
+        min_cpus: u32,
+        timeout_ms: u32,
+    ) -> Result<OnlineResourcesResponse, AgentError> {
+        let req = OnlineResourcesRequest {
+            min_memory_blocks: min_blocks,
+            min_cpus,
+            timeout_ms,
+            ..Default::default()
+        };
+        let deadline = std::time::Duration::from_millis(timeout_ms.into()) + self.timeout;
+        self.agent
+            .online_resources(Self::ctx(deadline), &req)
+            .await
+            .map_err(|source| AgentError::Rpc {
+                method: "OnlineResources",
+                source,
+            })
     }
 
     /// Creates a container from a guest-ready OCI spec; returns the guest pid of its init

@@ -19,6 +19,7 @@ use crate::agent::AgentError;
 use crate::container::StateError;
 use crate::io::IoError;
 use crate::mounts::MountError;
+use crate::resources::ResourceError;
 use crate::sandbox::SandboxError;
 use crate::spec::SpecError;
 
@@ -61,6 +62,8 @@ pub enum TaskError {
     Spec(#[from] SpecError),
     #[error("mount")]
     Mount(#[from] MountError),
+    #[error("resources")]
+    Resources(#[from] crate::resources::ResourceError),
 }
 
 impl TaskError {
@@ -78,6 +81,13 @@ impl TaskError {
                 Code::INVALID_ARGUMENT
             }
             TaskError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            TaskError::Resources(
+                ResourceError::Memory { .. }
+                | ResourceError::Slots { .. }
+                | ResourceError::Vcpus { .. }
+                | ResourceError::NoCpuSlot { .. },
+            ) => Code::RESOURCE_EXHAUSTED,
+            TaskError::Resources(_) => Code::INTERNAL,
             TaskError::NoSandbox
             | TaskError::SandboxNotRunning { .. }
             | TaskError::State(_)

@@ -17,6 +17,7 @@ pub mod exits;
 pub mod io;
 pub mod mounts;
 pub mod options;
+pub mod resources;
 pub mod sandbox;
 pub mod service;
 pub mod spec;

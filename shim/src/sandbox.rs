@@ -20,6 +20,7 @@ use crate::agent::{shared_fs_storage, AgentClient, AgentError};
 use crate::config::{Config, ConfigError, HostLimits};
 use crate::io::IoError;
 use crate::mounts::{self, MountError};
+use crate::resources::{Ledger, Limits, ResourceError};
 
 /// Parent of the per-sandbox state directories (short: the VM run dir must stay <= 90 bytes).
 pub const STATE_ROOT: &str = "/run/kata";
@@ -172,10 +173,89 @@ pub struct Sandbox {
     endpoint: Endpoint,
     vm_pid: u32,
     vm: Mutex<Option<Vm>>,
+    /// The VM's size and what the containers reserved of it.
+    resources: Mutex<Ledger>,
     exit_rx: watch::Receiver<Option<ExitReport>>,
     stopping: AtomicBool,
     /// Held for the whole teardown; true once it is done.
     torn_down: Mutex<bool>,
+}
+
+/// How long the guest may take to online hot-added resources.
+const ONLINE_TIMEOUT_MS: u32 = 20_000;
+
+/// The ledger of a freshly booted VM: its configured size and the guest's memory block
+/// size and online blocks.
+async fn boot_ledger(
+    agent: &AgentClient,
+    config: &kata_hypervisor::VmConfig,
+) -> Result<Ledger, AgentError> {
+    let details = agent.guest_details().await?;
+    let online = agent.online_resources(0, 0, 0).await?;
+    Ok(Ledger::new(
+        details.mem_block_size_bytes,
+        config.memory_mib.into(),
+        config.max_memory_mib.into(),
+        config.memory_slots,
+        config.vcpus,
+        config.max_vcpus.max(config.vcpus),
+        online.memory_blocks,
+    ))
+}
+
+/// Hot-adds `bytes` of memory as DIMM number `n`: a shared memfd backend (virtio-fs needs
+/// guest RAM shared) and a pc-dimm on it. A failed device_add removes the backend again.
+async fn plug_memory(vm: &Vm, n: u32, bytes: u64) -> Result<(), ResourceError> {
+    use kata_hypervisor::qmp::Command;
+    let (mem, dimm) = (format!("hpmem{n}"), format!("hpdimm{n}"));
+    let qmp = vm.qmp();
+    qmp.execute_unit(&Command::memfd_backend(&mem, bytes, true))
+        .await
+        .map_err(|source| ResourceError::Qmp {
+            what: format!("object-add {mem} ({} MiB)", bytes >> 20),
+            source,
+        })?;
+    if let Err(source) = qmp.execute_unit(&Command::pc_dimm(&dimm, &mem)).await {
+        let _ = qmp
+            .execute_unit(&Command::ObjectDel { id: mem.clone() })
+            .await;
+        return Err(ResourceError::Qmp {
+            what: format!("device_add pc-dimm {dimm} on {mem}"),
+            source,
+        });
+    }
+    Ok(())
+}
+
+/// Hot-adds `n` vCPUs into free slots QEMU reports (`current` are plugged already).
+async fn plug_vcpus(vm: &Vm, current: u32, n: u32) -> Result<(), ResourceError> {
+    use kata_hypervisor::qmp::Command;
+    let qmp = vm.qmp();
+    let slots = qmp
+        .query_hotpluggable_cpus()
+        .await
+        .map_err(|source| ResourceError::Qmp {
+            what: "query-hotpluggable-cpus".into(),
+            source,
+        })?;
+    let free: Vec<_> = slots.iter().filter(|c| c.qom_path.is_none()).collect();
+    if free.len() < n as usize {
+        return Err(ResourceError::NoCpuSlot {
+            wanted: n,
+            free: free.len(),
+        });
+    }
+    // QEMU lists the slots highest first; plug the lowest free ones.
+    for (i, cpu) in free.iter().rev().take(n as usize).enumerate() {
+        let id = format!("hpcpu{}", current as usize + i);
+        qmp.execute_unit(&Command::cpu(&id, cpu))
+            .await
+            .map_err(|source| ResourceError::Qmp {
+                what: format!("device_add {} {id}", cpu.driver),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Undoes a partial [`Sandbox::create`].
@@ -292,6 +372,10 @@ impl Sandbox {
         if let Err(e) = agent.add_storages(vec![shared_fs_storage()]).await {
             return Err((e.into(), Some(vm)));
         }
+        let ledger = match boot_ledger(&agent, vm.config()).await {
+            Ok(l) => l,
+            Err(e) => return Err((e.into(), Some(vm))),
+        };
         // Timings in ms from the VM launch: Vm::start returned, the agent answered, the
         // shared filesystem is mounted in the guest (hack/bench-ctr.sh reads them).
         tracing::info!(
@@ -311,9 +395,59 @@ impl Sandbox {
             vm_pid: vm.pid(),
             exit_rx: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
+            resources: Mutex::new(ledger),
             stopping: AtomicBool::new(false),
             torn_down: Mutex::new(false),
         })
+    }
+
+    /// Makes room for container `id` with `limits` (new, or changed by Update):
+    /// hot-adds memory and vCPUs as needed and waits until the guest has them online.
+    /// Fails naming the numbers when the VM cannot grow that far.
+    pub async fn reserve(&self, id: &str, limits: Limits) -> Result<(), ResourceError> {
+        let mut ledger = self.resources.lock().await;
+        let plan = ledger.plan(id, limits)?;
+        if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 {
+            let started = std::time::Instant::now();
+            {
+                let vm = self.vm.lock().await;
+                let vm = vm.as_ref().ok_or(ResourceError::VmGone)?;
+                if plan.add_memory_bytes > 0 {
+                    plug_memory(vm, ledger.dimms, plan.add_memory_bytes).await?;
+                    ledger.plugged_memory(plan.add_memory_bytes);
+                }
+                if plan.add_vcpus > 0 {
+                    plug_vcpus(vm, ledger.vcpus, plan.add_vcpus).await?;
+                    ledger.plugged_vcpus(plan.add_vcpus);
+                }
+            }
+            let online = self
+                .agent
+                .online_resources(ledger.expected_blocks(), ledger.vcpus, ONLINE_TIMEOUT_MS)
+                .await
+                .map_err(ResourceError::Online)?;
+            tracing::info!(
+                container = id,
+                added_memory_mib = plan.add_memory_bytes >> 20,
+                added_vcpus = plan.add_vcpus,
+                guest_mem_total_kib = online.mem_total_kib,
+                guest_cpus = online.online_cpus,
+                hotplug_ms = started.elapsed().as_millis() as u64,
+                "hotplugged"
+            );
+        }
+        ledger.reserve(id, limits);
+        Ok(())
+    }
+
+    /// What container `id` has reserved.
+    pub async fn reserved(&self, id: &str) -> Limits {
+        self.resources.lock().await.reserved(id)
+    }
+
+    /// Gives back container `id`'s reservation (the memory stays plugged for reuse).
+    pub async fn release(&self, id: &str) {
+        self.resources.lock().await.release(id);
     }
 
     /// The agent client.

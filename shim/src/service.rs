@@ -301,11 +301,17 @@ impl Task for Service {
         let Some(resources) = req.resources.as_ref() else {
             return Ok(Empty::new());
         };
-        ok(
-            serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources.value)
-                .map_err(|e| TaskError::InvalidArgument(format!("invalid resources: {e}"))),
-        )?;
+        let parsed = ok(serde_json::from_slice::<oci_spec::runtime::LinuxResources>(
+            &resources.value,
+        )
+        .map_err(|e| TaskError::InvalidArgument(format!("invalid resources: {e}"))))?;
         let sandbox = ok(self.0.sandbox())?;
+        // Grow the VM first when the new limits need it.
+        let limits = crate::resources::updated(sandbox.reserved(&c.id).await, &parsed);
+        ok(sandbox
+            .reserve(&c.id, limits)
+            .await
+            .map_err(TaskError::from))?;
         ok(sandbox
             .agent()
             .update_container(&c.id, resources.value.clone())

@@ -228,7 +228,11 @@ impl TaskService {
         let rootfs = bundle.join("rootfs");
         let shared_dir = sandbox.paths.container_dir(id);
         let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
+        let limits =
+            crate::resources::limits(spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
         let result = async {
+            // Room in the VM first: a container that does not fit creates nothing.
+            sandbox.reserve(id, limits).await?;
             mounts::bind_dir(rootfs.clone(), shared_dir.join("rootfs")).await?;
             let (json, binds) = spec::to_guest_json(spec, id, role)?;
             for bind in binds {
@@ -245,6 +249,7 @@ impl TaskService {
         let guest_pid = match result {
             Ok(pid) => pid,
             Err(e) => {
+                sandbox.release(id).await;
                 remove_container_mounts(&shared_dir, &rootfs, mounted).await;
                 return Err(e);
             }
@@ -406,6 +411,9 @@ impl TaskService {
         }
         p.drop_io();
         remove_container_mounts(&c.shared_dir, &c.bundle.join("rootfs"), c.rootfs_mounted).await;
+        if let Ok(sandbox) = self.sandbox() {
+            sandbox.release(id).await;
+        }
         lock(&self.containers).remove(id);
         self.events.send(TaskDelete {
             container_id: id.to_owned(),

@@ -919,3 +919,69 @@ fn a_container_of_a_missing_pod_is_refused() {
     let _ = env.ctd.ctr(&["container", "delete", &id]);
     env.assert_no_leaks(&[&id, &missing]);
 }
+
+fn mem_total_and_nproc(out: &Output) -> (u64, u32) {
+    let s = stdout(out);
+    let mut lines = s.lines();
+    let mem = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {}", text(out)));
+    let cpus = lines
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no nproc: {}", text(out)));
+    (mem, cpus)
+}
+
+/// A container's memory limit is hot-added to its VM (rounded up to the guest's 128 MiB
+/// memory blocks) and its CPU limit brings vCPUs, before it starts.
+#[test]
+fn limits_hotplug_memory_and_vcpus() {
+    let env = Env::new(KATA_RUNTIME);
+    let probe = ["sh", "-c", "grep MemTotal /proc/meminfo; nproc"];
+    let base_id = unique("hpbase");
+    let out = env.run(&base_id, &[], &probe);
+    assert!(out.status.success(), "{}", text(&out));
+    let (base_mem, base_cpus) = mem_total_and_nproc(&out);
+    let id = unique("hp");
+    // 200 MiB rounds up to two 128 MiB blocks.
+    let out = env.run(&id, &["--memory-limit", "209715200", "--cpus", "1"], &probe);
+    assert!(out.status.success(), "{}", text(&out));
+    let (mem, cpus) = mem_total_and_nproc(&out);
+    assert_eq!(
+        mem - base_mem,
+        256 * 1024,
+        "MemTotal {base_mem} kB -> {mem} kB"
+    );
+    assert_eq!(cpus, base_cpus + 1);
+    env.assert_no_leaks(&[&base_id, &id]);
+}
+
+/// Limits the VM cannot meet fail the run with both numbers, and leave nothing.
+#[test]
+fn limits_beyond_the_vm_are_refused_with_numbers() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("toobig");
+    let out = env.run(&id, &["--cpus", "8"], &["true"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs 9 vCPUs") && err.contains("default_maxvcpus is"),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    let id2 = unique("toomuch");
+    let out = env.run(&id2, &["--memory-limit", "1099511627776"], &["true"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1048576 MiB more") && err.contains("can grow by only"),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &id2]);
+    env.assert_no_leaks(&[&id, &id2]);
+}
