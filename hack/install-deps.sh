@@ -16,7 +16,7 @@ APT_PACKAGES=(
   cpio zstd         # initrd packing
   busybox-static    # offline test images and the boot benchmark's trivial init
   libseccomp-dev libcap-ng-dev pkg-config  # build deps of virtiofsd
-  protobuf-compiler # not needed by ttrpc-codegen (pure Rust), kept for tooling
+  protobuf-compiler # protoc for k8s-cri's build script (the tests' CRI client); ttrpc-codegen is pure Rust
   kmod              # depmod, to order the guest kernel modules
   iproute2 util-linux procps
 )

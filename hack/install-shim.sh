@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds and installs containerd-shim-kata-v2, its default configuration and the
-# containerd CRI runtime entry (hack/containerd/kata.toml as a conf.d drop-in).
+# Builds and installs containerd-shim-kata-v2, its default configuration, the containerd
+# CRI runtime entry (hack/containerd/kata.toml as a conf.d drop-in) and, where /etc/crio
+# exists, the CRI-O runtime handler (hack/crio/50-kata.conf).
 #
 # Usage: hack/install-shim.sh [--prefix DIR]
 #   --prefix DIR   install the binary to DIR/bin (default /usr/local; containerd finds
@@ -64,4 +65,17 @@ else
   { printf 'imports = ["%s/conf.d/*.toml"]\n' "$ctd_dir"; cat "$main"; } > "$main.tmp"
   mv -f "$main.tmp" "$main"
   log "$main now imports $ctd_dir/conf.d/*.toml (restart containerd to load the kata runtime)"
+fi
+
+# CRI-O: the `kata` runtime handler as a drop-in, only where CRI-O is set up. CRI-O runs
+# the shim by its absolute runtime_path: the one just installed.
+crio_dir=/etc/crio
+if [[ -d $crio_dir ]]; then
+  crio_dropin="$crio_dir/crio.conf.d/50-kata.conf"
+  shim_path="$(cd "$prefix/bin" && pwd)/containerd-shim-kata-v2"
+  install -d "$crio_dir/crio.conf.d"
+  sed "s|^runtime_path = .*|runtime_path = \"$shim_path\"|" "$repo/hack/crio/50-kata.conf" > "$crio_dropin.tmp"
+  chmod 0644 "$crio_dropin.tmp"
+  mv -f "$crio_dropin.tmp" "$crio_dropin"
+  log "installed $crio_dropin (restart CRI-O to load the kata runtime)"
 fi

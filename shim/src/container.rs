@@ -274,7 +274,11 @@ pub struct Container {
     pub init: Arc<Process>,
     /// Whether this is the sandbox's first container (its delete ends the sandbox).
     pub is_sandbox: bool,
-    /// Whether the shim mounted `<bundle>/rootfs` (and so must unmount it).
+    /// The host rootfs: `root.path` of the spec (relative to the bundle, as containerd
+    /// writes it, or absolute, as CRI-O does).
+    pub rootfs: PathBuf,
+    /// Whether the shim mounted the rootfs from containerd's mount list (and so must
+    /// unmount it); a rootfs that came populated is never touched.
     pub rootfs_mounted: bool,
     /// `<shared dir>/<id>`: the container's directory in the virtio-fs share.
     pub shared_dir: PathBuf,
@@ -289,7 +293,7 @@ impl Container {
         bundle: PathBuf,
         init: Process,
         is_sandbox: bool,
-        rootfs_mounted: bool,
+        (rootfs, rootfs_mounted): (PathBuf, bool),
         shared_dir: PathBuf,
     ) -> Self {
         Container {
@@ -297,6 +301,7 @@ impl Container {
             bundle,
             init: Arc::new(init),
             is_sandbox,
+            rootfs,
             rootfs_mounted,
             shared_dir,
             execs: Mutex::new(HashMap::new()),
@@ -409,7 +414,14 @@ mod tests {
 
     #[test]
     fn execs_are_unique_and_need_a_running_init() {
-        let c = Container::new("c1", "/b".into(), proc(), true, false, "/s/c1".into());
+        let c = Container::new(
+            "c1",
+            "/b".into(),
+            proc(),
+            true,
+            ("/b/rootfs".into(), false),
+            "/s/c1".into(),
+        );
         assert!(c.check_exec().is_err());
         c.init.set_running(1).unwrap();
         c.check_exec().unwrap();

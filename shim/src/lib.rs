@@ -7,6 +7,7 @@
 //! Errors map to ttrpc codes in [`error`]; [`cleanup`] handles a dead shim's leftovers.
 
 pub mod agent;
+pub mod annotations;
 pub mod bootstrap;
 pub mod cleanup;
 pub mod config;

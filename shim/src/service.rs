@@ -44,7 +44,8 @@ fn ok<T>(r: Result<T, TaskError>) -> TtrpcResult<T> {
 impl Service {
     async fn kill(&self, req: &KillRequest) -> Result<(), TaskError> {
         let (c, p) = self.0.process(&req.id, &req.exec_id)?;
-        if req.signal == 0 || req.signal > MAX_SIGNAL {
+        // Signal 0 is a liveness probe (CRI-O's IsContainerAlive): answered like any other.
+        if req.signal > MAX_SIGNAL {
             return Err(TaskError::InvalidArgument(format!(
                 "invalid signal {}",
                 req.signal

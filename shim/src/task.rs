@@ -178,7 +178,7 @@ impl TaskService {
                         sandbox_id: sandbox_id.clone(),
                     });
                 }
-                (self.start_sandbox(&sandbox_id, req).await?, true)
+                (self.start_sandbox(&sandbox_id, req, &spec).await?, true)
             }
         };
         match self
@@ -199,9 +199,14 @@ impl TaskService {
         self: &Arc<Self>,
         sandbox_id: &str,
         req: &CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
     ) -> Result<Arc<Sandbox>, TaskError> {
         let config_path = req.options.as_ref().and_then(options::config_path);
         let config = sandbox::load_config(config_path).await?;
+        let no_annotations = std::collections::HashMap::new();
+        let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
+        let config = crate::annotations::apply(&config, annotations)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let sandbox = Arc::new(Sandbox::create(sandbox_id, &config).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
@@ -225,7 +230,14 @@ impl TaskService {
         let is_sandbox = !matches!(role, spec::Role::Container { .. });
         let id = req.id.as_str();
         let create_started = std::time::Instant::now();
-        let rootfs = bundle.join("rootfs");
+        // containerd: "rootfs" in the bundle, mounted from req.rootfs; CRI-O: an absolute,
+        // already populated path and no mounts.
+        let root_path = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let rootfs = bundle.join(root_path);
         let shared_dir = sandbox.paths.container_dir(id);
         let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
         let limits =
@@ -262,7 +274,14 @@ impl TaskService {
             ..Default::default()
         };
         let init = Process::new(id, None, stdio, guest_pid);
-        let container = Container::new(id, bundle, init, is_sandbox, mounted, shared_dir);
+        let container = Container::new(
+            id,
+            bundle,
+            init,
+            is_sandbox,
+            (rootfs.clone(), mounted),
+            shared_dir,
+        );
         lock(&self.containers).insert(id.to_owned(), Arc::new(container));
         // Rootfs shared and CreateContainer answered, in ms (hack/bench-ctr.sh reads it).
         let container_create_ms = create_started.elapsed().as_millis() as u64;
@@ -410,7 +429,7 @@ impl TaskService {
             exec.drop_io();
         }
         p.drop_io();
-        remove_container_mounts(&c.shared_dir, &c.bundle.join("rootfs"), c.rootfs_mounted).await;
+        remove_container_mounts(&c.shared_dir, &c.rootfs, c.rootfs_mounted).await;
         if let Ok(sandbox) = self.sandbox() {
             sandbox.release(id).await;
         }

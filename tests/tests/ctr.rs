@@ -985,3 +985,40 @@ fn limits_beyond_the_vm_are_refused_with_numbers() {
     let _ = env.ctd.ctr(&["container", "delete", &id2]);
     env.assert_no_leaks(&[&id, &id2]);
 }
+
+/// `io.katacontainers.config.hypervisor.default_vcpus` sizes the VM when
+/// enable_annotations allows it; an annotation it does not allow fails naming it.
+#[test]
+fn sizing_annotations_are_honoured_only_when_enabled() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("annvcpu");
+    let out = env.run(
+        &id,
+        &[
+            "--annotation",
+            "io.katacontainers.config.hypervisor.default_vcpus=2",
+        ],
+        &["nproc"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stdout(&out), "2\n", "{}", text(&out));
+    let bad = unique("annbad");
+    let out = env.run(
+        &bad,
+        &[
+            "--annotation",
+            "io.katacontainers.config.hypervisor.memory_slots=3",
+        ],
+        &["true"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io.katacontainers.config.hypervisor.memory_slots")
+            && err.contains("enable_annotations"),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &bad]);
+    env.assert_no_leaks(&[&id, &bad]);
+}
