@@ -129,6 +129,9 @@ pub struct Ledger {
     pub vcpus: u32,
     /// Online memory blocks at boot.
     pub base_blocks: u32,
+    /// `static_sandbox_resource_mgmt`: the VM was sized for the pod at boot; nothing is
+    /// hot-added.
+    pub fixed: bool,
     reserved: HashMap<String, Limits>,
 }
 
@@ -155,6 +158,7 @@ impl Ledger {
             max_vcpus,
             vcpus: base_vcpus,
             base_blocks,
+            fixed: false,
             reserved: HashMap::new(),
         }
     }
@@ -162,6 +166,9 @@ impl Ledger {
     /// What must be hot-added so that `id` (new, or with new limits) fits next to the
     /// other containers, or why it cannot.
     pub fn plan(&self, id: &str, limits: Limits) -> Result<Plan, ResourceError> {
+        if self.fixed {
+            return Ok(Plan::default());
+        }
         let others = self.reserved.iter().filter(|(k, _)| k.as_str() != id);
         let (mut memory, mut vcpus) = (limits.memory_bytes, limits.vcpus);
         for (_, l) in others {
@@ -328,6 +335,17 @@ mod tests {
         };
         let e = l.plan("s3", c).unwrap_err().to_string();
         assert!(e.contains("all 2 memory_slots"), "{e}");
+    }
+
+    #[test]
+    fn a_fixed_vm_never_grows() {
+        let mut l = ledger();
+        l.fixed = true;
+        let huge = Limits {
+            memory_bytes: 100_000 * MIB,
+            vcpus: 64,
+        };
+        assert_eq!(l.plan("c", huge).unwrap(), Plan::default());
     }
 
     #[test]

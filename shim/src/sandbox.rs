@@ -373,7 +373,10 @@ impl Sandbox {
             return Err((e.into(), Some(vm)));
         }
         let ledger = match boot_ledger(&agent, vm.config()).await {
-            Ok(l) => l,
+            Ok(mut l) => {
+                l.fixed = config.runtime.static_sandbox_resource_mgmt;
+                l
+            }
             Err(e) => return Err((e.into(), Some(vm))),
         };
         // Timings in ms from the VM launch: Vm::start returned, the agent answered, the
