@@ -16,6 +16,9 @@ pub const BUSYBOX: &str = "docker.io/library/busybox:kata";
 /// Namespace the tests use.
 pub const NAMESPACE: &str = "kata-test";
 
+/// Namespace containerd's CRI plugin keeps its pods, containers and images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// A running containerd owned by one test; killed and cleaned on drop.
 #[derive(Debug)]
 pub struct Containerd {
@@ -23,6 +26,32 @@ pub struct Containerd {
     child: Child,
     /// containerd was killed and reaped already.
     killed: bool,
+    /// Namespaces whose leftover tasks and containers Drop deletes.
+    namespaces: Vec<String>,
+}
+
+/// How to start a test containerd: [`Containerd::start`] and
+/// [`Containerd::start_with_env`] are the ctr tests' defaults (CRI plugin disabled, busybox
+/// imported into [`NAMESPACE`]).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Extra environment for containerd and the shims it starts.
+    pub env: Vec<(String, PathBuf)>,
+    /// `None` disables the CRI plugin; `Some(toml)` enables it and appends `toml` (config
+    /// version 2, e.g. a `[plugins."io.containerd.grpc.v1.cri"]` table) to the configuration.
+    pub cri: Option<String>,
+    /// Image archives under `<repo>/build/images` to import, as (namespace, file name).
+    pub imports: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            cri: None,
+            imports: vec![(NAMESPACE.to_owned(), "busybox.tar".to_owned())],
+        }
+    }
 }
 
 impl Containerd {
@@ -34,26 +63,43 @@ impl Containerd {
 
     /// Like [`Containerd::start`], with extra environment for containerd and its shims.
     pub fn start_with_env(bin_dir: &Path, env: &[(&str, &Path)]) -> Self {
+        let options = Options {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_path_buf()))
+                .collect(),
+            ..Options::default()
+        };
+        Self::start_with(bin_dir, options)
+    }
+
+    /// Starts containerd as `options` say, with `bin_dir` first on its PATH.
+    pub fn start_with(bin_dir: &Path, options: Options) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kata-ctd-")
             .tempdir()
             .expect("containerd temp dir");
         let d = dir.path();
+        let disabled = if options.cri.is_some() {
+            ""
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{disabled}[grpc]
   address = "{sock}"
 [ttrpc]
   address = "{sock}.ttrpc"
 [debug]
   level = "debug"
-"#,
+{cri}"#,
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = d.join("containerd.sock").display(),
+            cri = options.cri.as_deref().unwrap_or_default(),
         );
         std::fs::write(d.join("config.toml"), config).expect("write containerd config");
         let path = format!(
@@ -66,16 +112,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .envs(options.env.iter().map(|(k, v)| (k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
             .expect("containerd starts (run hack/install-deps.sh)");
+        let mut namespaces = vec![NAMESPACE.to_owned()];
+        for (ns, _) in &options.imports {
+            if !namespaces.contains(ns) {
+                namespaces.push(ns.clone());
+            }
+        }
+        if options.cri.is_some() && !namespaces.iter().any(|ns| ns == CRI_NAMESPACE) {
+            namespaces.push(CRI_NAMESPACE.to_owned());
+        }
         let this = Self {
             dir,
             child,
             killed: false,
+            namespaces,
         };
         let sock = this.socket();
         assert!(
@@ -90,14 +146,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "containerd did not come up: {}",
             this.log()
         );
-        let images = repo_root().join("build/images/busybox.tar");
-        assert!(
-            images.is_file(),
-            "{} missing: run hack/build-test-images.sh",
-            images.display()
-        );
-        let out = this.ctr(&["images", "import", &images.to_string_lossy()]);
-        assert!(out.status.success(), "image import failed: {}", text(&out));
+        for (ns, file) in &options.imports {
+            let images = repo_root().join("build/images").join(file);
+            assert!(
+                images.is_file(),
+                "{} missing: run hack/build-test-images.sh",
+                images.display()
+            );
+            let out = this.ctr_in(ns, &["images", "import", &images.to_string_lossy()]);
+            assert!(
+                out.status.success(),
+                "image import of {file} into {ns} failed: {}",
+                text(&out)
+            );
+        }
         this
     }
 
@@ -116,13 +178,28 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.ctr_cmd(args).output().expect("run ctr")
     }
 
+    /// Runs `ctr -a <sock> -n <namespace> <args>` and returns its output.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
+        self.ctr_cmd_in(namespace, args).output().expect("run ctr")
+    }
+
     /// The `ctr` command line, for callers that need stdin or a pty.
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        self.ctr_cmd_in(NAMESPACE, args)
+    }
+
+    /// The `ctr` command line in `namespace`.
+    pub fn ctr_cmd_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.args(["-a", &self.socket().to_string_lossy(), "-n", NAMESPACE])
+        cmd.args(["-a", &self.socket().to_string_lossy(), "-n", namespace])
             .args(args)
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// containerd's state directory (`state` in its configuration).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// containerd's state dir for v2 tasks of the test namespace (bundles live there).
@@ -156,10 +233,13 @@ impl Drop for Containerd {
         }
         // A failed test may leave tasks: delete them through containerd so their shims
         // clean up (VM, mounts, directories) before the shims are killed below.
-        let tasks = self.ctr(&["task", "ls", "-q"]);
-        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
-            let _ = self.ctr(&["task", "delete", "-f", id]);
-            let _ = self.ctr(&["container", "delete", id]);
+        // (CRI pods are removed through CRI first by their owner; this catches the rest.)
+        for ns in &self.namespaces {
+            let tasks = self.ctr_in(ns, &["task", "ls", "-q"]);
+            for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
+                let _ = self.ctr_in(ns, &["task", "delete", "-f", id]);
+                let _ = self.ctr_in(ns, &["container", "delete", id]);
+            }
         }
         // SIGTERM by pid, then SIGKILL if it lingers; always reap.
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

@@ -5,9 +5,14 @@
 //! - [`LeakCheck`] asserts that nothing a VM started survives it: no process whose command
 //!   line names the VM's run directory, no mount under it, and no directory left.
 //!
+//! [`containerd`] runs a test-owned containerd (for `ctr`), and [`cri`] one with its CRI
+//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim.
+//!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
 pub mod containerd;
+pub mod cri;
+pub mod crio;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

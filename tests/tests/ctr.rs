@@ -1022,3 +1022,75 @@ fn sizing_annotations_are_honoured_only_when_enabled() {
     let _ = env.ctd.ctr(&["container", "delete", &bad]);
     env.assert_no_leaks(&[&id, &bad]);
 }
+
+/// Update raises a running container's memory limit: the VM grows first, then the guest
+/// cgroup takes the new limit.
+#[test]
+fn update_raises_a_limit_and_grows_the_vm() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("upd");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--memory-limit",
+        "134217728",
+        "--runtime",
+        KATA_RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&id)
+        == "RUNNING"));
+    let mem_total = |exec: &str| {
+        let out = env.ctd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            exec,
+            &id,
+            "sh",
+            "-c",
+            "grep MemTotal /proc/meminfo",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        stdout(&out)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = mem_total("m1");
+    // ctr 1.6 has no `task update`: call the shim's Update as containerd would.
+    let address =
+        std::fs::read_to_string(env.ctd.task_state_dir().join(&id).join("address")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let shim = kata_tests::crio::ShimClient::connect(address.trim())
+            .await
+            .unwrap();
+        shim.update(&id, br#"{"memory":{"limit":402653184}}"#)
+            .await
+            .unwrap();
+    });
+    let after = mem_total("m2");
+    assert_eq!(
+        after - before,
+        256 * 1024,
+        "MemTotal {before} kB -> {after} kB"
+    );
+    let out = env.ctd.ctr(&["task", "metrics", &id]);
+    let limit = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("memory.usage_limit"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(str::to_owned);
+    assert_eq!(limit.as_deref(), Some("402653184"), "{}", text(&out));
+    env.remove(&id);
+    env.assert_no_leaks(&[&id]);
+}
