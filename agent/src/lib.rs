@@ -15,6 +15,7 @@ pub mod init;
 pub mod logging;
 pub mod modules;
 pub mod mounts;
+pub mod network;
 pub mod passwd;
 pub mod paths;
 pub mod reaper;

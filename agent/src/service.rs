@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kata_proto::agent::{
-    AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty,
-    ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest,
-    ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest,
-    ReadFileRequest, ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest,
-    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
-    StartProcessRequest, StartProcessResponse, StatsContainerRequest, StatsContainerResponse,
-    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
+    CreateContainerResponse, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ListPidsRequest, ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse,
+    PauseContainerRequest, ReadFileRequest, ReadFileResponse, RemoveContainerRequest,
+    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StartProcessRequest, StartProcessResponse, StatsContainerRequest,
+    StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -48,6 +48,9 @@ pub enum ServiceError {
     /// A blocking task panicked or was cancelled.
     #[error("blocking task")]
     Join(#[from] tokio::task::JoinError),
+    /// ConfigureNetwork failed.
+    #[error("configure network")]
+    Network(#[from] crate::network::NetworkError),
     /// A container or process request failed.
     #[error(transparent)]
     Container(#[from] ContainerError),
@@ -80,6 +83,9 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             | ContainerError::Kill { .. } => Code::INTERNAL,
         },
         ServiceError::Guest(GuestError::NotOnline { .. }) => Code::DEADLINE_EXCEEDED,
+        ServiceError::Network(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
+        ServiceError::Network(crate::network::NetworkError::NoNic { .. }) => Code::NOT_FOUND,
+        ServiceError::Network(_) => Code::INTERNAL,
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
@@ -302,6 +308,17 @@ impl AgentService for Agent {
         crate::guest::online_resources(&req)
             .await
             .map_err(|e| log_failure("OnlineResources", e.into()))
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::configure(&req)
+            .await
+            .map_err(|e| log_failure("ConfigureNetwork", e.into()))?;
+        Ok(Empty::new())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {

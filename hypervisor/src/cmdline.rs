@@ -145,6 +145,18 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
         );
     }
 
+    for (i, net) in c.net.iter().enumerate() {
+        use std::os::fd::AsRawFd;
+        args.pair(
+            "-netdev",
+            format!("tap,id=net{i},fd={},vhost=off", net.tap.as_raw_fd()),
+        );
+        args.pair(
+            "-device",
+            format!("virtio-net-pci,netdev=net{i},mac={}", net.mac),
+        );
+    }
+
     args.pair("-kernel", &c.kernel);
     args.pair("-initrd", &c.initrd);
     let append: Vec<&str> = DEFAULT_KERNEL_PARAMS

@@ -144,6 +144,25 @@ pub struct SharedFsConfig {
     pub extra_args: Vec<String>,
 }
 
+/// A network device: a tap the caller opened (in the pod's network namespace) and the MAC
+/// the guest's virtio-net gets.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    /// The tap's fd; QEMU inherits it.
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+impl PartialEq for NetDevice {
+    fn eq(&self, other: &Self) -> bool {
+        use std::os::fd::AsRawFd;
+        self.tap.as_raw_fd() == other.tap.as_raw_fd() && self.mac == other.mac
+    }
+}
+
+impl Eq for NetDevice {}
+
 /// Everything needed to start one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -175,6 +194,8 @@ pub struct VmConfig {
     pub vsock_daemon: PathBuf,
     /// Optional virtio-fs share.
     pub shared_fs: Option<SharedFsConfig>,
+    /// virtio-net devices on taps.
+    pub net: Vec<NetDevice>,
     /// Per-VM directory for sockets; created by start (it must not exist or be empty) and
     /// removed by stop.
     pub run_dir: PathBuf,
@@ -198,6 +219,7 @@ impl VmConfig {
             max_vcpus: 1,
             accel: Accel::Auto,
             vsock: VsockMode::Auto,
+            net: Vec::new(),
             vsock_daemon: PathBuf::from("/opt/kata-deps/bin/vhost-device-vsock"),
             shared_fs: None,
             run_dir,

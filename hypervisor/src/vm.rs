@@ -416,6 +416,10 @@ async fn start_children(
     if let VsockDevice::Vhost { fd, .. } = device {
         inherit_fd(&mut cmd, fd);
     }
+    for net in &config.net {
+        use std::os::fd::AsRawFd;
+        inherit_fd(&mut cmd, net.tap.as_raw_fd());
+    }
     let console = LineRing::new(CONSOLE_LINES);
     let stdout = Stdout::Lines(
         console.clone(),

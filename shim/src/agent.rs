@@ -270,6 +270,59 @@ impl AgentClient {
             })
     }
 
+    /// Gives the guest the pod's interfaces (by MAC), addresses, MTU and routes.
+    pub async fn configure_network(
+        &self,
+        net: &crate::network::PodNetwork,
+    ) -> Result<(), AgentError> {
+        use kata_proto::agent::{ConfigureNetworkRequest, IPAddress, Interface, Route};
+        let req = ConfigureNetworkRequest {
+            interfaces: net
+                .interfaces
+                .iter()
+                .map(|i| Interface {
+                    name: i.name.clone(),
+                    mac: i.mac.clone(),
+                    mtu: i.mtu,
+                    addresses: i
+                        .addresses
+                        .iter()
+                        .map(|(ip, len)| IPAddress {
+                            address: ip.to_string(),
+                            prefix_len: (*len).into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            routes: net
+                .routes
+                .iter()
+                .map(|r| Route {
+                    destination: r
+                        .destination
+                        .map(|(d, _)| d.to_string())
+                        .unwrap_or_default(),
+                    dest_prefix_len: r.destination.map(|(_, l)| l.into()).unwrap_or(0),
+                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    device: r.device.clone(),
+                    link_scope: r.link_scope,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.agent
+            .configure_network(self.ctx_default(), &req)
+            .await
+            .map_err(|source| AgentError::Rpc {
+                method: "ConfigureNetwork",
+                source,
+            })?;
+        Ok(())
+    }
+
     /// Creates a container from a guest-ready OCI spec; returns the guest pid of its init
     /// process, created but not started.
     pub async fn create_container(

@@ -373,6 +373,7 @@ impl Config {
                 cache,
                 extra_args: q.virtio_fs_extra_args.clone(),
             }),
+            net: Vec::new(),
             run_dir,
             start_timeout: Duration::from_secs(30),
         })

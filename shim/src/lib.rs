@@ -17,6 +17,7 @@ pub mod events;
 pub mod exits;
 pub mod io;
 pub mod mounts;
+pub mod network;
 pub mod options;
 pub mod resources;
 pub mod sandbox;

@@ -67,6 +67,9 @@ pub enum SandboxError {
     /// A blocking helper task failed.
     #[error("sandbox setup task failed")]
     Join(#[source] tokio::task::JoinError),
+    /// The pod network could not be plumbed.
+    #[error("pod network")]
+    Network(#[source] crate::network::NetworkError),
 }
 
 /// The host directories of one sandbox.
@@ -175,6 +178,8 @@ pub struct Sandbox {
     vm: Mutex<Option<Vm>>,
     /// The VM's size and what the containers reserved of it.
     resources: Mutex<Ledger>,
+    /// The pod network plumbed into the VM, if the sandbox had a network namespace.
+    network: Option<crate::network::PodNetwork>,
     exit_rx: watch::Receiver<Option<ExitReport>>,
     stopping: AtomicBool,
     /// Held for the whole teardown; true once it is done.
@@ -262,6 +267,8 @@ async fn plug_vcpus(vm: &Vm, current: u32, n: u32) -> Result<(), ResourceError> 
 struct Undo {
     paths: SandboxPaths,
     shared_mounted: bool,
+    /// The pod network's tc setup to remove.
+    network: Option<(PathBuf, Vec<crate::network::Interface>)>,
 }
 
 impl Undo {
@@ -269,6 +276,14 @@ impl Undo {
         if let Some(vm) = vm {
             if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
                 tracing::warn!(error = %crate::error::chain(&error), "stopping VM after failed create");
+            }
+        }
+        if let Some((netns, interfaces)) = self.network {
+            let detached =
+                tokio::task::spawn_blocking(move || crate::network::detach(&netns, &interfaces))
+                    .await;
+            if let Ok(Err(error)) = detached {
+                tracing::warn!(error = %crate::error::chain(&error), "removing the pod network's tc setup");
             }
         }
         let paths = self.paths;
@@ -290,7 +305,11 @@ impl Undo {
 
 impl Sandbox {
     /// Creates the sandbox `id` with `config` (see the module docs).
-    pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+    pub async fn create(
+        id: &str,
+        config: &Config,
+        netns: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let paths = SandboxPaths::new(id);
         if tokio::fs::try_exists(paths.state_file())
             .await
@@ -308,8 +327,9 @@ impl Sandbox {
         let mut undo = Undo {
             paths: paths.clone(),
             shared_mounted: false,
+            network: None,
         };
-        match Self::create_in(id, config, &paths, &mut undo).await {
+        match Self::create_in(id, config, netns, &paths, &mut undo).await {
             Ok(sandbox) => Ok(sandbox),
             Err((error, vm)) => {
                 undo.run(vm).await;
@@ -321,6 +341,7 @@ impl Sandbox {
     async fn create_in(
         id: &str,
         config: &Config,
+        netns: Option<&Path>,
         paths: &SandboxPaths,
         undo: &mut Undo,
     ) -> Result<Sandbox, (SandboxError, Option<Vm>)> {
@@ -339,7 +360,7 @@ impl Sandbox {
             .map_err(|e| (e.into(), None))?;
         undo.shared_mounted = true;
 
-        let vm_config = config
+        let mut vm_config = config
             .vm_config(
                 &dir_key(id),
                 paths.vm_run_dir.clone(),
@@ -347,6 +368,25 @@ impl Sandbox {
                 HostLimits::detect(),
             )
             .map_err(|e| (SandboxError::Config(e), None))?;
+        // The pod's network namespace (CNI's): a tap per interface, redirected with tc.
+        let network = match netns {
+            Some(ns) => {
+                let ns = ns.to_owned();
+                let attached = tokio::task::spawn_blocking(move || crate::network::attach(&ns))
+                    .await
+                    .map_err(|e| (SandboxError::Join(e), None))?
+                    .map_err(|e| (SandboxError::Network(e), None))?;
+                undo.network = Some((attached.netns.clone(), attached.interfaces.clone()));
+                for (iface, tap) in attached.interfaces.iter().zip(&attached.taps) {
+                    vm_config.net.push(kata_hypervisor::NetDevice {
+                        tap: tap.clone(),
+                        mac: iface.mac.clone(),
+                    });
+                }
+                Some(attached)
+            }
+            None => None,
+        };
         let launch_started = std::time::Instant::now();
         let vm = Vm::start(vm_config)
             .await
@@ -372,6 +412,17 @@ impl Sandbox {
         if let Err(e) = agent.add_storages(vec![shared_fs_storage()]).await {
             return Err((e.into(), Some(vm)));
         }
+        if let Some(net) = &network {
+            if let Err(e) = agent.configure_network(net).await {
+                return Err((e.into(), Some(vm)));
+            }
+            tracing::info!(sandbox = id, interfaces = ?net.interfaces, routes = ?net.routes, "pod network configured");
+        }
+        // QEMU holds the taps now.
+        let network = network.map(|mut n| {
+            n.taps.clear();
+            n
+        });
         let ledger = match boot_ledger(&agent, vm.config()).await {
             Ok(mut l) => {
                 l.fixed = config.runtime.static_sandbox_resource_mgmt;
@@ -399,6 +450,7 @@ impl Sandbox {
             exit_rx: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
             resources: Mutex::new(ledger),
+            network,
             stopping: AtomicBool::new(false),
             torn_down: Mutex::new(false),
         })
@@ -515,6 +567,15 @@ impl Sandbox {
             }
             if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
                 tracing::warn!(error = %crate::error::chain(&error), "stopping VM");
+            }
+        }
+        if let Some(net) = self.network.clone() {
+            let detached = tokio::task::spawn_blocking(move || {
+                crate::network::detach(&net.netns, &net.interfaces)
+            })
+            .await;
+            if let Ok(Err(error)) = detached {
+                tracing::warn!(error = %crate::error::chain(&error), "removing the pod network's tc setup");
             }
         }
         let paths = self.paths.clone();

@@ -171,6 +171,18 @@ pub fn role(spec: &Spec, container_id: &str) -> Result<Role, SpecError> {
     }
 }
 
+/// The host network namespace a sandbox (or a `ctr --with-ns network:`) container names:
+/// the pod's, where CNI put its interfaces.
+pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        .and_then(|ns| ns.path().clone())
+}
+
 /// Where the guest keeps a pod's namespaces and its shared memory.
 pub const GUEST_SANDBOX_NS_DIR: &str = "/run/kata-containers/sandbox/ns";
 /// The pod's /dev/shm in the guest.
@@ -221,6 +233,26 @@ pub fn rewrite_for_guest(
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(None);
         if let Some(namespaces) = linux.namespaces_mut() {
+            // The VM is the pod's network namespace: a sandbox (or standalone container)
+            // whose network namespace is the host pod's uses the guest's, which holds the
+            // pod's interfaces.
+            if !matches!(role, Role::Container { .. }) {
+                namespaces.retain(|ns| {
+                    ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network
+                        || ns.path().is_none()
+                });
+            }
+            // A host-network pod's sandbox comes without a UTS namespace (it would be the
+            // node's); in the VM the pod gets its own, so its hostname applies and the pod's
+            // containers join it.
+            let has_uts = namespaces
+                .iter()
+                .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts);
+            if *role == Role::Sandbox && !has_uts {
+                let mut uts = oci_spec::runtime::LinuxNamespace::default();
+                uts.set_typ(oci_spec::runtime::LinuxNamespaceType::Uts);
+                namespaces.push(uts);
+            }
             for ns in namespaces.iter_mut() {
                 let Some(path) = ns.path().clone() else {
                     continue;

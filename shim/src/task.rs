@@ -207,7 +207,8 @@ impl TaskService {
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
         let config = crate::annotations::apply(&config, annotations)
             .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let sandbox = Arc::new(Sandbox::create(sandbox_id, &config).await?);
+        let netns = spec::network_namespace(spec);
+        let sandbox = Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref()).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
         let this = Arc::downgrade(self);

@@ -104,6 +104,7 @@ impl TestVm {
             vsock: VsockMode::Auto,
             vsock_daemon: daemon_path("vhost-device-vsock"),
             shared_fs: None,
+            net: Vec::new(),
             run_dir: scratch.path().join("run"),
             start_timeout: Duration::from_secs(20),
         };

@@ -1094,3 +1094,144 @@ fn update_raises_a_limit_and_grows_the_vm() {
     env.remove(&id);
     env.assert_no_leaks(&[&id]);
 }
+
+/// Runs a host command the test needs (the test plays CNI's part with `ip`).
+fn host(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
+/// Pod networking in the "tcfilter" model, with the test in CNI's place: a network
+/// namespace holding one end of a veth (address, MTU 1400, default route), the other end on
+/// the host. A sandbox container naming that namespace gets a VM whose NIC carries the
+/// veth's MAC, address, MTU and route; the host fetches a page from busybox httpd in the pod
+/// and the pod reaches the host's end; deleting the container removes the tap and tc setup.
+/// Traffic stays on this veth.
+#[test]
+fn pod_network_through_a_veth() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("net");
+    let n = std::process::id() % 200 + 20;
+    let ns = format!("kt-net-{n}");
+    let host_if = format!("ktv{n}");
+    let (host_ip, pod_ip) = (format!("10.213.{n}.1"), format!("10.213.{n}.2"));
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    host(&["ip", "netns", "add", &ns]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            // Deleting the namespace deletes the veth pair.
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    host(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ]);
+    host(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{host_ip}/24"),
+        "dev",
+        &host_if,
+    ]);
+    host(&["ip", "link", "set", &host_if, "up"]);
+    host(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("{pod_ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    host(&["ip", "-n", &ns, "link", "set", "eth0", "mtu", "1400", "up"]);
+    host(&["ip", "-n", &ns, "route", "add", "default", "via", &host_ip]);
+
+    let sb_id = format!("io.kubernetes.cri.sandbox-id={id}");
+    let netns = format!("network:/var/run/netns/{ns}");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KATA_RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        &sb_id,
+        "--with-ns",
+        &netns,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo hello-from-the-pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&id)
+        == "RUNNING"));
+    let inside = env.ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "ipinfo",
+        &id,
+        "sh",
+        "-c",
+        &format!("ip -o -4 addr show dev eth0; ip -o link show dev eth0; ip route; ping -c 1 -W 5 {host_ip} >/dev/null && echo ping-ok"),
+    ]);
+    let s = stdout(&inside);
+    assert!(
+        s.contains(&format!("inet {pod_ip}/24")),
+        "{}",
+        text(&inside)
+    );
+    assert!(s.contains("mtu 1400"), "{}", text(&inside));
+    assert!(
+        s.contains(&format!("default via {host_ip} dev eth0")),
+        "{}",
+        text(&inside)
+    );
+    assert!(s.contains("ping-ok"), "{}", text(&inside));
+    // The host fetches the page from the pod.
+    let mut page = String::new();
+    let fetched = wait_until(Duration::from_secs(20), || {
+        use std::io::Read;
+        let Ok(mut conn) = std::net::TcpStream::connect_timeout(
+            &format!("{pod_ip}:8080").parse().unwrap(),
+            Duration::from_secs(2),
+        ) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        if conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        page.clear();
+        let _ = conn.read_to_string(&mut page);
+        page.contains("hello-from-the-pod")
+    });
+    assert!(fetched, "no page from {pod_ip}:8080: {page:?}");
+    let qdiscs = host(&["tc", "-n", &ns, "qdisc", "show", "dev", "eth0"]);
+    assert!(stdout(&qdiscs).contains("ingress"), "{}", text(&qdiscs));
+    let links = host(&["ip", "-n", &ns, "-o", "link"]);
+    assert!(stdout(&links).contains("tap0_kata"), "{}", text(&links));
+
+    env.remove(&id);
+    let links = host(&["ip", "-n", &ns, "-o", "link"]);
+    assert!(
+        !stdout(&links).contains("tap0_kata"),
+        "tap left: {}",
+        text(&links)
+    );
+    let qdiscs = host(&["tc", "-n", &ns, "qdisc", "show", "dev", "eth0"]);
+    assert!(
+        !stdout(&qdiscs).contains("ingress"),
+        "tc left: {}",
+        text(&qdiscs)
+    );
+    env.assert_no_leaks(&[&id]);
+}

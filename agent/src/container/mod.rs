@@ -349,7 +349,10 @@ impl Containers {
         };
         let pid = init.pid.as_raw() as u32;
         let pod_ns = if sandbox {
-            match self.bind_pod_namespaces(init.pid, &namespaces).await {
+            // All four, new or not: a sandbox without its own network namespace (the VM is
+            // the pod's network) still gives the pod the one it is in.
+            let pod_types = ["ipc", "uts", "network", "pid"].map(String::from);
+            match self.bind_pod_namespaces(init.pid, &pod_types).await {
                 Ok(bound) => bound,
                 Err(e) => {
                     let _ = nix::sys::signal::kill(init.pid, Signal::SIGKILL);

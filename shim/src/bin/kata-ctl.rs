@@ -108,6 +108,7 @@ async fn boot_check(args: BootCheck) -> Result<()> {
             cache: "auto".into(),
             extra_args: Vec::new(),
         }),
+        net: Vec::new(),
         run_dir,
         start_timeout: Duration::from_secs(20),
     };
