@@ -68,6 +68,7 @@ pub async fn serve_forever(addr: &str, agent: Arc<Agent>) -> ! {
             }
         }
     };
-    tracing::info!(addr, "serving ttrpc");
+    // The host waits for this line before it dials (kata_proto::AGENT_READY_MARKER).
+    tracing::info!(addr, "{}", kata_proto::AGENT_READY_MARKER);
     std::future::pending().await
 }

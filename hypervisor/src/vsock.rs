@@ -35,8 +35,12 @@ const CID_ATTEMPTS: u32 = 4096;
 const MAX_REPLY_LEN: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_millis(50);
-/// Upper bound of one connect attempt (socket connect plus the hybrid handshake).
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Upper bound of one connect attempt (socket connect plus the hybrid handshake). Long: a
+/// CONNECT sent before the guest's vsock driver is up is answered once it is (OK, or a reset
+/// while the agent is not listening yet, which is retried at once). Closing attempts after
+/// 1 s instead piled up dozens of pending requests in vhost-device-vsock during slow
+/// boots, after which it was seen to stop answering altogether.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 nix::ioctl_write_ptr!(vhost_vsock_set_guest_cid, 0xAF, 0x60, u64);
 

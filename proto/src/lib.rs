@@ -39,3 +39,8 @@ pub const PROTOCOL_VERSION: &str = "0.1.0";
 
 /// The vsock port on which the agent accepts one connection per process stdio stream.
 pub const STDIO_VSOCK_PORT: u32 = 1026;
+
+/// The agent logs a line with this text on the guest console once it accepts ttrpc
+/// connections; the host waits for it before its first hybrid-vsock dial (an early CONNECT
+/// racing the guest's vsock driver start was seen to leave vhost-device-vsock unanswering).
+pub const AGENT_READY_MARKER: &str = "serving ttrpc";

@@ -90,6 +90,35 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
+/// Longest wait for the agent's ready line before dialing anyway (its log level may hide it).
+const READY_MARKER_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until the guest console shows the agent's ready line, QEMU exits, or
+/// [`READY_MARKER_WAIT`] (or `deadline`) passes: dialing earlier races the guest's vsock
+/// driver start, which was seen to leave the hybrid-vsock daemon unanswering.
+async fn wait_for_ready_marker(vm: &Vm, deadline: Instant) {
+    let until = (Instant::now() + READY_MARKER_WAIT).min(deadline);
+    let exited = vm.exit_watch();
+    while Instant::now() < until {
+        if exited.borrow().is_some() {
+            return;
+        }
+        if vm
+            .console_tail()
+            .iter()
+            .rev()
+            .any(|l| l.contains(kata_proto::AGENT_READY_MARKER))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::warn!(
+        marker = kata_proto::AGENT_READY_MARKER,
+        "the agent's ready line did not appear on the guest console; dialing anyway"
+    );
+}
+
 impl AgentClient {
     /// Dials the agent through `vm` and waits until it reports SERVING.
     ///
@@ -102,6 +131,7 @@ impl AgentClient {
     ) -> Result<Self, AgentError> {
         let port = kata_proto::AGENT_VSOCK_PORT;
         let deadline = Instant::now() + dial_timeout;
+        wait_for_ready_marker(vm, deadline).await;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let stream = vm

@@ -1235,3 +1235,30 @@ fn pod_network_through_a_veth() {
     );
     env.assert_no_leaks(&[&id]);
 }
+
+/// A sandbox whose CRI annotations contradict each other fails naming them; no VM is
+/// started and nothing is left.
+#[test]
+fn malformed_pod_annotations_are_refused() {
+    let env = Env::new(KATA_RUNTIME);
+    let id = unique("badann");
+    let out = env.run(
+        &id,
+        &[
+            "--annotation",
+            "io.kubernetes.cri.container-type=pod",
+            "--annotation",
+            &format!("io.kubernetes.cri.sandbox-id={id}"),
+        ],
+        &["true"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("container type \"pod\"") && err.contains("\"sandbox\" or \"container\""),
+        "{}",
+        text(&out)
+    );
+    let _ = env.ctd.ctr(&["container", "delete", &id]);
+    env.assert_no_leaks(&[&id]);
+}
