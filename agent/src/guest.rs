@@ -181,14 +181,13 @@ async fn online_all(
         };
         if state.trim() == offline_value {
             // A block the kernel onlined meanwhile answers EINVAL: count it by re-reading.
-            if let Err(source) = tokio::fs::write(&path, value).await {
+            if let Err(error) = tokio::fs::write(&path, value).await {
                 let now = tokio::fs::read_to_string(&path).await.unwrap_or_default();
                 if now.trim() == offline_value {
-                    return Err(GuestError::Write {
-                        path,
-                        value,
-                        source,
-                    });
+                    // Often transient (EBUSY while the kernel still adds the block): the
+                    // caller's loop tries again until its deadline.
+                    tracing::debug!(path = %path.display(), %error, "online failed; retrying");
+                    continue;
                 }
             }
         }

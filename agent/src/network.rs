@@ -162,7 +162,11 @@ pub async fn configure(req: &ConfigureNetworkRequest) -> Result<(), NetworkError
         }
         tracing::info!(name = %iface.name, mac = %iface.mac, mtu = iface.mtu, addresses = ?iface.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>(), "interface configured");
     }
-    for r in &req.routes {
+    // On-link routes first: a gateway (Calico's 169.254.1.1 on a /32) must be reachable
+    // before a route through it is accepted.
+    let mut routes: Vec<_> = req.routes.iter().collect();
+    routes.sort_by_key(|r| !r.gateway.is_empty());
+    for r in routes {
         let index = index_of(&h, &r.device)
             .await?
             .ok_or_else(|| NetworkError::NoDevice {

@@ -158,6 +158,27 @@ pub fn attach(netns: &Path) -> Result<PodNetwork, NetworkError> {
     in_netns(netns, |netns| {
         let netns = netns.to_owned();
         with_netlink(async |h| {
+            let mut touched: Vec<u32> = Vec::new();
+            let result = attach_in(h, &netns, &mut touched).await;
+            if result.is_err() {
+                // Leave no redirect to a tap that is gone.
+                for index in touched {
+                    let _ = del_ingress(h, index).await;
+                }
+            }
+            result
+        })
+    })
+}
+
+async fn attach_in(
+    h: &Handle,
+    netns: &Path,
+    touched: &mut Vec<u32>,
+) -> Result<PodNetwork, NetworkError> {
+    let netns = netns.to_path_buf();
+    {
+        {
             let links: Vec<_> = h
                 .link()
                 .get()
@@ -220,6 +241,9 @@ pub fn attach(netns: &Path) -> Result<PodNetwork, NetworkError> {
                     .await
                     .map_err(nl(&netns, format!("set {tap_name} up, mtu {mtu}")))?;
                 for (from, to) in [(index, tap_index), (tap_index, index)] {
+                    // A leftover of an earlier, failed attach would make the add fail.
+                    let _ = del_ingress(h, from).await;
+                    touched.push(from);
                     h.qdisc()
                         .add(from as i32)
                         .ingress()
@@ -324,8 +348,27 @@ pub fn attach(netns: &Path) -> Result<PodNetwork, NetworkError> {
                 routes,
                 taps,
             })
-        })
-    })
+        }
+    }
+}
+
+/// Deletes the ingress qdisc of link `index` (its filters go with it); a link without one
+/// is fine.
+async fn del_ingress(h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    let mut del = h.qdisc().del(index as i32);
+    del.message_mut().header.parent = TcHandle::INGRESS;
+    del.message_mut().header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    match del.execute().await {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if matches!(-e.raw_code(), libc::ENOENT | libc::EINVAL | libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
@@ -358,29 +401,9 @@ pub fn detach(netns: &Path, interfaces: &[Interface]) -> Result<(), NetworkError
                 else {
                     continue;
                 };
-                let qdiscs: Vec<_> = h
-                    .qdisc()
-                    .get()
-                    .index(link.header.index as i32)
-                    .ingress()
-                    .execute()
-                    .try_collect()
+                del_ingress(h, link.header.index)
                     .await
-                    .unwrap_or_default();
-                for q in qdiscs {
-                    if q.header.index == link.header.index as i32 {
-                        let mut del = h.qdisc().del(link.header.index as i32);
-                        del.message_mut().header.parent = TcHandle::INGRESS;
-                        del.message_mut().header.handle = TcHandle {
-                            major: 0xffff,
-                            minor: 0,
-                        };
-                        del.execute()
-                            .await
-                            .map_err(nl(&netns, format!("remove ingress qdisc of {name}")))?;
-                        break;
-                    }
-                }
+                    .map_err(nl(&netns, format!("remove ingress qdisc of {name}")))?;
             }
             Ok(())
         })

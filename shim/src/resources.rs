@@ -132,6 +132,12 @@ pub struct Ledger {
     /// `static_sandbox_resource_mgmt`: the VM was sized for the pod at boot; nothing is
     /// hot-added.
     pub fixed: bool,
+    /// Memory blocks and vCPUs the guest has confirmed online (a plug the guest did not
+    /// online yet is retried before anything relies on it).
+    pub confirmed_blocks: u32,
+    pub confirmed_vcpus: u32,
+    /// The next vCPU device id (never reused, even after a failed plug).
+    pub next_cpu_id: u32,
     reserved: HashMap<String, Limits>,
 }
 
@@ -159,6 +165,9 @@ impl Ledger {
             vcpus: base_vcpus,
             base_blocks,
             fixed: false,
+            confirmed_blocks: base_blocks,
+            confirmed_vcpus: base_vcpus,
+            next_cpu_id: 0,
             reserved: HashMap::new(),
         }
     }
@@ -221,6 +230,11 @@ impl Ledger {
     /// Records hot-added vCPUs.
     pub fn plugged_vcpus(&mut self, n: u32) {
         self.vcpus += n;
+    }
+
+    /// Whether something plugged is not confirmed online yet.
+    pub fn unconfirmed(&self) -> bool {
+        self.expected_blocks() > self.confirmed_blocks || self.vcpus > self.confirmed_vcpus
     }
 
     /// Online memory blocks the guest must have once everything plugged is online.

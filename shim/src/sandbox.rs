@@ -232,35 +232,50 @@ async fn plug_memory(vm: &Vm, n: u32, bytes: u64) -> Result<(), ResourceError> {
     Ok(())
 }
 
-/// Hot-adds `n` vCPUs into free slots QEMU reports (`current` are plugged already).
-async fn plug_vcpus(vm: &Vm, current: u32, n: u32) -> Result<(), ResourceError> {
+/// Hot-adds `n` vCPUs into free slots QEMU reports. Returns how many were plugged (also
+/// when one failed, so the ledger stays true) and the outcome.
+async fn plug_vcpus(vm: &Vm, ledger: &mut Ledger, n: u32) -> (u32, Result<(), ResourceError>) {
     use kata_hypervisor::qmp::Command;
     let qmp = vm.qmp();
-    let slots = qmp
-        .query_hotpluggable_cpus()
-        .await
-        .map_err(|source| ResourceError::Qmp {
-            what: "query-hotpluggable-cpus".into(),
-            source,
-        })?;
+    let slots = match qmp.query_hotpluggable_cpus().await {
+        Ok(s) => s,
+        Err(source) => {
+            return (
+                0,
+                Err(ResourceError::Qmp {
+                    what: "query-hotpluggable-cpus".into(),
+                    source,
+                }),
+            )
+        }
+    };
     let free: Vec<_> = slots.iter().filter(|c| c.qom_path.is_none()).collect();
     if free.len() < n as usize {
-        return Err(ResourceError::NoCpuSlot {
-            wanted: n,
-            free: free.len(),
-        });
+        return (
+            0,
+            Err(ResourceError::NoCpuSlot {
+                wanted: n,
+                free: free.len(),
+            }),
+        );
     }
+    let mut plugged = 0;
     // QEMU lists the slots highest first; plug the lowest free ones.
-    for (i, cpu) in free.iter().rev().take(n as usize).enumerate() {
-        let id = format!("hpcpu{}", current as usize + i);
-        qmp.execute_unit(&Command::cpu(&id, cpu))
-            .await
-            .map_err(|source| ResourceError::Qmp {
-                what: format!("device_add {} {id}", cpu.driver),
-                source,
-            })?;
+    for cpu in free.iter().rev().take(n as usize) {
+        let id = format!("hpcpu{}", ledger.next_cpu_id);
+        ledger.next_cpu_id += 1;
+        if let Err(source) = qmp.execute_unit(&Command::cpu(&id, cpu)).await {
+            return (
+                plugged,
+                Err(ResourceError::Qmp {
+                    what: format!("device_add {} {id}", cpu.driver),
+                    source,
+                }),
+            );
+        }
+        plugged += 1;
     }
-    Ok(())
+    (plugged, Ok(()))
 }
 
 /// Undoes a partial [`Sandbox::create`].
@@ -461,8 +476,29 @@ impl Sandbox {
     /// Fails naming the numbers when the VM cannot grow that far.
     pub async fn reserve(&self, id: &str, limits: Limits) -> Result<(), ResourceError> {
         let mut ledger = self.resources.lock().await;
+        self.reserve_locked(&mut ledger, id, limits).await
+    }
+
+    /// [`reserve`](Self::reserve) with the limits an Update sets over the current ones,
+    /// in one step under the ledger's lock.
+    pub async fn update_reservation(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), ResourceError> {
+        let mut ledger = self.resources.lock().await;
+        let limits = crate::resources::updated(ledger.reserved(id), resources);
+        self.reserve_locked(&mut ledger, id, limits).await
+    }
+
+    async fn reserve_locked(
+        &self,
+        ledger: &mut Ledger,
+        id: &str,
+        limits: Limits,
+    ) -> Result<(), ResourceError> {
         let plan = ledger.plan(id, limits)?;
-        if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 {
+        if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 || ledger.unconfirmed() {
             let started = std::time::Instant::now();
             {
                 let vm = self.vm.lock().await;
@@ -472,8 +508,9 @@ impl Sandbox {
                     ledger.plugged_memory(plan.add_memory_bytes);
                 }
                 if plan.add_vcpus > 0 {
-                    plug_vcpus(vm, ledger.vcpus, plan.add_vcpus).await?;
-                    ledger.plugged_vcpus(plan.add_vcpus);
+                    let (plugged, result) = plug_vcpus(vm, ledger, plan.add_vcpus).await;
+                    ledger.plugged_vcpus(plugged);
+                    result?;
                 }
             }
             let online = self
@@ -481,6 +518,8 @@ impl Sandbox {
                 .online_resources(ledger.expected_blocks(), ledger.vcpus, ONLINE_TIMEOUT_MS)
                 .await
                 .map_err(ResourceError::Online)?;
+            ledger.confirmed_blocks = ledger.expected_blocks();
+            ledger.confirmed_vcpus = ledger.vcpus;
             tracing::info!(
                 container = id,
                 added_memory_mib = plan.add_memory_bytes >> 20,

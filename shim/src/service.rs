@@ -307,10 +307,11 @@ impl Task for Service {
         )
         .map_err(|e| TaskError::InvalidArgument(format!("invalid resources: {e}"))))?;
         let sandbox = ok(self.0.sandbox())?;
+        // Serialized with Delete, which releases the reservation.
+        let _lifecycle = c.lifecycle.lock().await;
         // Grow the VM first when the new limits need it.
-        let limits = crate::resources::updated(sandbox.reserved(&c.id).await, &parsed);
         ok(sandbox
-            .reserve(&c.id, limits)
+            .update_reservation(&c.id, &parsed)
             .await
             .map_err(TaskError::from))?;
         ok(sandbox
@@ -357,6 +358,8 @@ impl Task for Service {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
+        // A Create in flight decides whether anything is left: wait for it.
+        let _create = self.0.create_lock.lock().await;
         if self.0.has_containers() && !req.now {
             tracing::debug!("shutdown ignored: containers remain");
             return Ok(Empty::new());

@@ -248,10 +248,18 @@ pub fn rewrite_for_guest(
             let has_uts = namespaces
                 .iter()
                 .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts);
-            if *role == Role::Sandbox && !has_uts {
+            if !has_uts {
                 let mut uts = oci_spec::runtime::LinuxNamespace::default();
                 uts.set_typ(oci_spec::runtime::LinuxNamespaceType::Uts);
-                namespaces.push(uts);
+                match role {
+                    Role::Sandbox => namespaces.push(uts),
+                    // ...and the pod's containers join it.
+                    Role::Container { .. } => {
+                        uts.set_path(Some(PathBuf::from(format!("{GUEST_SANDBOX_NS_DIR}/uts"))));
+                        namespaces.push(uts);
+                    }
+                    Role::Standalone => {}
+                }
             }
             for ns in namespaces.iter_mut() {
                 let Some(path) = ns.path().clone() else {

@@ -36,7 +36,7 @@ pub struct TaskService {
     pub(crate) events: EventSender,
     pub(crate) exit: Arc<ExitSignal>,
     /// Serializes Create (and so sandbox creation).
-    create_lock: tokio::sync::Mutex<()>,
+    pub(crate) create_lock: tokio::sync::Mutex<()>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// QEMU's pid, kept after the VM is gone so State still answers with it.
@@ -207,6 +207,9 @@ impl TaskService {
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
         let config = crate::annotations::apply(&config, annotations)
             .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
         let netns = spec::network_namespace(spec);
         let sandbox = Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref()).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
