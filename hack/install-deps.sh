@@ -19,6 +19,7 @@ APT_PACKAGES=(
   protobuf-compiler # protoc for k8s-cri's build script (the tests' CRI client); ttrpc-codegen is pure Rust
   kmod              # depmod, to order the guest kernel modules
   iproute2 util-linux procps
+  containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni (pod network tests, bench-net)
 )
 
 log() { echo "install-deps: $*" >&2; }

@@ -427,10 +427,21 @@ impl Sandbox {
         if let Err(e) = agent.add_storages(vec![shared_fs_storage()]).await {
             return Err((e.into(), Some(vm)));
         }
+        // Without a pod network namespace (host network) the guest still needs loopback:
+        // an empty configuration brings just that up.
+        let no_network = crate::network::PodNetwork {
+            netns: PathBuf::new(),
+            interfaces: Vec::new(),
+            routes: Vec::new(),
+            taps: Vec::new(),
+        };
+        if let Err(e) = agent
+            .configure_network(network.as_ref().unwrap_or(&no_network))
+            .await
+        {
+            return Err((e.into(), Some(vm)));
+        }
         if let Some(net) = &network {
-            if let Err(e) = agent.configure_network(net).await {
-                return Err((e.into(), Some(vm)));
-            }
             tracing::info!(sandbox = id, interfaces = ?net.interfaces, routes = ?net.routes, "pod network configured");
         }
         // QEMU holds the taps now.

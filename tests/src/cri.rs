@@ -10,9 +10,14 @@
 //! - handlers `runc` (default, `io.containerd.runc.v2`) and, when a [`ShimInstall`] is given,
 //!   `kata` (`io.containerd.kata.v2`, `pod_annotations = ["io.katacontainers.*"]`,
 //!   `privileged_without_host_devices`, options `ConfigPath` = the test configuration);
-//! - no CNI: the CNI conf and bin dirs are empty temp dirs. containerd 1.6 logs "failed to
-//!   load cni during init" and carries on (its NetworkReady condition stays false); pods must
-//!   use host networking (`NamespaceOption.network = NODE`), which never calls CNI.
+//! - no CNI by default: the CNI conf and bin dirs are empty temp dirs. containerd 1.6 logs
+//!   "failed to load cni during init" and carries on (its NetworkReady condition stays
+//!   false); pods must use host networking (`NamespaceOption.network = NODE`), which never
+//!   calls CNI. With [`Networking::Cni`] ([`CriContainerd::for_handler_with_cni`]) the conf
+//!   dir holds `hack/cni/10-kata-bridge.conflist` ([`CniNetwork`]: bridge `kata-cni0`,
+//!   host-local IPAM in 10.88.213.0/24, no masquerade) and the bin dir is Debian's
+//!   `/usr/lib/cni` (`containernetworking-plugins`): pods with `network = POD` get a network
+//!   namespace from CNI with a veth on that bridge ([`with_network_mode`]).
 //! - `restrict_oom_score_adj = true`: a process on these hosts may not lower its
 //!   oom_score_adj, which every sandbox would otherwise try (and fail).
 //!
@@ -20,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,9 +55,97 @@ pub const POD_NAMESPACE: &str = "kata-test";
 /// Deadline of one CRI call (a kata RunPodSandbox boots a VM: seconds under TCG).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Where Debian's `containernetworking-plugins` puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// How the test containerd's CRI plugin networks pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Networking {
+    /// No CNI configuration: only host-network pods (`NamespaceOption.network = NODE`) run.
+    HostOnly,
+    /// CNI with [`CniNetwork::kata_bridge`] from [`CNI_BIN_DIR`]: pods with `network = POD`
+    /// get their own network namespace and an address on the bridge.
+    Cni,
+}
+
+/// The CNI network of `hack/cni/10-kata-bridge.conflist`, as read from that file: a bridge
+/// on this host with the gateway address, host-local IPAM, no NAT. Traffic stays on the
+/// bridge: nothing is masqueraded to the outside.
+#[derive(Debug, Clone)]
+pub struct CniNetwork {
+    /// The conflist file.
+    pub conflist: PathBuf,
+    /// The network's name (`name`).
+    pub name: String,
+    /// The host bridge (`bridge`), holding the gateway address.
+    pub bridge: String,
+    /// The IPAM subnet: (network address, prefix length).
+    pub subnet: (Ipv4Addr, u8),
+    /// The gateway: the bridge's address and the pods' default route.
+    pub gateway: Ipv4Addr,
+    /// The MTU the bridge plugin gives the bridge and the pods' veths.
+    pub mtu: u32,
+}
+
+impl CniNetwork {
+    /// Reads `<repo>/hack/cni/10-kata-bridge.conflist`; panics (with the hint to run
+    /// `hack/install-deps.sh`) when the plugins it needs are not in [`CNI_BIN_DIR`].
+    pub fn kata_bridge() -> Self {
+        let conflist = crate::repo_root().join("hack/cni/10-kata-bridge.conflist");
+        let text = std::fs::read_to_string(&conflist)
+            .unwrap_or_else(|e| panic!("{}: {e}", conflist.display()));
+        let this = Self::parse(&conflist, &text)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", conflist.display()));
+        for plugin in ["bridge", "host-local", "loopback"] {
+            let bin = Path::new(CNI_BIN_DIR).join(plugin);
+            assert!(
+                bin.is_file(),
+                "{} missing: run hack/install-deps.sh (containernetworking-plugins)",
+                bin.display()
+            );
+        }
+        this
+    }
+
+    fn parse(conflist: &Path, text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+        let bridge = v["plugins"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["type"] == "bridge"))
+            .context("no bridge plugin")?;
+        let range = &bridge["ipam"]["ranges"][0][0];
+        let (net, len) = range["subnet"]
+            .as_str()
+            .and_then(|s| s.split_once('/'))
+            .context("no ipam.ranges[0][0].subnet")?;
+        Ok(Self {
+            conflist: conflist.to_owned(),
+            name: v["name"].as_str().context("no name")?.to_owned(),
+            bridge: bridge["bridge"].as_str().context("no bridge")?.to_owned(),
+            subnet: (net.parse()?, len.parse()?),
+            gateway: range["gateway"]
+                .as_str()
+                .context("no gateway")?
+                .parse()
+                .context("gateway")?,
+            mtu: bridge["mtu"].as_u64().context("no mtu")? as u32,
+        })
+    }
+
+    /// Whether `ip` is in the IPAM subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.subnet.1))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.subnet.0) & mask
+    }
+}
+
 /// containerd's CRI plugin configuration (config version 2) for a test containerd whose
 /// scratch space is `dir`; the `kata` handler is configured when `kata_config` is given.
-pub fn cri_config(dir: &Path, kata_config: Option<&Path>) -> String {
+/// The CNI conf dir is `<dir>/cni/net.d`; the bin dir `cni_bin`, else the empty
+/// `<dir>/cni/bin`.
+pub fn cri_config(dir: &Path, kata_config: Option<&Path>, cni_bin: Option<&Path>) -> String {
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
     let mut s = format!(
         r#"
@@ -75,7 +169,10 @@ pub fn cri_config(dir: &Path, kata_config: Option<&Path>) -> String {
   config_path = "{hosts}"
 "#,
         runc = crate::containerd::RUNC_RUNTIME,
-        cni_bin = dir.join("cni/bin").display(),
+        cni_bin = cni_bin
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join("cni/bin"))
+            .display(),
         cni_conf = dir.join("cni/net.d").display(),
         hosts = dir.join("certs.d").display(),
     );
@@ -126,14 +223,28 @@ pub struct CriContainerd {
 
 impl CriContainerd {
     /// A containerd serving the handler `handler`: `kata` installs the debug shim with the
-    /// test configuration (and keeps `runc` too); `runc` needs no shim.
+    /// test configuration (and keeps `runc` too); `runc` needs no shim. No CNI: host-network
+    /// pods only.
     pub fn for_handler(handler: &str) -> Self {
         let shim = (handler == KATA_HANDLER).then(ShimInstall::new);
         Self::start(shim)
     }
 
+    /// Like [`Self::for_handler`], with CNI ([`Networking::Cni`]): pods with network POD get
+    /// an address on the `kata-bridge` network.
+    pub fn for_handler_with_cni(handler: &str) -> Self {
+        let shim = (handler == KATA_HANDLER).then(ShimInstall::new);
+        Self::start_with(shim, Networking::Cni)
+    }
+
     /// Starts containerd with the CRI plugin; with `shim`, the `kata` handler runs it.
     pub fn start(shim: Option<ShimInstall>) -> Self {
+        Self::start_with(shim, Networking::HostOnly)
+    }
+
+    /// Starts containerd with the CRI plugin and pod networking `networking`; with `shim`,
+    /// the `kata` handler runs it. With CNI, waits for CRI's NetworkReady condition.
+    pub fn start_with(shim: Option<ShimInstall>, networking: Networking) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kata-cri-")
             .tempdir()
@@ -141,6 +252,17 @@ impl CriContainerd {
         for sub in ["cni/bin", "cni/net.d"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("cni dirs");
         }
+        let cni_bin = match networking {
+            Networking::HostOnly => None,
+            Networking::Cni => {
+                // A copy, so the conf dir holds this one network and nothing else.
+                let net = CniNetwork::kata_bridge();
+                let name = net.conflist.file_name().expect("conflist name");
+                std::fs::copy(&net.conflist, dir.path().join("cni/net.d").join(name))
+                    .expect("copy the CNI conflist");
+                Some(PathBuf::from(CNI_BIN_DIR))
+            }
+        };
         write_registry_hosts(dir.path());
         let kata_config = shim.as_ref().map(ShimInstall::config_path);
         let (bin_dir, env) = match &shim {
@@ -152,7 +274,11 @@ impl CriContainerd {
         };
         let options = Options {
             env,
-            cri: Some(cri_config(dir.path(), kata_config.as_deref())),
+            cri: Some(cri_config(
+                dir.path(),
+                kata_config.as_deref(),
+                cni_bin.as_deref(),
+            )),
             imports: vec![
                 (CRI_NAMESPACE.to_owned(), "pause.tar".to_owned()),
                 (CRI_NAMESPACE.to_owned(), "busybox.tar".to_owned()),
@@ -169,6 +295,12 @@ impl CriContainerd {
                 for image in [SANDBOX_IMAGE, BUSYBOX] {
                     if client.image_status(image)?.is_none() {
                         bail!("CRI does not see {image} yet");
+                    }
+                }
+                if networking == Networking::Cni {
+                    let ready = client.condition("NetworkReady")?;
+                    if !ready.status {
+                        bail!("CNI not ready: {ready:?}");
                     }
                 }
                 Ok(())
@@ -310,6 +442,20 @@ impl CriClient {
         self.call("Version", c.version(api::VersionRequest::default()))
     }
 
+    /// The runtime condition `typ` of CRI Status (`RuntimeReady`, `NetworkReady`).
+    pub fn condition(&self, typ: &str) -> Result<api::RuntimeCondition> {
+        let mut c = self.runtime();
+        let status = self
+            .call("Status", c.status(api::StatusRequest { verbose: false }))?
+            .status
+            .context("Status without a status")?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == typ)
+            .with_context(|| format!("no condition {typ}"))
+    }
+
     /// The image CRI knows under `image` (None when it does not know it).
     pub fn image_status(&self, image: &str) -> Result<Option<api::Image>> {
         let mut c = self.images();
@@ -358,6 +504,40 @@ impl CriClient {
         self.call("PodSandboxStatus", c.pod_sandbox_status(req))?
             .status
             .context("PodSandboxStatus without a status")
+    }
+
+    /// PodSandboxStatus with `verbose`: the status and containerd's sandbox info (the JSON
+    /// of its `info` key: pid, runtime handler, the sandbox's OCI spec, the CNI result).
+    pub fn pod_status_verbose(
+        &self,
+        pod_id: &str,
+    ) -> Result<(api::PodSandboxStatus, serde_json::Value)> {
+        let mut c = self.runtime();
+        let req = api::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+            verbose: true,
+        };
+        let r = self.call("PodSandboxStatus (verbose)", c.pod_sandbox_status(req))?;
+        let info = r
+            .info
+            .get("info")
+            .context("PodSandboxStatus without verbose info")?;
+        let info = serde_json::from_str(info).context("verbose info is not JSON")?;
+        Ok((r.status.context("PodSandboxStatus without a status")?, info))
+    }
+
+    /// The host network namespace of a pod, as its sandbox's OCI spec names it
+    /// (`/var/run/netns/cni-...` for a CNI pod); None for a host-network pod.
+    pub fn pod_netns(&self, pod_id: &str) -> Result<Option<PathBuf>> {
+        let (_, info) = self.pod_status_verbose(pod_id)?;
+        let namespaces = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .context("no runtimeSpec.linux.namespaces in the sandbox info")?;
+        Ok(namespaces
+            .iter()
+            .find(|ns| ns["type"] == "network")
+            .and_then(|ns| ns["path"].as_str())
+            .map(PathBuf::from))
     }
 
     /// ListPodSandbox (all pods).
@@ -630,6 +810,23 @@ pub fn container_config(
     }
 }
 
+/// `config` with network namespace mode `mode`: `Pod` for a pod network namespace CNI
+/// sets up, `Node` for host networking.
+pub fn with_network_mode(
+    mut config: api::PodSandboxConfig,
+    mode: api::NamespaceMode,
+) -> api::PodSandboxConfig {
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .network = mode as i32;
+    config
+}
+
 /// `config` with the pod's namespace options (network, pid, ipc modes) in its security
 /// context, as the kubelet copies them into every container of a pod. (containerd 1.6 reads
 /// only the pid mode there: a container always joins the sandbox's network, ipc and uts
@@ -763,4 +960,30 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kata_bridge_conflist_reads_as_the_tests_expect() {
+        let path = crate::repo_root().join("hack/cni/10-kata-bridge.conflist");
+        let net = CniNetwork::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(net.name, "kata-bridge");
+        assert_eq!(net.bridge, "kata-cni0");
+        assert_eq!(net.subnet, (Ipv4Addr::new(10, 88, 213, 0), 24));
+        assert_eq!(net.gateway, Ipv4Addr::new(10, 88, 213, 1));
+        assert_eq!(net.mtu, 1450);
+        assert!(net.contains(Ipv4Addr::new(10, 88, 213, 254)));
+        assert!(!net.contains(Ipv4Addr::new(10, 88, 214, 2)));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let bridge = &v["plugins"][0];
+        // Traffic stays on this host: no masquerade to the outside.
+        assert_eq!(bridge["ipMasq"], false);
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["hairpinMode"], true);
+        assert_eq!(v["plugins"][1]["type"], "loopback");
+    }
 }

@@ -691,7 +691,75 @@ fn oom_kill(env: &Env) {
     env.assert_no_leaks(&[&id]);
 }
 
+/// A pod container sharing the pod's pid namespace stops when its init is killed, even
+/// though its background children hold its output open (they die with it, as with runc).
+fn shared_pid_stop(env: &Env) {
+    let sb = unique("pidsb");
+    let c1 = unique("pidc");
+    let sb_id = format!("io.kubernetes.cri.sandbox-id={sb}");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        env.runtime,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        &sb_id,
+        BUSYBOX,
+        &sb,
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&sb)
+        == "RUNNING"));
+    let pid = {
+        let out = env.ctd.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(sb.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .to_owned()
+    };
+    let pidns = format!("pid:/proc/{pid}/ns/pid");
+    let out = env.ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        env.runtime,
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        &sb_id,
+        "--with-ns",
+        &pidns,
+        BUSYBOX,
+        &c1,
+        "sh",
+        "-c",
+        "sleep 1000 & sleep 1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(60), || env.task_status(&c1)
+        == "RUNNING"));
+    let out = env.ctd.ctr(&["task", "kill", "-s", "SIGKILL", &c1]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(20), || env.task_status(&c1)
+            == "STOPPED"),
+        "{c1} did not stop: {}",
+        env.task_status(&c1)
+    );
+    let _ = env.ctd.ctr(&["task", "delete", &c1]);
+    let _ = env.ctd.ctr(&["container", "delete", &c1]);
+    env.remove(&sb);
+    env.assert_no_leaks(&[&sb, &c1]);
+}
+
 both_runtimes! {
+    shared_pid_container_stops => shared_pid_stop;
     oom_kill_is_reported => oom_kill;
     pod_containers_share_namespaces => pod_by_annotations;
     task_events_in_order => events_in_order;

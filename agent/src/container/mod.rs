@@ -642,6 +642,12 @@ impl Containers {
             // A dropped sender cannot happen while the reaper runs; treat it as killed.
             let status = exit_rx.await.map(|e| e.code()).unwrap_or(137);
             proc.phase.send_replace(Phase::Exited);
+            if proc.exec_id.is_empty() {
+                // The container ends with its init, as with runc: in a pod's shared pid
+                // namespace nothing else would kill what it left behind (and their open
+                // output would keep the exit from being reported).
+                kill_cgroup(&cgroup).await;
+            }
             lock(&proc.tty).take();
             // Streams never attached will never be copied: release them.
             stdio.forget_process(&id, &proc.exec_id);
