@@ -137,6 +137,45 @@ impl TestVm {
     }
 }
 
+/// Runtime processes naming `needle` as "pid: cmdline", not counting `ctr` (its command
+/// line names container ids too).
+pub fn runtime_processes_naming(needle: &str) -> Vec<String> {
+    processes_naming(needle)
+        .into_iter()
+        .filter(|(_, cmdline)| !cmdline.starts_with("ctr "))
+        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
+        .collect()
+}
+
+/// Nothing of the containers or pods `ids` is left on the host: no process naming them
+/// (shims, QEMU, daemons; waited for up to 15 s), no mount naming them, no sandbox
+/// directory (`/run/kata/<id>`, `/run/kata-containers/shared/sandboxes/<id>`).
+pub fn assert_no_runtime_leaks(ids: &[&str]) {
+    for id in ids {
+        let gone = wait_until(Duration::from_secs(15), || {
+            runtime_processes_naming(id).is_empty()
+        });
+        assert!(
+            gone,
+            "processes left for {id}: {:?}",
+            runtime_processes_naming(id)
+        );
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_owned)
+            .collect();
+        assert!(mounts.is_empty(), "mounts left for {id}: {mounts:?}");
+        for dir in [
+            format!("/run/kata/{id}"),
+            format!("/run/kata-containers/shared/sandboxes/{id}"),
+        ] {
+            assert!(!Path::new(&dir).exists(), "{dir} left behind");
+        }
+    }
+}
+
 /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns its last answer.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

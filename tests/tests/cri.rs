@@ -38,14 +38,6 @@ fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }
 
-/// Processes naming `needle`, as "pid: cmdline".
-fn processes_naming(needle: &str) -> Vec<String> {
-    kata_tests::processes_naming(needle)
-        .into_iter()
-        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
-        .collect()
-}
-
 /// QEMU processes of a kata pod: those naming its run directory `/run/kata/<pod id>/`.
 fn qemu_pids(pod_id: &str) -> Vec<i32> {
     kata_tests::processes_naming(&format!("/run/kata/{pod_id}/"))
@@ -53,28 +45,6 @@ fn qemu_pids(pod_id: &str) -> Vec<i32> {
         .filter(|(_, cmd)| cmd.contains("qemu-system"))
         .map(|(pid, _)| pid)
         .collect()
-}
-
-/// Nothing of `ids` (pods and containers) is left: no process naming them (shims, QEMU,
-/// daemons), no mount, no sandbox directory.
-fn assert_no_leaks(ids: &[&str]) {
-    for id in ids {
-        let gone = wait_until(Duration::from_secs(15), || processes_naming(id).is_empty());
-        assert!(gone, "processes left for {id}: {:?}", processes_naming(id));
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(id))
-            .map(str::to_owned)
-            .collect();
-        assert!(mounts.is_empty(), "mounts left for {id}: {mounts:?}");
-        for dir in [
-            format!("/run/kata/{id}"),
-            format!("/run/kata-containers/shared/sandboxes/{id}"),
-        ] {
-            assert!(!Path::new(&dir).exists(), "{dir} left behind");
-        }
-    }
 }
 
 /// Panics with the error chain and containerd's last errors and warnings (the CRI plugin
@@ -357,7 +327,7 @@ fn pod_lifecycle(handler: &'static str) {
     let pods = client.list_pods().or_panic(&env);
     assert!(pods.iter().all(|p| p.id != pod.id), "{pods:?}");
     assert!(!env.sandbox_state_dir(&pod.id).exists());
-    assert_no_leaks(&[&pod.id, &c1, &c2, &c3]);
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c1, &c2, &c3]);
 }
 
 /// Three pods at once (started concurrently), each with a container; for kata each pod is
@@ -448,7 +418,7 @@ fn three_pods(handler: &'static str) {
     assert!(client.list_pods().or_panic(&env).is_empty());
     let mut ids: Vec<&str> = pods.iter().map(|p| p.id.as_str()).collect();
     ids.extend(containers.iter().map(String::as_str));
-    assert_no_leaks(&ids);
+    kata_tests::assert_no_runtime_leaks(&ids);
 }
 
 both_handlers! {
@@ -492,5 +462,5 @@ fn a_missing_image_is_never_fetched() {
     );
     env.client.stop_pod(&pod.id).or_panic(&env);
     env.client.remove_pod(&pod.id).or_panic(&env);
-    assert_no_leaks(&[&pod.id]);
+    kata_tests::assert_no_runtime_leaks(&[&pod.id]);
 }

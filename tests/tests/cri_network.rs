@@ -53,29 +53,6 @@ fn in_netns(netns: &Path, args: &[&str]) -> String {
     host(&all)
 }
 
-/// Nothing of `ids` (pods and containers) is left: no process naming them (shims, QEMU,
-/// daemons), no mount, no sandbox directory.
-fn assert_no_leaks(ids: &[&str]) {
-    for id in ids {
-        let procs = || kata_tests::processes_naming(id);
-        let gone = wait_until(Duration::from_secs(15), || procs().is_empty());
-        assert!(gone, "processes left for {id}: {:?}", procs());
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(id))
-            .map(str::to_owned)
-            .collect();
-        assert!(mounts.is_empty(), "mounts left for {id}: {mounts:?}");
-        for dir in [
-            format!("/run/kata/{id}"),
-            format!("/run/kata-containers/shared/sandboxes/{id}"),
-        ] {
-            assert!(!Path::new(&dir).exists(), "{dir} left behind");
-        }
-    }
-}
-
 /// Panics with the error chain and containerd's last errors and warnings (the CRI plugin
 /// and CNI log there).
 trait OrPanic<T> {
@@ -405,7 +382,7 @@ fn pod_network(handler: &'static str) {
     }
     let mut ids: Vec<&str> = running.iter().map(|r| r.pod.id.as_str()).collect();
     ids.extend(running.iter().map(|r| r.web.as_str()));
-    assert_no_leaks(&ids);
+    kata_tests::assert_no_runtime_leaks(&ids);
 }
 
 both_handlers! {
@@ -470,5 +447,5 @@ fn host_network_kata_pod_has_only_loopback() {
 
     client.stop_pod(&pod.id).or_panic(&env);
     client.remove_pod(&pod.id).or_panic(&env);
-    assert_no_leaks(&[&pod.id, &id]);
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &id]);
 }

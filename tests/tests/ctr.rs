@@ -101,36 +101,10 @@ impl Env {
         );
     }
 
-    /// Nothing of `ids` is left: no process naming them (shim, QEMU, daemons), no mount,
-    /// no sandbox directory.
+    /// Nothing of `ids` is left on the host (see [`kata_tests::assert_no_runtime_leaks`]).
     fn assert_no_leaks(&self, ids: &[&str]) {
-        for id in ids {
-            let gone = wait_until(Duration::from_secs(15), || processes_naming(id).is_empty());
-            assert!(gone, "processes left for {id}: {:?}", processes_naming(id));
-            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap()
-                .lines()
-                .filter(|l| l.contains(id))
-                .map(str::to_owned)
-                .collect();
-            assert!(mounts.is_empty(), "mounts left for {id}: {mounts:?}");
-            for dir in [
-                format!("/run/kata/{id}"),
-                format!("/run/kata-containers/shared/sandboxes/{id}"),
-            ] {
-                assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
-            }
-        }
+        kata_tests::assert_no_runtime_leaks(ids);
     }
-}
-
-/// Runtime processes naming `needle` (`ctr` itself names container ids too: not counted).
-fn processes_naming(needle: &str) -> Vec<String> {
-    kata_tests::processes_naming(needle)
-        .into_iter()
-        .filter(|(_, cmdline)| !cmdline.starts_with("ctr "))
-        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
-        .collect()
 }
 
 /// A container id no other test of this run uses (runc and kata variants run at once).
