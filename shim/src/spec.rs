@@ -408,15 +408,21 @@ mod tests {
         assert!(v.get("hooks").is_none(), "{v}");
         assert!(v["linux"].get("cgroupsPath").is_none(), "{v}");
         let ns = v["linux"]["namespaces"].as_array().unwrap();
-        assert_eq!(ns.len(), 2);
+        assert_eq!(ns.len(), 3, "{v}");
         assert!(ns[0].get("path").is_none());
         assert_eq!(ns[1]["type"], "network");
         assert_eq!(ns[1]["path"], "/run/kata-containers/sandbox/ns/net");
-        // The sandbox itself (and ctr's containers) get new namespaces.
+        // Without a UTS namespace of its own (host network), it joins the pod's.
+        assert_eq!(ns[2]["type"], "uts");
+        assert_eq!(ns[2]["path"], "/run/kata-containers/sandbox/ns/uts");
+        // The sandbox's namespaces are new ones; its host network namespace is the VM's.
         let mut spec = parse(SPEC.as_bytes()).unwrap();
         rewrite_for_guest(&mut spec, "pod1", &Role::Sandbox).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
-        assert!(v["linux"]["namespaces"][1].get("path").is_none(), "{v}");
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        let types: Vec<&str> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["pid", "uts"], "{v}");
+        assert!(ns.iter().all(|n| n.get("path").is_none()), "{v}");
         // A pod container may not join a namespace the VM cannot give it.
         let mut spec = parse(
             &SPEC
