@@ -143,6 +143,41 @@ pub fn validate(storage: &Storage, base: &Path) -> Result<MountSpec, StorageErro
     })
 }
 
+/// The mount(2) flags a plain flag option sets and clears (`ro` -> set RDONLY, `rw` ->
+/// clear it, ...); `None` for anything else (bind, propagation, data). Shared by storages and
+/// container mounts.
+pub fn flag_option(opt: &str) -> Option<(MsFlags, MsFlags)> {
+    Some(match opt {
+        "" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
+        "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+        "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+        "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+        "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+        "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+        "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+        "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+        "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+        "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+        "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+        "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+        "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+        "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+        "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+        "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+        "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+        "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+        "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+        "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+        "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
+        "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
+        "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
+        "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
+        "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
+        "loud" => (MsFlags::empty(), MsFlags::MS_SILENT),
+        _ => return None,
+    })
+}
+
 /// Splits mount options into mount(2) flags and filesystem data.
 ///
 /// Flags that would turn the mount into something else (bind, move, remount,
@@ -152,33 +187,11 @@ pub fn parse_options(options: &[String]) -> Result<(MsFlags, String), StorageErr
     let mut data: Vec<&str> = Vec::new();
     for opt in options.iter().flat_map(|o| o.split(',')) {
         let opt = opt.trim();
-        let (set, clear) = match opt {
-            "" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
-            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
-            "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
-            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
-            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
-            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
-            "loud" => (MsFlags::empty(), MsFlags::MS_SILENT),
+        if let Some((set, clear)) = flag_option(opt) {
+            flags = (flags | set) & !clear;
+            continue;
+        }
+        match opt {
             "bind" | "rbind" | "remount" | "move" | "shared" | "rshared" | "slave" | "rslave"
             | "private" | "rprivate" | "unbindable" | "runbindable" => {
                 return Err(StorageError::Option(opt.to_owned()))
@@ -188,10 +201,8 @@ pub fn parse_options(options: &[String]) -> Result<(MsFlags, String), StorageErr
                     return Err(StorageError::Option(other.to_owned()));
                 }
                 data.push(other);
-                continue;
             }
-        };
-        flags = (flags | set) & !clear;
+        }
     }
     Ok((flags, data.join(",")))
 }
