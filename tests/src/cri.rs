@@ -209,6 +209,46 @@ fn write_registry_hosts(dir: &Path) {
     }
 }
 
+/// Unwraps a CRI call's result, or panics with the error chain and containerd's last errors
+/// and warnings (the CRI plugin and CNI log there).
+pub trait OrPanic<T> {
+    fn or_panic(self, env: &CriContainerd) -> T;
+}
+
+impl<T> OrPanic<T> for anyhow::Result<T> {
+    #[track_caller]
+    fn or_panic(self, env: &CriContainerd) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => {
+                let log = env.ctd.log();
+                let mut tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("level=error") || l.contains("level=warning"))
+                    .rev()
+                    .take(20)
+                    .collect();
+                tail.reverse();
+                panic!(
+                    "{e:#}\n--- containerd errors and warnings (last 20) ---\n{}",
+                    tail.join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// The IPv4 address CNI gave a pod, as PodSandboxStatus reports it.
+pub fn pod_ip(status: &api::PodSandboxStatus) -> Result<Ipv4Addr> {
+    status
+        .network
+        .as_ref()
+        .map(|n| n.ip.as_str())
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("no IPv4 pod address in {status:?}"))
+}
+
 /// A private containerd with the CRI plugin, its CRI client, and the scratch space of both.
 /// Drop removes the pods CRI still knows (StopPodSandbox, RemovePodSandbox), then stops
 /// containerd as [`Containerd`] does.

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kata_tests::cri::{
-    api, bind_mount, log_text, pod_config, CriContainerd, Pod, PodCgroup, BUSYBOX, KATA_HANDLER,
-    RUNC_HANDLER,
+    api, bind_mount, log_text, pod_config, CriContainerd, OrPanic, Pod, PodCgroup, BUSYBOX,
+    KATA_HANDLER, RUNC_HANDLER,
 };
 use kata_tests::wait_until;
 
@@ -45,35 +45,6 @@ fn qemu_pids(pod_id: &str) -> Vec<i32> {
         .filter(|(_, cmd)| cmd.contains("qemu-system"))
         .map(|(pid, _)| pid)
         .collect()
-}
-
-/// Panics with the error chain and containerd's last errors and warnings (the CRI plugin
-/// logs there).
-trait OrPanic<T> {
-    fn or_panic(self, env: &CriContainerd) -> T;
-}
-
-impl<T> OrPanic<T> for anyhow::Result<T> {
-    #[track_caller]
-    fn or_panic(self, env: &CriContainerd) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => {
-                let log = env.ctd.log();
-                let mut tail: Vec<&str> = log
-                    .lines()
-                    .filter(|l| l.contains("level=error") || l.contains("level=warning"))
-                    .rev()
-                    .take(20)
-                    .collect();
-                tail.reverse();
-                panic!(
-                    "{e:#}\n--- containerd errors and warnings (last 20) ---\n{}",
-                    tail.join("\n")
-                );
-            }
-        }
-    }
 }
 
 /// The hostname a host-network pod's config carries. containerd puts it in the sandbox spec

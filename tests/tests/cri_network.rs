@@ -18,8 +18,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use kata_tests::cri::{
-    api, pod_config, with_network_mode, CniNetwork, CriContainerd, Pod, BUSYBOX, KATA_HANDLER,
-    RUNC_HANDLER,
+    api, pod_config, pod_ip, with_network_mode, CniNetwork, CriContainerd, OrPanic, Pod, BUSYBOX,
+    KATA_HANDLER, RUNC_HANDLER,
 };
 use kata_tests::wait_until;
 
@@ -51,35 +51,6 @@ fn in_netns(netns: &Path, args: &[&str]) -> String {
     let mut all = vec!["nsenter", net.as_str()];
     all.extend_from_slice(args);
     host(&all)
-}
-
-/// Panics with the error chain and containerd's last errors and warnings (the CRI plugin
-/// and CNI log there).
-trait OrPanic<T> {
-    fn or_panic(self, env: &CriContainerd) -> T;
-}
-
-impl<T> OrPanic<T> for anyhow::Result<T> {
-    #[track_caller]
-    fn or_panic(self, env: &CriContainerd) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => {
-                let log = env.ctd.log();
-                let mut tail: Vec<&str> = log
-                    .lines()
-                    .filter(|l| l.contains("level=error") || l.contains("level=warning"))
-                    .rev()
-                    .take(20)
-                    .collect();
-                tail.reverse();
-                panic!(
-                    "{e:#}\n--- containerd errors and warnings (last 20) ---\n{}",
-                    tail.join("\n")
-                );
-            }
-        }
-    }
 }
 
 /// Generates `runc::<name>` and `kata::<name>` tests from one body taking the handler.
@@ -242,13 +213,7 @@ fn pod_network(handler: &'static str) {
             api::PodSandboxState::SandboxReady as i32,
             "{status:?}"
         );
-        let ip: Ipv4Addr = status
-            .network
-            .as_ref()
-            .map(|n| n.ip.as_str())
-            .unwrap_or_default()
-            .parse()
-            .unwrap_or_else(|e| panic!("pod {name}: no IPv4 address in {status:?}: {e}"));
+        let ip = pod_ip(&status).unwrap_or_else(|e| panic!("pod {name}: {e:#}"));
         assert!(
             net.contains(ip) && ip != net.gateway,
             "pod {name}'s IP {ip} is not a pod address of {}/{}",

@@ -84,6 +84,30 @@ impl Env {
             .to_owned()
     }
 
+    /// The PID column of `ctr task ls` for `id` (QEMU's pid for ours).
+    fn task_pid(&self, id: &str) -> String {
+        let out = self.ctd.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("no task {id}: {}", text(&out)))
+            .to_owned()
+    }
+
+    /// Starts `ctr events`; subscribed once this returns. See [`events_seen`].
+    fn subscribe_events(&self) -> std::process::Child {
+        let child = self
+            .ctd
+            .ctr_cmd(&["events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        child
+    }
+
     /// Kills, deletes the task and the container.
     fn remove(&self, id: &str) {
         let _ = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
@@ -105,6 +129,18 @@ impl Env {
     fn assert_no_leaks(&self, ids: &[&str]) {
         kata_tests::assert_no_runtime_leaks(ids);
     }
+}
+
+/// What a [`Env::subscribe_events`] subscriber printed, once the last events are out; it is
+/// stopped by its pid.
+fn events_seen(events: std::process::Child) -> String {
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let out = events.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A container id no other test of this run uses (runc and kata variants run at once).
@@ -587,14 +623,7 @@ fn missing_bind_source(env: &Env) {
 /// exec started, exec exit, paused, resumed, exit, delete.
 fn events_in_order(env: &Env) {
     let id = unique("events");
-    let events = env
-        .ctd
-        .ctr_cmd(&["events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300)); // subscribed
+    let events = env.subscribe_events();
     env.run_detached(&id, &["sleep", "1000"]);
     let out = env
         .ctd
@@ -605,14 +634,7 @@ fn events_in_order(env: &Env) {
         assert!(out.status.success(), "{verb}: {}", text(&out));
     }
     env.remove(&id);
-    std::thread::sleep(Duration::from_millis(500)); // the last events are printed
-                                                    // Stop the subscriber by its pid.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(events.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let out = events.wait_with_output().unwrap();
-    let text_out = String::from_utf8_lossy(&out.stdout);
+    let text_out = events_seen(events);
     let topics: Vec<&str> = text_out
         .lines()
         .filter(|l| l.contains(&format!("\"{id}\"")))
@@ -639,24 +661,11 @@ fn events_in_order(env: &Env) {
 /// A container over its memory limit is OOM-killed: exit 137 and a TaskOOM event.
 fn oom_kill(env: &Env) {
     let id = unique("oom");
-    let events = env
-        .ctd
-        .ctr_cmd(&["events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let events = env.subscribe_events();
     // tail buffers its "line" from /dev/zero without bound.
     let out = env.run(&id, &["--memory-limit", "33554432"], &["tail", "/dev/zero"]);
     assert_eq!(out.status.code(), Some(137), "{}", text(&out));
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(events.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let seen = events.wait_with_output().unwrap();
-    let seen = String::from_utf8_lossy(&seen.stdout);
+    let seen = events_seen(events);
     assert!(
         seen.lines()
             .any(|l| l.contains("/tasks/oom") && l.contains(&format!("\"{id}\""))),
@@ -688,15 +697,7 @@ fn shared_pid_stop(env: &Env) {
     assert!(out.status.success(), "{}", text(&out));
     assert!(wait_until(Duration::from_secs(60), || env.task_status(&sb)
         == "RUNNING"));
-    let pid = {
-        let out = env.ctd.ctr(&["task", "ls"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(sb.as_str()))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .to_owned()
-    };
+    let pid = env.task_pid(&sb);
     let pidns = format!("pid:/proc/{pid}/ns/pid");
     let out = env.ctd.ctr(&[
         "run",
@@ -871,15 +872,7 @@ fn pod_by_annotations(env: &Env) {
     assert!(out.status.success(), "{}", text(&out));
     assert!(wait_until(Duration::from_secs(60), || env.task_status(&sb)
         == "RUNNING"));
-    let pid = {
-        let out = env.ctd.ctr(&["task", "ls"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(sb.as_str()))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .to_owned()
-    };
+    let pid = env.task_pid(&sb);
     let facts = "readlink /proc/self/ns/uts /proc/self/ns/ipc; cat /proc/sys/kernel/random/boot_id";
     let out = env
         .ctd

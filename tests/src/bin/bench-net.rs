@@ -188,13 +188,7 @@ fn measure(
     let result = (|| {
         check_stop()?;
         let status = client.pod_status(&pod.id)?;
-        let ip: Ipv4Addr = status
-            .network
-            .as_ref()
-            .map(|n| n.ip.as_str())
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("no pod IP in {status:?}"))?;
+        let ip = kata_tests::cri::pod_ip(&status)?;
         let script = format!(
             "head -c {} /dev/zero > /dev/shm/blob && exec httpd -f -p {PORT} -h /dev/shm",
             mib << 20
