@@ -23,25 +23,9 @@ RUNC=io.containerd.runc.v2
 KATA=io.containerd.kata.v2
 log() { echo "bench-ctr: $*" >&2; }
 
-hack/build-guest.sh >/dev/null
-cargo build --quiet --release -p kata-shim --bin containerd-shim-kata-v2
-hack/build-test-images.sh 2>/dev/null
-bench=$repo/build/bench
-mkdir -p "$bench/bin"
-ln -sfn "${CARGO_TARGET_DIR:-$repo/target}/release/containerd-shim-kata-v2" \
-  "$bench/bin/containerd-shim-kata-v2"
-conf=${KATA_CONF_FILE:-}
-if [[ -z $conf ]]; then
-  conf=$bench/configuration.toml
-  sed -e "s|^kernel = .*|kernel = \"$repo/build/guest/vmlinuz\"|" \
-    -e "s|^initrd = .*|initrd = \"$repo/build/guest/initrd.img\"|" \
-    shim/configuration.toml >"$conf"
-  if ! grep -q "^kernel = \"$repo/build/guest/vmlinuz\"" "$conf" ||
-    ! grep -q "^initrd = \"$repo/build/guest/initrd.img\"" "$conf"; then
-    log "cannot point $conf at build/guest (shim/configuration.toml changed?)"
-    exit 1
-  fi
-fi
+# shellcheck source=hack/lib/bench.sh
+source hack/lib/bench.sh
+bench_prepare configuration.toml
 conf_value() { awk -F' *= *' -v k="$1" '$1 == k {gsub(/"/, "", $2); print $2; exit}' "$conf"; }
 
 accel_host=tcg
@@ -55,9 +39,6 @@ ctd_start "$bench/bin"
 ctd_ctr images import build/images/busybox.tar >/dev/null
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-median() {
-  sort -n | awk '{a[NR]=$1} END {if (NR == 0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'
-}
 short() { if [[ $1 == "$KATA" ]]; then echo kata; else echo runc; fi; }
 declare -A failed=() wall=() shim_rss=() kids_pss=()
 

@@ -15,17 +15,10 @@ image=docker.io/library/busybox:kata
 KATA=io.containerd.kata.v2
 log() { echo "bench-hotplug: $*" >&2; }
 
-hack/build-guest.sh >/dev/null
-cargo build --quiet --release -p kata-shim --bin containerd-shim-kata-v2
-hack/build-test-images.sh 2>/dev/null
-bench=$repo/build/bench
-mkdir -p "$bench/bin"
-ln -sfn "${CARGO_TARGET_DIR:-$repo/target}/release/containerd-shim-kata-v2" \
-  "$bench/bin/containerd-shim-kata-v2"
-conf=$bench/configuration-hotplug.toml
-sed -e "s|^kernel = .*|kernel = \"$repo/build/guest/vmlinuz\"|" \
-  -e "s|^initrd = .*|initrd = \"$repo/build/guest/initrd.img\"|" \
-  shim/configuration.toml >"$conf"
+# shellcheck source=hack/lib/bench.sh
+source hack/lib/bench.sh
+# Always the defaults: the numbers are for the documented configuration.
+KATA_CONF_FILE='' bench_prepare configuration-hotplug.toml
 
 # shellcheck source=hack/lib/containerd.sh
 source hack/lib/containerd.sh
@@ -34,9 +27,6 @@ CTD_ENV="KATA_CONF_FILE=$conf"
 ctd_start "$bench/bin"
 ctd_ctr images import build/images/busybox.tar >/dev/null
 
-median() {
-  sort -n | awk '{a[NR]=$1} END {if (NR == 0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'
-}
 # field ID KEY: the last KEY=<number> on the shim's "hotplugged" line for container ID.
 field() {
   { grep -E "container=\"?$1\"?( |$)" "$CTD_LOG" || true; } | { grep -F hotplugged || true; } |
