@@ -37,17 +37,6 @@ pub enum GuestError {
         /// How long it waited.
         waited_ms: u64,
     },
-    /// A file could not be written.
-    #[error("write {value:?} to {path:?}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// What was written.
-        value: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// A file's contents did not parse.
     #[error("cannot parse {what} from {text:?}")]
     Parse {

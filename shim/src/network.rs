@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
 use netlink_packet_route::tc::TcHandle;
 use rtnetlink::{Handle, IpVersion};
@@ -408,11 +408,6 @@ pub fn detach(netns: &Path, interfaces: &[Interface]) -> Result<(), NetworkError
             Ok(())
         })
     })
-}
-
-/// Whether `flags` says the link is up (for tests).
-pub fn is_up(flags: &[LinkFlag]) -> bool {
-    flags.contains(&LinkFlag::Up)
 }
 
 /// Opens a (non-persistent) tap named `name` in the calling thread's namespace.
