@@ -14,10 +14,13 @@ APT_PACKAGES=(
   qemu-system-x86   # the hypervisor
   containerd runc   # the container manager our shim plugs into, and the reference runtime
   cpio zstd         # initrd packing
+  erofs-utils       # mkfs.erofs: the guest's root filesystem image
+  # The guest kernel, built by hack/build-guest.sh from Debian's source package
+  linux-source-6.1 make gcc bc flex bison libelf-dev libssl-dev xz-utils
   busybox-static    # offline test images and the boot benchmark's trivial init
   libseccomp-dev libcap-ng-dev pkg-config  # build deps of virtiofsd
   protobuf-compiler # protoc for k8s-cri's build script (the tests' CRI client); ttrpc-codegen is pure Rust
-  kmod              # depmod, to order the guest kernel modules
+  kmod              # depmod, to order Debian's guest kernel modules (build-guest.sh --kernel debian)
   iproute2 util-linux procps
   containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni (pod network tests, bench-net)
 )

@@ -54,7 +54,12 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_pid1(cfg: Config) -> ! {
-    let root_error = make_root_pivotable().err();
+    // A root filesystem mounted from a disk (the pmem image) is pivotable as it is.
+    let root_error = if root_is_initramfs() {
+        make_root_pivotable().err()
+    } else {
+        None
+    };
     let mount_errors = mount_all(&SyscallMounter, BOOT_MOUNTS);
     ensure_std_fds();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -104,6 +109,17 @@ fn run_pid1(cfg: Config) -> ! {
             }
         }
     }
+}
+
+/// Whether `/` is the initramfs (ramfs or tmpfs) rather than a filesystem mounted from a
+/// device; when in doubt, initramfs.
+fn root_is_initramfs() -> bool {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h; neither libc nor nix names it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    statfs("/").map_or(true, |s| {
+        s.filesystem_type() == RAMFS_MAGIC || s.filesystem_type() == TMPFS_MAGIC
+    })
 }
 
 /// The initramfs root has no parent mount, and `pivot_root(2)` refuses such a root

@@ -3,12 +3,17 @@
 //! Guest RAM is always a shared memfd backend (`memory-backend-memfd,share=on`) because
 //! vhost-user devices (virtio-fs, hybrid vsock) map guest memory from another process.
 //! The guest serial console is QEMU's stdout; QEMU's own messages go to stderr.
+//!
+//! The accelerator is chosen with `-accel` (never `-machine accel=`: QEMU refuses both
+//! together); under TCG it carries the translation cache size. A root filesystem image is
+//! a read-only file mapping given to the guest as a virtio-pmem device: the guest mounts it
+//! in place (DAX), so every VM reads the same host page-cache pages.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Accel, VmConfig};
+use crate::config::{Accel, GuestRoot, VmConfig};
 
 /// Kernel parameters that always come first; the config's parameters follow (and win, so
 /// e.g. `loglevel=7` after `quiet` brings the boot log back).
@@ -31,6 +36,16 @@ pub const DEFAULT_KERNEL_PARAMS: &[&str] = &[
     // anything left offline).
     "memhp_default_state=online",
     "cryptomgr.notests",
+];
+
+/// Kernel parameters for a root filesystem image: the first pmem device, read-only
+/// EROFS read in place (DAX), the agent as init.
+pub const IMAGE_ROOT_PARAMS: &[&str] = &[
+    "root=/dev/pmem0",
+    "rootfstype=erofs",
+    "rootflags=dax=always",
+    "ro",
+    "init=/init",
 ];
 
 /// Mount tag of the virtio-fs share.
@@ -73,11 +88,13 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
     let c = a.config;
     let mut args = Args::default();
 
-    let machine = match a.accel {
-        Accel::Kvm => "q35,accel=kvm,kernel_irqchip=on,memory-backend=dimm0",
-        Accel::Tcg | Accel::Auto => "q35,accel=tcg,memory-backend=dimm0",
-    };
-    args.pair("-machine", machine);
+    args.pair("-machine", "q35,memory-backend=dimm0");
+    match a.accel {
+        Accel::Kvm => args.pair("-accel", "kvm,kernel-irqchip=on"),
+        Accel::Tcg | Accel::Auto => {
+            args.pair("-accel", format!("tcg,tb-size={}", c.tcg_tb_size_mib))
+        }
+    }
     args.pair(
         "-cpu",
         if a.accel == Accel::Kvm {
@@ -93,11 +110,17 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
             c.memory_mib
         ),
     );
-    if c.max_memory_mib > c.memory_mib && c.memory_slots > 0 {
-        let m = format!(
-            "{}M,slots={},maxmem={}M",
-            c.memory_mib, c.memory_slots, c.max_memory_mib
-        );
+    // A pmem device takes room in the hotplug area: maxmem grows by its size, and it
+    // needs the area to exist even without memory hotplug (which needs one slot).
+    let image_mib = match &c.root {
+        GuestRoot::Image { size, .. } => size.div_ceil(1 << 20),
+        GuestRoot::Initrd(_) => 0,
+    };
+    let hotplug = c.max_memory_mib > c.memory_mib && c.memory_slots > 0;
+    if hotplug || image_mib > 0 {
+        let slots = if hotplug { c.memory_slots } else { 1 };
+        let maxmem = u64::from(c.max_memory_mib.max(c.memory_mib)) + image_mib;
+        let m = format!("{}M,slots={slots},maxmem={maxmem}M", c.memory_mib);
         args.pair("-m", m);
     } else {
         args.pair("-m", format!("{}M", c.memory_mib));
@@ -158,9 +181,26 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
     }
 
     args.pair("-kernel", &c.kernel);
-    args.pair("-initrd", &c.initrd);
+    let root_params: &[&str] = match &c.root {
+        GuestRoot::Initrd(initrd) => {
+            args.pair("-initrd", initrd);
+            &[]
+        }
+        GuestRoot::Image { path, size } => {
+            args.pair(
+                "-object",
+                format!(
+                    "memory-backend-file,id=rootfs,mem-path={},size={size},share=on,readonly=on",
+                    opt_path(path)
+                ),
+            );
+            args.pair("-device", "virtio-pmem-pci,memdev=rootfs,id=rootfs0");
+            IMAGE_ROOT_PARAMS
+        }
+    };
     let append: Vec<&str> = DEFAULT_KERNEL_PARAMS
         .iter()
+        .chain(root_params)
         .copied()
         .chain(c.kernel_params.iter().map(String::as_str))
         .collect();
@@ -239,10 +279,8 @@ mod tests {
     #[test]
     fn tcg_hybrid() {
         let args = build(&config(), Accel::Tcg, &hybrid(), None);
-        assert_eq!(
-            value(&args, "-machine"),
-            ["q35,accel=tcg,memory-backend=dimm0"]
-        );
+        assert_eq!(value(&args, "-machine"), ["q35,memory-backend=dimm0"]);
+        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(value(&args, "-cpu"), ["max"]);
         assert_eq!(
             value(&args, "-object"),
@@ -289,10 +327,9 @@ mod tests {
     fn kvm_vhost() {
         let vsock = VsockDevice::Vhost { fd: 7, cid: 42 };
         let args = build(&config(), Accel::Kvm, &vsock, None);
-        assert_eq!(
-            value(&args, "-machine"),
-            ["q35,accel=kvm,kernel_irqchip=on,memory-backend=dimm0"]
-        );
+        assert_eq!(value(&args, "-machine"), ["q35,memory-backend=dimm0"]);
+        // No translation cache option under KVM.
+        assert_eq!(value(&args, "-accel"), ["kvm,kernel-irqchip=on"]);
         assert_eq!(value(&args, "-cpu"), ["host,pmu=off"]);
         assert_eq!(
             value(&args, "-device"),
@@ -320,6 +357,46 @@ mod tests {
         c.max_memory_mib = c.memory_mib;
         let args = build(&c, Accel::Tcg, &hybrid(), None);
         assert_eq!(value(&args, "-m"), ["512M"]);
+    }
+
+    #[test]
+    fn tb_size_follows_the_config() {
+        let mut c = config();
+        c.tcg_tb_size_mib = 32;
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=32"]);
+        assert!(!args.iter().any(|a| a.contains("accel=")), "{args:?}");
+    }
+
+    #[test]
+    fn image_root_is_a_read_only_pmem_device() {
+        let mut c = config();
+        c.root = GuestRoot::Image {
+            path: PathBuf::from("/img/a,b/rootfs.img"),
+            size: 128 << 20,
+        };
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert!(value(&args, "-initrd").is_empty());
+        assert_eq!(
+            value(&args, "-object")[1],
+            "memory-backend-file,id=rootfs,mem-path=/img/a,,b/rootfs.img,size=134217728,share=on,readonly=on"
+        );
+        assert_eq!(
+            value(&args, "-device").last().copied(),
+            Some("virtio-pmem-pci,memdev=rootfs,id=rootfs0")
+        );
+        // The device's room comes on top of the hotplug headroom.
+        assert_eq!(value(&args, "-m"), ["512M,slots=8,maxmem=4224M"]);
+        let append = value(&args, "-append")[0];
+        assert!(
+            append.contains(" root=/dev/pmem0 rootfstype=erofs rootflags=dax=always ro init=/init agent.log=debug"),
+            "{append}"
+        );
+
+        // Without memory hotplug the device still gets its room (and QEMU its one slot).
+        c.max_memory_mib = c.memory_mib;
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert_eq!(value(&args, "-m"), ["512M,slots=1,maxmem=640M"]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! VM configuration and its validation.
 //!
-//! [`VmConfig`] describes one VM: the QEMU binary, guest kernel and initrd, sizes, the
-//! accelerator, the vsock flavour, an optional virtio-fs share and the per-VM run
+//! [`VmConfig`] describes one VM: the QEMU binary, guest kernel and root filesystem (an
+//! initrd or a read-only image, [`GuestRoot`]), sizes, the accelerator and its TCG
+//! translation cache, the vsock flavour, an optional virtio-fs share and the per-VM run
 //! directory. [`VmConfig::validate`] checks it once, before anything is started.
 
 use std::fmt;
@@ -9,8 +10,18 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// TCG's translation cache by default, in MiB. QEMU's own default (1 GiB, filled as
+/// code is translated) lets an idle guest's translations grow to ~100 MiB of host memory;
+/// a small guest's hot code fits in far less (see the README's performance section).
+pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
+
 /// Smallest guest memory we accept, in MiB.
 pub const MIN_MEMORY_MIB: u32 = 128;
+
+/// A root filesystem image's size must be a non-zero multiple of this (128 MiB, the
+/// guest's memory section): the pmem device sits in the memory hotplug area, and DIMMs
+/// hot-added after it must stay aligned to the guest's memory blocks.
+pub const IMAGE_ALIGN: u64 = 128 << 20;
 
 /// Longest run directory path: the socket paths below it must fit in `sun_path` (108 bytes).
 const MAX_RUN_DIR_LEN: usize = 90;
@@ -33,6 +44,19 @@ pub enum ConfigError {
     /// The guest initrd does not exist.
     #[error("guest initrd {} not found", .path.display())]
     InitrdNotFound { path: PathBuf },
+    /// The guest root filesystem image does not exist or cannot be read.
+    #[error("guest image {} not found", .path.display())]
+    ImageNotFound {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image's size is zero or not a multiple of [`IMAGE_ALIGN`].
+    #[error("guest image {} is {size} bytes (expected a non-zero multiple of {IMAGE_ALIGN}; hack/build-guest.sh pads it)", .path.display())]
+    ImageSize { path: PathBuf, size: u64 },
+    /// A TCG translation cache size of zero.
+    #[error("TCG translation cache size must be at least 1 MiB")]
+    ZeroTbSize,
     /// The vsock daemon binary does not exist (hybrid vsock only).
     #[error("vsock daemon {} not found", .path.display())]
     VsockDaemonNotFound { path: PathBuf },
@@ -131,6 +155,61 @@ impl FromStr for VsockMode {
     }
 }
 
+/// How the guest gets its root filesystem (where `/init`, the agent, lives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// An initramfs (cpio archive, optionally compressed) that the kernel unpacks into RAM:
+    /// every guest holds its own copy.
+    Initrd(PathBuf),
+    /// A read-only EROFS image mapped into the guest as a persistent-memory device and
+    /// mounted in place (DAX): its pages stay in the host's page cache, one copy for all
+    /// VMs. Build it with [`GuestRoot::image`], which reads its size.
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Its size in bytes: a non-zero multiple of [`IMAGE_ALIGN`].
+        size: u64,
+    },
+}
+
+impl GuestRoot {
+    /// An image root: reads the file's size and checks it.
+    pub fn image(path: PathBuf) -> Result<Self, ConfigError> {
+        let size = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => {
+                return Err(ConfigError::ImageNotFound {
+                    path,
+                    source: std::io::Error::other("not a regular file"),
+                })
+            }
+            Err(source) => return Err(ConfigError::ImageNotFound { path, source }),
+        };
+        let root = GuestRoot::Image { path, size };
+        root.check_size()?;
+        Ok(root)
+    }
+
+    /// The file: the initrd or the image.
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestRoot::Initrd(path) | GuestRoot::Image { path, .. } => path,
+        }
+    }
+
+    fn check_size(&self) -> Result<(), ConfigError> {
+        match self {
+            GuestRoot::Image { path, size } if *size == 0 || size % IMAGE_ALIGN != 0 => {
+                Err(ConfigError::ImageSize {
+                    path: path.clone(),
+                    size: *size,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A host directory shared into the guest with virtio-fs (mount tag `kataShared`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedFsConfig {
@@ -170,10 +249,10 @@ pub struct VmConfig {
     pub id: String,
     /// The QEMU binary.
     pub qemu_path: PathBuf,
-    /// Guest kernel image.
+    /// Guest kernel: an uncompressed `vmlinux` with a PVH entry, or a `bzImage`.
     pub kernel: PathBuf,
-    /// Guest initrd.
-    pub initrd: PathBuf,
+    /// The guest's root filesystem.
+    pub root: GuestRoot,
     /// Kernel parameters appended after ours.
     pub kernel_params: Vec<String>,
     /// Boot memory in MiB.
@@ -188,6 +267,8 @@ pub struct VmConfig {
     pub max_vcpus: u32,
     /// Requested accelerator.
     pub accel: Accel,
+    /// TCG's translation cache in MiB (`-accel tcg,tb-size=`); ignored under KVM.
+    pub tcg_tb_size_mib: u32,
     /// Requested vsock flavour.
     pub vsock: VsockMode,
     /// The `vhost-device-vsock` binary (hybrid vsock).
@@ -204,13 +285,14 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// A config with defaults for everything but the id, guest image and run directory.
+    /// A config with defaults for everything but the id, guest kernel and initrd, and run
+    /// directory.
     pub fn new(id: impl Into<String>, kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
         VmConfig {
             id: id.into(),
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             kernel,
-            initrd,
+            root: GuestRoot::Initrd(initrd),
             kernel_params: Vec::new(),
             memory_mib: 2048,
             memory_slots: 10,
@@ -218,6 +300,7 @@ impl VmConfig {
             vcpus: 1,
             max_vcpus: 1,
             accel: Accel::Auto,
+            tcg_tb_size_mib: DEFAULT_TCG_TB_SIZE_MIB,
             vsock: VsockMode::Auto,
             net: Vec::new(),
             vsock_daemon: PathBuf::from("/opt/kata-deps/bin/vhost-device-vsock"),
@@ -233,7 +316,19 @@ impl VmConfig {
         self.validate_values()?;
         require_file(&self.qemu_path, |path| ConfigError::QemuNotFound { path })?;
         require_file(&self.kernel, |path| ConfigError::KernelNotFound { path })?;
-        require_file(&self.initrd, |path| ConfigError::InitrdNotFound { path })?;
+        match &self.root {
+            GuestRoot::Initrd(initrd) => {
+                require_file(initrd, |path| ConfigError::InitrdNotFound { path })?
+            }
+            GuestRoot::Image { path, .. } => {
+                if !path.is_file() {
+                    return Err(ConfigError::ImageNotFound {
+                        path: path.clone(),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    });
+                }
+            }
+        }
         if self.vsock == VsockMode::Hybrid {
             require_file(&self.vsock_daemon, |path| {
                 ConfigError::VsockDaemonNotFound { path }
@@ -293,6 +388,10 @@ impl VmConfig {
             if !matches!(fs.cache.as_str(), "auto" | "always" | "never") {
                 return Err(ConfigError::UnknownCacheMode(fs.cache.clone()));
             }
+        }
+        self.root.check_size()?;
+        if self.tcg_tb_size_mib == 0 {
+            return Err(ConfigError::ZeroTbSize);
         }
         if self.start_timeout.is_zero() {
             return Err(ConfigError::ZeroStartTimeout);
@@ -355,8 +454,15 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
 
         let mut c = config(dir.path());
-        c.initrd = dir.path().join("no-initrd");
+        c.root = GuestRoot::Initrd(dir.path().join("no-initrd"));
         assert!(c.validate().unwrap_err().to_string().contains("no-initrd"));
+
+        let mut c = config(dir.path());
+        c.root = GuestRoot::Image {
+            path: dir.path().join("no-image"),
+            size: IMAGE_ALIGN,
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("no-image"));
 
         let mut c = config(dir.path());
         c.qemu_path = dir.path().join("no-qemu");
@@ -418,6 +524,54 @@ mod tests {
         c.max_vcpus = 2;
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("max vcpus 2"), "{err}");
+    }
+
+    #[test]
+    fn images_are_sized_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rootfs.img");
+        let err = GuestRoot::image(path.clone()).unwrap_err();
+        assert!(matches!(err, ConfigError::ImageNotFound { .. }), "{err}");
+
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(IMAGE_ALIGN + 4096).unwrap();
+        let err = GuestRoot::image(path.clone()).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ImageSize { size, .. } if size == IMAGE_ALIGN + 4096),
+            "{err}"
+        );
+        assert!(err.to_string().contains("rootfs.img"), "{err}");
+        file.set_len(0).unwrap();
+        assert!(matches!(
+            GuestRoot::image(path.clone()).unwrap_err(),
+            ConfigError::ImageSize { size: 0, .. }
+        ));
+        assert!(matches!(
+            GuestRoot::image(dir.path().to_path_buf()).unwrap_err(),
+            ConfigError::ImageNotFound { .. }
+        ));
+
+        file.set_len(2 * IMAGE_ALIGN).unwrap();
+        let root = GuestRoot::image(path.clone()).unwrap();
+        assert_eq!(
+            root,
+            GuestRoot::Image {
+                path: path.clone(),
+                size: 2 * IMAGE_ALIGN
+            }
+        );
+        let mut c = config(dir.path());
+        c.root = root;
+        c.validate().unwrap();
+        c.root = GuestRoot::Image { path, size: 1 };
+        assert!(matches!(
+            c.validate().unwrap_err(),
+            ConfigError::ImageSize { size: 1, .. }
+        ));
+
+        let mut c = config(dir.path());
+        c.tcg_tb_size_mib = 0;
+        assert!(matches!(c.validate().unwrap_err(), ConfigError::ZeroTbSize));
     }
 
     #[test]

@@ -9,13 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kata_hypervisor::{Accel, SharedFsConfig, VmConfig, VsockMode};
+use kata_hypervisor::{Accel, GuestRoot, SharedFsConfig, VmConfig, VsockMode};
 use serde::Deserialize;
 
 /// Where the configuration lives unless overridden.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-containers/configuration.toml";
 /// Environment variable naming another configuration file.
 pub const CONFIG_ENV: &str = "KATA_CONF_FILE";
+/// The guest root filesystem image used when neither `image` nor `initrd` is set.
+pub const DEFAULT_IMAGE: &str = "/usr/share/kata-containers/kata-containers.img";
 
 /// Configuration errors; each names the file, key or path at fault.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,10 @@ pub enum ConfigError {
     },
     #[error("{key}: file {path} does not exist")]
     MissingFile { key: &'static str, path: PathBuf },
+    #[error("hypervisor.qemu.image = {path:?} and hypervisor.qemu.initrd = {initrd:?}: set one of them, not both")]
+    ImageAndInitrd { path: PathBuf, initrd: PathBuf },
+    #[error("hypervisor.qemu.image")]
+    Image(#[source] kata_hypervisor::ConfigError),
 }
 
 /// The whole file.
@@ -64,7 +70,12 @@ pub struct HypervisorSection {
 pub struct Qemu {
     pub path: PathBuf,
     pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    /// The guest's root filesystem as a read-only image on a virtio-pmem device (shared by
+    /// all VMs through the host's page cache). Unset or empty with `initrd` unset:
+    /// [`DEFAULT_IMAGE`].
+    pub image: Option<PathBuf>,
+    /// The guest's root filesystem as an initrd (one copy in each VM); excludes `image`.
+    pub initrd: Option<PathBuf>,
     /// Extra guest kernel parameters, space separated.
     pub kernel_params: String,
     /// `auto` | `kvm` | `tcg` (ours; Kata always uses KVM).
@@ -92,12 +103,36 @@ pub struct Qemu {
     pub enable_annotations: Vec<String>,
 }
 
+/// Which root filesystem the configuration asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootChoice {
+    /// `image` (or the default image).
+    Image(PathBuf),
+    /// `initrd`.
+    Initrd(PathBuf),
+}
+
+impl Qemu {
+    /// `image` or `initrd`, whichever is set (an empty path counts as unset), else the
+    /// default image.
+    pub fn root(&self) -> Result<RootChoice, ConfigError> {
+        let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        match (set(&self.image), set(&self.initrd)) {
+            (Some(path), Some(initrd)) => Err(ConfigError::ImageAndInitrd { path, initrd }),
+            (Some(path), None) => Ok(RootChoice::Image(path)),
+            (None, Some(initrd)) => Ok(RootChoice::Initrd(initrd)),
+            (None, None) => Ok(RootChoice::Image(DEFAULT_IMAGE.into())),
+        }
+    }
+}
+
 impl Default for Qemu {
     fn default() -> Self {
         Self {
             path: "/usr/bin/qemu-system-x86_64".into(),
-            kernel: "/usr/share/kata-containers/vmlinuz.container".into(),
-            initrd: "/usr/share/kata-containers/kata-containers-initrd.img".into(),
+            kernel: "/usr/share/kata-containers/vmlinux.container".into(),
+            image: None,
+            initrd: None,
             kernel_params: String::new(),
             accel: "auto".into(),
             default_vcpus: 1,
@@ -272,6 +307,7 @@ impl Config {
                 "expected 1 to 256",
             );
         }
+        q.root()?;
         if self.agent.kata.dial_timeout == 0 {
             return invalid(
                 "agent.kata.dial_timeout",
@@ -285,10 +321,15 @@ impl Config {
     /// Checks that the binaries and guest image the configuration names exist.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let q = &self.hypervisor.qemu;
+        let root = q.root()?;
+        let root_file = match &root {
+            RootChoice::Image(path) => ("hypervisor.qemu.image", path),
+            RootChoice::Initrd(path) => ("hypervisor.qemu.initrd", path),
+        };
         let mut files = vec![
             ("hypervisor.qemu.path", &q.path),
             ("hypervisor.qemu.kernel", &q.kernel),
-            ("hypervisor.qemu.initrd", &q.initrd),
+            root_file,
             ("hypervisor.qemu.virtio_fs_daemon", &q.virtio_fs_daemon),
         ];
         if q.vsock != "vhost" {
@@ -311,7 +352,7 @@ impl Config {
     }
 
     /// The VM for a sandbox: sizes resolved against `host`, sockets under `run_dir`,
-    /// `shared_dir` exported through virtio-fs.
+    /// `shared_dir` exported through virtio-fs. Reads the root image's size.
     pub fn vm_config(
         &self,
         id: &str,
@@ -341,17 +382,22 @@ impl Config {
         } else {
             q.virtio_fs_cache.clone()
         };
+        let root = match q.root()? {
+            RootChoice::Image(path) => GuestRoot::image(path).map_err(ConfigError::Image)?,
+            RootChoice::Initrd(path) => GuestRoot::Initrd(path),
+        };
         Ok(VmConfig {
             id: id.to_owned(),
             qemu_path: q.path.clone(),
             kernel: q.kernel.clone(),
-            initrd: q.initrd.clone(),
+            root,
             kernel_params,
             memory_mib: q.default_memory,
             memory_slots: q.memory_slots,
             max_memory_mib,
             vcpus: q.default_vcpus,
             max_vcpus,
+            tcg_tb_size_mib: kata_hypervisor::config::DEFAULT_TCG_TB_SIZE_MIB,
             accel: q.accel.parse().map_err(|e: kata_hypervisor::ConfigError| {
                 ConfigError::Invalid {
                     key: "hypervisor.qemu.accel",
@@ -391,7 +437,8 @@ mod tests {
         let d = Config::default();
         let (s, d) = (&shipped.hypervisor.qemu, &d.hypervisor.qemu);
         assert_eq!(s.kernel, d.kernel);
-        assert_eq!(s.initrd, d.initrd);
+        assert_eq!(s.root().unwrap(), d.root().unwrap());
+        assert_eq!(s.root().unwrap(), RootChoice::Image(DEFAULT_IMAGE.into()));
         assert_eq!(s.virtio_fs_daemon, d.virtio_fs_daemon);
         assert_eq!(s.accel, "auto");
         assert_eq!(s.default_memory, 2048);
@@ -474,8 +521,76 @@ mod tests {
     }
 
     #[test]
+    fn image_or_initrd() {
+        let parse = |t: &str| Config::parse(&format!("[hypervisor.qemu]\n{t}")).unwrap();
+        let c = parse("initrd = \"/a/initrd.img\"");
+        c.validate().unwrap();
+        assert_eq!(
+            c.hypervisor.qemu.root().unwrap(),
+            RootChoice::Initrd("/a/initrd.img".into())
+        );
+        let c = parse("image = \"\"\ninitrd = \"/a/initrd.img\"");
+        assert_eq!(
+            c.hypervisor.qemu.root().unwrap(),
+            RootChoice::Initrd("/a/initrd.img".into())
+        );
+        let c = parse("image = \"/a/root.img\"");
+        assert_eq!(
+            c.hypervisor.qemu.root().unwrap(),
+            RootChoice::Image("/a/root.img".into())
+        );
+        let err = parse("image = \"/a/root.img\"\ninitrd = \"/a/initrd.img\"")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/a/root.img")
+                && err.contains("/a/initrd.img")
+                && err.contains("not both"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn image_size_is_checked_when_the_vm_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("root.img");
+        std::fs::write(&image, b"not padded").unwrap();
+        let c = Config::parse(&format!("[hypervisor.qemu]\nimage = {image:?}")).unwrap();
+        let host = HostLimits {
+            cpus: 2,
+            memory_mib: 4096,
+        };
+        let err = c
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap_err();
+        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            text.contains("hypervisor.qemu.image") && text.contains("root.img"),
+            "{text}"
+        );
+        std::fs::File::options()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(kata_hypervisor::config::IMAGE_ALIGN)
+            .unwrap();
+        let vm = c
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap();
+        assert_eq!(
+            vm.root,
+            GuestRoot::Image {
+                path: image,
+                size: kata_hypervisor::config::IMAGE_ALIGN
+            }
+        );
+    }
+
+    #[test]
     fn zero_maxima_follow_the_host() {
-        let c = Config::parse("[hypervisor.qemu]\ndefault_vcpus = 2").unwrap();
+        let text = "[hypervisor.qemu]\ndefault_vcpus = 2\ninitrd = \"/x/initrd.img\"";
+        let c = Config::parse(text).unwrap();
         let host = HostLimits {
             cpus: 8,
             memory_mib: 16384,

@@ -305,9 +305,7 @@ impl ShimInstall {
         let image = crate::GuestImage::find();
         let config = format!(
             r#"[hypervisor.qemu]
-kernel = "{kernel}"
-initrd = "{initrd}"
-default_memory = 512
+{guest}default_memory = 512
 virtio_fs_daemon = "{virtiofsd}"
 vsock_daemon = "{vsock}"
 
@@ -315,8 +313,7 @@ vsock_daemon = "{vsock}"
 enable_debug = true
 dial_timeout = 60
 "#,
-            kernel = image.kernel.display(),
-            initrd = image.initrd.display(),
+            guest = image.config_lines(),
             virtiofsd = crate::daemon_path("virtiofsd").display(),
             vsock = crate::daemon_path("vhost-device-vsock").display(),
         );

@@ -1,6 +1,7 @@
 //! Test infrastructure for end-to-end tests that boot real VMs.
 //!
-//! - [`GuestImage`] finds the kernel and initrd built by `hack/build-guest.sh`;
+//! - [`GuestImage`] finds the guest kernel and root filesystem built by
+//!   `hack/build-guest.sh`;
 //! - [`TestVm`] builds a [`VmConfig`] for a test with its own run directory;
 //! - [`LeakCheck`] asserts that nothing a VM started survives it: no process whose command
 //!   line names the VM's run directory, no mount under it, and no directory left.
@@ -17,7 +18,7 @@ pub mod crio;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kata_hypervisor::{Accel, SharedFsConfig, VmConfig, VsockMode};
+use kata_hypervisor::{Accel, GuestRoot, SharedFsConfig, VmConfig, VsockMode};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -27,13 +28,30 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Kernel and initrd of the guest.
+/// Which kernel the guest image was built with (`hack/build-guest.sh --kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFlavour {
+    /// Ours: built from linux-source with every driver built in; `vmlinux` booted with the
+    /// root filesystem image on virtio-pmem.
+    Kata,
+    /// Debian's cloud kernel: `vmlinuz` with an initrd carrying the modules the agent loads.
+    Debian,
+}
+
+/// The guest's kernel and root filesystem.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
     pub kernel: PathBuf,
+    /// How the VMs get their root filesystem: the image for our kernel, the initrd for
+    /// Debian's.
+    pub root: GuestRoot,
+    /// The initrd, present for both kernels.
     pub initrd: PathBuf,
     /// `uname -r` of the guest kernel, as recorded by the image build.
     pub kernel_release: String,
+    pub flavour: KernelFlavour,
+    /// The built kernel's configuration (ours only).
+    pub kernel_config: Option<PathBuf>,
 }
 
 impl GuestImage {
@@ -42,20 +60,53 @@ impl GuestImage {
         let dir = std::env::var_os("KATA_TEST_GUEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("build/guest"));
-        let image = Self {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            kernel_release: std::fs::read_to_string(dir.join("kernel-release"))
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
                 .unwrap_or_default()
                 .trim()
-                .to_owned(),
+                .to_owned()
         };
-        assert!(
-            image.kernel.is_file() && image.initrd.is_file() && !image.kernel_release.is_empty(),
-            "no guest image in {}: run hack/build-guest.sh",
-            dir.display()
-        );
-        image
+        let missing = || -> ! {
+            panic!(
+                "no guest image in {}: run hack/build-guest.sh",
+                dir.display()
+            )
+        };
+        let flavour = match read("kernel-flavour").as_str() {
+            "kata" => KernelFlavour::Kata,
+            "debian" => KernelFlavour::Debian,
+            _ => missing(),
+        };
+        let initrd = dir.join("initrd.img");
+        let (kernel, root, kernel_config) = match flavour {
+            KernelFlavour::Kata => {
+                let root = GuestRoot::image(dir.join("rootfs.img"))
+                    .unwrap_or_else(|e| panic!("{e}: run hack/build-guest.sh"));
+                (dir.join("vmlinux"), root, Some(dir.join("kernel.config")))
+            }
+            KernelFlavour::Debian => (dir.join("vmlinuz"), GuestRoot::Initrd(initrd.clone()), None),
+        };
+        let kernel_release = read("kernel-release");
+        if !kernel.is_file() || !initrd.is_file() || kernel_release.is_empty() {
+            missing();
+        }
+        Self {
+            kernel,
+            root,
+            initrd,
+            kernel_release,
+            flavour,
+            kernel_config,
+        }
+    }
+
+    /// The `[hypervisor.qemu]` lines that name this guest in a `configuration.toml`.
+    pub fn config_lines(&self) -> String {
+        let root = match &self.root {
+            GuestRoot::Image { path, .. } => format!("image = {:?}", path),
+            GuestRoot::Initrd(path) => format!("initrd = {:?}", path),
+        };
+        format!("kernel = {:?}\n{root}\n", self.kernel)
     }
 }
 
@@ -93,7 +144,7 @@ impl TestVm {
             id: name.to_owned(),
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             kernel: image.kernel,
-            initrd: image.initrd,
+            root: image.root,
             kernel_params: vec!["agent.log=debug".to_owned()],
             memory_mib: 512,
             memory_slots: 4,
@@ -101,6 +152,7 @@ impl TestVm {
             vcpus: 1,
             max_vcpus: 2,
             accel: Accel::Auto,
+            tcg_tb_size_mib: kata_hypervisor::config::DEFAULT_TCG_TB_SIZE_MIB,
             vsock: VsockMode::Auto,
             vsock_daemon: daemon_path("vhost-device-vsock"),
             shared_fs: None,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kata_hypervisor::{Accel, SharedFsConfig, Vm, VmConfig, VsockMode};
+use kata_hypervisor::{Accel, GuestRoot, SharedFsConfig, Vm, VmConfig, VsockMode};
 use kata_shim::agent::{shared_fs_storage, AgentClient, GUEST_SHARED_DIR};
 
 #[derive(Parser, Debug)]
@@ -27,13 +27,14 @@ enum Command {
 struct BootCheck {
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: PathBuf,
-    #[arg(long, default_value = "/usr/share/kata-containers/vmlinuz.container")]
+    #[arg(long, default_value = "/usr/share/kata-containers/vmlinux.container")]
     kernel: PathBuf,
-    #[arg(
-        long,
-        default_value = "/usr/share/kata-containers/kata-containers-initrd.img"
-    )]
-    initrd: PathBuf,
+    /// The root filesystem image (virtio-pmem); ignored with --initrd.
+    #[arg(long, default_value = kata_shim::config::DEFAULT_IMAGE)]
+    image: PathBuf,
+    /// Boot with this initrd instead of the image (Debian's kernel needs one).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
     memory: u32,
@@ -88,11 +89,15 @@ fn parse_vsock(s: &str) -> Result<VsockMode> {
 
 async fn boot_check(args: BootCheck) -> Result<()> {
     let run_dir = std::env::temp_dir().join(format!("kata-ctl-{}", std::process::id()));
+    let root = match args.initrd {
+        Some(initrd) => GuestRoot::Initrd(initrd),
+        None => GuestRoot::image(args.image).context("the root filesystem image")?,
+    };
     let config = VmConfig {
         id: format!("boot-check-{}", std::process::id()),
         qemu_path: args.qemu,
         kernel: args.kernel,
-        initrd: args.initrd,
+        root,
         kernel_params: Vec::new(),
         memory_mib: args.memory,
         memory_slots: 10,
@@ -100,6 +105,7 @@ async fn boot_check(args: BootCheck) -> Result<()> {
         vcpus: args.vcpus,
         max_vcpus: args.vcpus.max(1),
         accel: parse_accel(&args.accel)?,
+        tcg_tb_size_mib: kata_hypervisor::config::DEFAULT_TCG_TB_SIZE_MIB,
         vsock: parse_vsock(&args.vsock)?,
         vsock_daemon: args.vsock_daemon,
         shared_fs: args.shared_dir.as_ref().map(|dir| SharedFsConfig {
