@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Container benchmark through containerd, runc (io.containerd.runc.v2) next to ours
-# (io.containerd.kata.v2), in one run:
+# (io.containerd.kata.v2) with our kernel ("kata") and with Debian's ("kata-debian"), in
+# one run:
 #   - wall time of `ctr run --rm <image> <id> true`: median of RUNS runs (default 5) after
 #     one untimed warm-up run per runtime; the runtimes alternate run by run;
 #   - the shim's own memory: VmRSS of the shim process while a detached `sleep 30`
@@ -11,22 +12,43 @@
 #   - ours, broken down from the shim's log lines (medians): VM launch, agent ready,
 #     sandbox ready, container create, container start, and the rest of the wall time.
 # Uses a private containerd 1.6 (hack/lib/containerd.sh) and the working tree: the guest
-# image in build/guest and the release shim in target/release, first on containerd's PATH.
-# The shim's configuration is shim/configuration.toml (the defaults) with build/guest's
-# kernel and initrd, unless KATA_CONF_FILE names another. Needs hack/install-deps.sh.
+# images in build/guest (ours) and build/guest-debian, and the release shim in
+# target/release, first on containerd's PATH. Each kata column's configuration is
+# shim/configuration.toml (the defaults) pointing at its guest (ctr --runtime-config-path);
+# KATA_CONF_FILE replaces the "kata" column's. RUNTIMES (default "runc kata kata-debian")
+# picks the columns. Needs hack/install-deps.sh.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 runs=${RUNS:-5}
 image=docker.io/library/busybox:kata
-RUNC=io.containerd.runc.v2
-KATA=io.containerd.kata.v2
+read -ra runtimes <<<"${RUNTIMES:-runc kata kata-debian}"
 log() { echo "bench-ctr: $*" >&2; }
 
 # shellcheck source=hack/lib/bench.sh
 source hack/lib/bench.sh
-bench_prepare configuration.toml
+debian=''
+for rt in "${runtimes[@]}"; do
+  case $rt in
+    runc | kata) ;;
+    kata-debian) debian=debian ;;
+    *) log "unknown runtime '$rt' (expected runc, kata or kata-debian)"; exit 2 ;;
+  esac
+done
+bench_prepare configuration.toml $debian
+declare -A conf_of=([kata]=$conf)
+if [[ -n $debian ]]; then
+  conf_of[kata-debian]=$bench/configuration-debian.toml
+  bench_config debian "${conf_of[kata-debian]}"
+fi
 conf_value() { awk -F' *= *' -v k="$1" '$1 == k {gsub(/"/, "", $2); print $2; exit}' "$conf"; }
+# runtime_args RUNTIME: ctr's options for it.
+runtime_args() {
+  case $1 in
+    runc) echo "--runtime io.containerd.runc.v2" ;;
+    *) echo "--runtime io.containerd.kata.v2 --runtime-config-path ${conf_of[$1]}" ;;
+  esac
+}
 
 accel_host=tcg
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then accel_host=kvm; fi
@@ -34,25 +56,24 @@ if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then accel_host=kvm; 
 # shellcheck source=hack/lib/containerd.sh
 source hack/lib/containerd.sh
 CTD_NS=kata-bench
-CTD_ENV="KATA_CONF_FILE=$conf"
 ctd_start "$bench/bin"
 ctd_ctr images import build/images/busybox.tar >/dev/null
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-short() { if [[ $1 == "$KATA" ]]; then echo kata; else echo runc; fi; }
 declare -A failed=() wall=() shim_rss=() kids_pss=()
 
 # fail RUNTIME WHAT FILE: the runtime is out of the benchmark; FILE holds ctr's error.
 fail() {
   failed[$1]="$2: $(tr -s '\n' ' ' <"$3")"
-  log "$(short "$1") failed: ${failed[$1]}"
+  log "$1 failed: ${failed[$1]}"
 }
 
 # run_once RUNTIME ID: times `ctr run --rm ... true` into last_ms.
 run_once() {
   local t0
   t0=$(now_ms)
-  if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run --rm --runtime "$1" "$image" "$2" true \
+  # shellcheck disable=SC2046 # runtime_args is a list of words
+  if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run --rm $(runtime_args "$1") "$image" "$2" true \
     >/dev/null 2>"$CTD_DIR/ctr.err"; then
     fail "$1" "ctr run --rm $2 true" "$CTD_DIR/ctr.err"
     return 1
@@ -71,7 +92,8 @@ shim_field() {
 # it started (kB), delete it.
 memory() {
   local rt=$1 id=$2 i status='' pid kid kb pss=0
-  if ! ctd_ctr run -d --runtime "$rt" "$image" "$id" sleep 30 >/dev/null 2>"$CTD_DIR/ctr.err"; then
+  # shellcheck disable=SC2046 # runtime_args is a list of words
+  if ! ctd_ctr run -d $(runtime_args "$rt") "$image" "$id" sleep 30 >/dev/null 2>"$CTD_DIR/ctr.err"; then
     fail "$rt" "ctr run -d $id sleep 30" "$CTD_DIR/ctr.err"
     ctd_ctr containers delete "$id" >/dev/null 2>&1 || true
     return 1
@@ -89,84 +111,106 @@ memory() {
       pss=$((pss + ${kb:-0}))
     done
     kids_pss[$rt]=$pss
-    log "$(short "$rt"): shim pid $pid VmRSS ${shim_rss[$rt]} kB, its processes PSS $pss kB"
+    log "$rt: shim pid $pid VmRSS ${shim_rss[$rt]} kB, its processes PSS $pss kB"
   else
-    log "$(short "$rt"): no running task $id to sample (status '$status')"
+    log "$rt: no running task $id to sample (status '$status')"
   fi
   timeout 120 ctr -a "$CTD_SOCK" -n "$CTD_NS" task delete -f "$id" >/dev/null 2>&1 || true
   timeout 120 ctr -a "$CTD_SOCK" -n "$CTD_NS" containers delete "$id" >/dev/null 2>&1 || true
 }
 
-vm=() agent=() sbx=() create=() start=() rest=()
-for rt in "$RUNC" "$KATA"; do
-  log "$(short "$rt"): warm-up run"
-  run_once "$rt" "bench-$(short "$rt")-warm" || true
+# Per kata runtime, the phases from the shim's log: "RUNTIME,phase" -> " ms ms ...".
+declare -A phase=()
+for rt in "${runtimes[@]}"; do
+  log "$rt: warm-up run"
+  run_once "$rt" "bench-$rt-warm" || true
 done
 for i in $(seq "$runs"); do
-  for rt in "$RUNC" "$KATA"; do
+  for rt in "${runtimes[@]}"; do
     [[ -z ${failed[$rt]:-} ]] || continue
-    id=bench-$(short "$rt")-$i
+    id=bench-$rt-$i
     run_once "$rt" "$id" || continue
     wall[$rt]+=" $last_ms"
-    if [[ $rt == "$KATA" ]]; then
+    if [[ $rt != runc ]]; then
       for _ in $(seq 20); do [[ -n $(shim_field "$id" start_ms) ]] && break; sleep 0.1; done
       v=$(shim_field "$id" vm_launch_ms) a=$(shim_field "$id" agent_ready_ms)
       s=$(shim_field "$id" sandbox_ready_ms) c=$(shim_field "$id" container_create_ms)
       st=$(shim_field "$id" start_ms)
       if [[ -n $v && -n $a && -n $s && -n $c && -n $st ]]; then
-        vm+=("$v") agent+=("$a") sbx+=("$s") create+=("$c") start+=("$st")
-        rest+=($((last_ms - s - c - st)))
-        log "run $i: kata $last_ms ms (VM launch $v, agent ready $a, sandbox ready $s, create $c, start $st)"
+        phase[$rt,vm]+=" $v" phase[$rt,agent]+=" $a" phase[$rt,sbx]+=" $s"
+        phase[$rt,create]+=" $c" phase[$rt,start]+=" $st" phase[$rt,rest]+=" $((last_ms - s - c - st))"
+        log "run $i: $rt $last_ms ms (VM launch $v, agent ready $a, sandbox ready $s, create $c, start $st)"
       else
-        log "run $i: kata $last_ms ms (no timing lines in the shim's log for $id)"
+        log "run $i: $rt $last_ms ms (no timing lines in the shim's log for $id)"
       fi
     else
       log "run $i: runc $last_ms ms"
     fi
   done
 done
-for rt in "$RUNC" "$KATA"; do
-  if [[ -z ${failed[$rt]:-} ]]; then memory "$rt" "bench-$(short "$rt")-sleep" || true; fi
+for rt in "${runtimes[@]}"; do
+  if [[ -z ${failed[$rt]:-} ]]; then memory "$rt" "bench-$rt-sleep" || true; fi
 done
 
 # Table cells: "failed" for a runtime out of the benchmark.
 cell() { if [[ -n ${failed[$1]:-} ]]; then echo failed; else echo "${2:-n/a}"; fi; }
 mib() { [[ -n ${1:-} ]] && awk -v k="$1" 'BEGIN {printf "%.1f", k/1024}'; }
-med() { if (($#)); then printf '%s\n' "$@" | median; else echo n/a; fi; }
-# shellcheck disable=SC2086 # the lists are space separated numbers
-w_runc=$(med ${wall[$RUNC]:-}) w_kata=$(med ${wall[$KATA]:-})
+med() { tr ' ' '\n' <<<"${1:-}" | grep . | median; }
 accel=$(grep -oE '(^| )accel=[a-z]+' "$CTD_LOG" | tail -n 1 | cut -d= -f2 || true)
 
 echo
-echo "ctr benchmark: $runs runs each (after one warm-up), image $image"
-echo "host: $(nproc) CPUs, kernel $(uname -r), containerd $(containerd --version | awk '{print $3}'), $(runc --version | head -n 1)"
-echo "kata guest: kernel $(cat build/guest/kernel-release 2>/dev/null || echo '?'), accel ${accel:-?}" \
-  "(host: $( [[ $accel_host == kvm ]] && echo 'KVM usable' || echo 'no vmx/svm: TCG')), $(conf_value default_memory) MiB," \
-  "$(conf_value default_vcpus) vCPU, config $conf"
-row() { printf '%-58s %10s %10s\n' "$@"; }
-row "measure" "runc" "kata"
-row "ctr run --rm busybox true: wall time, median ms" "$(cell "$RUNC" "$w_runc")" "$(cell "$KATA" "$w_kata")"
-row "shim VmRSS, MiB (sleep 30 running)" \
-  "$(cell "$RUNC" "$(mib "${shim_rss[$RUNC]:-}")")" "$(cell "$KATA" "$(mib "${shim_rss[$KATA]:-}")")"
-row "processes the shim started, PSS sum MiB" \
-  "$(cell "$RUNC" "$(mib "${kids_pss[$RUNC]:-}")")" "$(cell "$KATA" "$(mib "${kids_pss[$KATA]:-}")")"
+echo "ctr benchmark: $runs runs each (after one warm-up; the runtimes alternate), image $image"
+echo "host: $(nproc) CPUs, kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)," \
+  "containerd $(containerd --version | awk '{print $3}'), $(runc --version | head -n 1)"
+echo "kata: accel ${accel:-?} (host: $( [[ $accel_host == kvm ]] && echo 'KVM usable' || echo 'no vmx/svm: TCG'))," \
+  "$(conf_value default_memory) MiB, $(conf_value default_vcpus) vCPU"
+for rt in "${runtimes[@]}"; do
+  case $rt in
+    kata) echo "  kata: our kernel $(bench_kernel_release kata), config ${conf_of[kata]}" ;;
+    kata-debian) echo "  kata-debian: Debian's kernel $(bench_kernel_release debian), config ${conf_of[kata-debian]}" ;;
+  esac
+done
+row() {
+  printf '%-54s' "$1"
+  shift
+  printf ' %12s' "$@"
+  echo
+}
+# cells KIND [ARG]: one cell per runtime.
+cells() {
+  local rt out=()
+  for rt in "${runtimes[@]}"; do
+    case $1 in
+      wall) out+=("$(cell "$rt" "$(med "${wall[$rt]:-}")")") ;;
+      rss) out+=("$(cell "$rt" "$(mib "${shim_rss[$rt]:-}")")") ;;
+      pss) out+=("$(cell "$rt" "$(mib "${kids_pss[$rt]:-}")")") ;;
+      phase) if [[ $rt == runc ]]; then out+=(""); else out+=("$(cell "$rt" "$(med "${phase[$rt,$2]:-}")")"); fi ;;
+    esac
+  done
+  printf '%s\n' "${out[@]}"
+}
+mapfile -t c < <(cells wall)
+row "measure" "${runtimes[@]}"
+row "ctr run --rm busybox true: wall time, median ms" "${c[@]}"
+if [[ -n ${wall[kata-debian]:-} && -n ${wall[kata]:-} ]]; then
+  row "  kata over kata-debian" "" "$(awk -v a="$(med "${wall[kata]}")" -v b="$(med "${wall[kata-debian]}")" 'BEGIN {printf "%.2f", a/b}')"
+fi
+mapfile -t c < <(cells rss)
+row "shim VmRSS, MiB (sleep 30 running)" "${c[@]}"
+mapfile -t c < <(cells pss)
+row "processes the shim started, PSS sum MiB" "${c[@]}"
 echo "  (runc: the container; kata: QEMU, virtiofsd, vsock daemon)"
 echo "kata, from the shim's log (median ms):"
-row "  VM launch (Vm::start: daemons + QEMU + QMP)" "" "$(cell "$KATA" "$(med "${vm[@]}")")"
-row "  agent ready (from VM launch: agent answered)" "" "$(cell "$KATA" "$(med "${agent[@]}")")"
-row "  sandbox ready (+ virtio-fs mounted in the guest)" "" "$(cell "$KATA" "$(med "${sbx[@]}")")"
-row "  container create (rootfs shared + CreateContainer)" "" "$(cell "$KATA" "$(med "${create[@]}")")"
-row "  container start (stdio + StartContainer)" "" "$(cell "$KATA" "$(med "${start[@]}")")"
-row "  rest (ctr, containerd, exit, VM stop, cleanup)" "" "$(cell "$KATA" "$(med "${rest[@]}")")"
+for p in "vm:  VM launch (Vm::start: daemons + QEMU + QMP)" "agent:  agent ready (from VM launch: agent answered)" \
+  "sbx:  sandbox ready (+ virtio-fs mounted in the guest)" "create:  container create (rootfs shared + CreateContainer)" \
+  "start:  container start (stdio + StartContainer)" "rest:  rest (ctr, containerd, exit, VM stop, cleanup)"; do
+  mapfile -t c < <(cells phase "${p%%:*}")
+  row "${p#*:}" "${c[@]}"
+done
 
 if ((${#failed[@]})); then
   echo
   for rt in "${!failed[@]}"; do echo "$rt failed: ${failed[$rt]}"; done
-  if [[ -n ${failed[$KATA]:-} && -n $(shim_field bench-kata-warm sandbox_ready_ms) ]]; then
-    echo "(its sandbox got ready first: VM launch $(shim_field bench-kata-warm vm_launch_ms) ms," \
-      "agent ready $(shim_field bench-kata-warm agent_ready_ms) ms," \
-      "sandbox ready $(shim_field bench-kata-warm sandbox_ready_ms) ms)"
-  fi
   shim_log=$(grep -v '^time=' "$CTD_LOG" || true)
   if [[ -n $shim_log ]]; then
     echo "the shim's log (last lines):"

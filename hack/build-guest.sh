@@ -139,9 +139,12 @@ build_kernel() {
   jobs=${KERNEL_JOBS:-$(nproc)}
   local mk=(make -s -C "$srcdir" O="$objdir" ARCH=x86_64 KBUILD_BUILD_USER=kata-rs KBUILD_BUILD_HOST=build)
   log "configuring the kernel ($src_pkg $src_ver, key $key): tinyconfig + ${fragment#"$repo"/}"
-  "${mk[@]}" tinyconfig >/dev/null
-  "$srcdir/scripts/kconfig/merge_config.sh" -m -O "$objdir" "$objdir/.config" "$fragment" >/dev/null
-  "${mk[@]}" olddefconfig >/dev/null 2>&1
+  if ! { "${mk[@]}" tinyconfig && "$srcdir/scripts/kconfig/merge_config.sh" -m -O "$objdir" \
+    "$objdir/.config" "$fragment" && "${mk[@]}" olddefconfig; } >"$cache/config.log" 2>&1; then
+    cat "$cache/config.log" >&2
+    log "configuring the kernel failed"
+    exit 1
+  fi
   check_fragment "$objdir/.config" || exit 1
   log "building vmlinux with $jobs jobs (several minutes on a cold cache)"
   if ! "${mk[@]}" -j"$jobs" vmlinux >"$cache/build.log" 2>&1; then

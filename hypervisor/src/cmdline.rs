@@ -38,6 +38,11 @@ pub const DEFAULT_KERNEL_PARAMS: &[&str] = &[
     "cryptomgr.notests",
 ];
 
+/// The machine: q35 without the built-in devices no guest of ours uses (SATA controller,
+/// SMBus, PS/2 controller, VMware port) and without SMM; RAM from the `dimm0` backend.
+pub const MACHINE: &str =
+    "q35,memory-backend=dimm0,sata=off,smbus=off,i8042=off,vmport=off,smm=off";
+
 /// Kernel parameters for a root filesystem image: the first pmem device, read-only
 /// EROFS read in place (DAX), the agent as init.
 pub const IMAGE_ROOT_PARAMS: &[&str] = &[
@@ -88,7 +93,7 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
     let c = a.config;
     let mut args = Args::default();
 
-    args.pair("-machine", "q35,memory-backend=dimm0");
+    args.pair("-machine", MACHINE);
     match a.accel {
         Accel::Kvm => args.pair("-accel", "kvm,kernel-irqchip=on"),
         Accel::Tcg | Accel::Auto => {
@@ -140,7 +145,12 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
     );
     args.pair("-chardev", "stdio,id=console,signal=off");
     args.pair("-serial", "chardev:console");
+    if let Some(firmware) = &c.firmware {
+        args.pair("-bios", firmware);
+    }
     args.pair("-device", "virtio-rng-pci");
+    // Free page reporting: pages the guest frees go back to the host.
+    args.pair("-device", "virtio-balloon-pci,free-page-reporting=on");
 
     match a.vsock {
         VsockDevice::Vhost { fd, cid } => {
@@ -279,8 +289,8 @@ mod tests {
     #[test]
     fn tcg_hybrid() {
         let args = build(&config(), Accel::Tcg, &hybrid(), None);
-        assert_eq!(value(&args, "-machine"), ["q35,memory-backend=dimm0"]);
-        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=64"]);
+        assert_eq!(value(&args, "-machine"), [MACHINE]);
+        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=32"]);
         assert_eq!(value(&args, "-cpu"), ["max"]);
         assert_eq!(
             value(&args, "-object"),
@@ -307,9 +317,15 @@ mod tests {
         assert_eq!(value(&args, "-serial"), ["chardev:console"]);
         assert_eq!(
             value(&args, "-device"),
-            ["virtio-rng-pci", "vhost-user-vsock-pci,chardev=vsock"]
+            [
+                "virtio-rng-pci",
+                "virtio-balloon-pci,free-page-reporting=on",
+                "vhost-user-vsock-pci,chardev=vsock"
+            ]
         );
         assert_eq!(value(&args, "-kernel"), ["/img/vmlinuz"]);
+        // QEMU's default firmware unless one is configured.
+        assert!(value(&args, "-bios").is_empty());
         assert_eq!(value(&args, "-initrd"), ["/img/initrd.img"]);
         let append = value(&args, "-append");
         let append = append[0];
@@ -327,13 +343,17 @@ mod tests {
     fn kvm_vhost() {
         let vsock = VsockDevice::Vhost { fd: 7, cid: 42 };
         let args = build(&config(), Accel::Kvm, &vsock, None);
-        assert_eq!(value(&args, "-machine"), ["q35,memory-backend=dimm0"]);
+        assert_eq!(value(&args, "-machine"), [MACHINE]);
         // No translation cache option under KVM.
         assert_eq!(value(&args, "-accel"), ["kvm,kernel-irqchip=on"]);
         assert_eq!(value(&args, "-cpu"), ["host,pmu=off"]);
         assert_eq!(
             value(&args, "-device"),
-            ["virtio-rng-pci", "vhost-vsock-pci,vhostfd=7,guest-cid=42"]
+            [
+                "virtio-rng-pci",
+                "virtio-balloon-pci,free-page-reporting=on",
+                "vhost-vsock-pci,vhostfd=7,guest-cid=42"
+            ]
         );
         assert_eq!(value(&args, "-chardev"), ["stdio,id=console,signal=off"]);
     }
@@ -346,7 +366,7 @@ mod tests {
         assert_eq!(chardevs[2], "socket,id=fs0,path=/run/vm1/virtiofsd.sock");
         let devices = value(&args, "-device");
         assert_eq!(
-            devices[2],
+            devices[3],
             "vhost-user-fs-pci,chardev=fs0,tag=kataShared,queue-size=1024"
         );
     }
@@ -360,11 +380,19 @@ mod tests {
     }
 
     #[test]
+    fn firmware_is_passed_as_bios() {
+        let mut c = config();
+        c.firmware = Some(PathBuf::from("/usr/share/qemu/qboot.rom"));
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert_eq!(value(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
+    }
+
+    #[test]
     fn tb_size_follows_the_config() {
         let mut c = config();
-        c.tcg_tb_size_mib = 32;
+        c.tcg_tb_size_mib = 48;
         let args = build(&c, Accel::Tcg, &hybrid(), None);
-        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=32"]);
+        assert_eq!(value(&args, "-accel"), ["tcg,tb-size=48"]);
         assert!(!args.iter().any(|a| a.contains("accel=")), "{args:?}");
     }
 

@@ -16,6 +16,10 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-containers/configuration.toml";
 /// Environment variable naming another configuration file.
 pub const CONFIG_ENV: &str = "KATA_CONF_FILE";
+/// The firmware by default: qboot, a minimal BIOS that only loads the kernel (Debian ships
+/// it with QEMU); SeaBIOS, QEMU's own default, spends longer initializing devices the guest
+/// does not use.
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The guest root filesystem image used when neither `image` nor `initrd` is set.
 pub const DEFAULT_IMAGE: &str = "/usr/share/kata-containers/kata-containers.img";
 
@@ -69,6 +73,8 @@ pub struct HypervisorSection {
 #[serde(deny_unknown_fields, default)]
 pub struct Qemu {
     pub path: PathBuf,
+    /// The firmware (`-bios`); empty: QEMU's default (SeaBIOS).
+    pub firmware: PathBuf,
     pub kernel: PathBuf,
     /// The guest's root filesystem as a read-only image on a virtio-pmem device (shared by
     /// all VMs through the host's page cache). Unset or empty with `initrd` unset:
@@ -80,6 +86,8 @@ pub struct Qemu {
     pub kernel_params: String,
     /// `auto` | `kvm` | `tcg` (ours; Kata always uses KVM).
     pub accel: String,
+    /// TCG's translation cache in MiB (ours; unused under KVM).
+    pub tcg_tb_size: u32,
     pub default_vcpus: u32,
     /// 0 = the host's CPU count.
     pub default_maxvcpus: u32,
@@ -130,11 +138,13 @@ impl Default for Qemu {
     fn default() -> Self {
         Self {
             path: "/usr/bin/qemu-system-x86_64".into(),
+            firmware: DEFAULT_FIRMWARE.into(),
             kernel: "/usr/share/kata-containers/vmlinux.container".into(),
             image: None,
             initrd: None,
             kernel_params: String::new(),
             accel: "auto".into(),
+            tcg_tb_size: kata_hypervisor::config::DEFAULT_TCG_TB_SIZE_MIB,
             default_vcpus: 1,
             default_maxvcpus: 0,
             default_memory: 2048,
@@ -276,6 +286,13 @@ impl Config {
                 "expected auto, always or never",
             );
         }
+        if !(1..=4096).contains(&q.tcg_tb_size) {
+            return invalid(
+                "hypervisor.qemu.tcg_tb_size",
+                &q.tcg_tb_size,
+                "expected 1 to 4096 (MiB)",
+            );
+        }
         if q.default_vcpus == 0 {
             return invalid("hypervisor.qemu.default_vcpus", &0, "expected at least 1");
         }
@@ -335,6 +352,9 @@ impl Config {
         if q.vsock != "vhost" {
             files.push(("hypervisor.qemu.vsock_daemon", &q.vsock_daemon));
         }
+        if !q.firmware.as_os_str().is_empty() {
+            files.push(("hypervisor.qemu.firmware", &q.firmware));
+        }
         for (key, path) in files {
             if !path.is_file() {
                 return Err(ConfigError::MissingFile {
@@ -389,6 +409,7 @@ impl Config {
         Ok(VmConfig {
             id: id.to_owned(),
             qemu_path: q.path.clone(),
+            firmware: Some(q.firmware.clone()).filter(|f| !f.as_os_str().is_empty()),
             kernel: q.kernel.clone(),
             root,
             kernel_params,
@@ -397,7 +418,7 @@ impl Config {
             max_memory_mib,
             vcpus: q.default_vcpus,
             max_vcpus,
-            tcg_tb_size_mib: kata_hypervisor::config::DEFAULT_TCG_TB_SIZE_MIB,
+            tcg_tb_size_mib: q.tcg_tb_size,
             accel: q.accel.parse().map_err(|e: kata_hypervisor::ConfigError| {
                 ConfigError::Invalid {
                     key: "hypervisor.qemu.accel",
@@ -497,6 +518,11 @@ mod tests {
                 "virtio-9p",
             ),
             ("[agent.kata]\ndial_timeout = 0", "dial_timeout", "0"),
+            (
+                "[hypervisor.qemu]\ntcg_tb_size = 0",
+                "hypervisor.qemu.tcg_tb_size",
+                "0",
+            ),
         ];
         for (text, key, value) in cases {
             let err = Config::parse(text)
@@ -601,6 +627,13 @@ mod tests {
         assert_eq!((vm.vcpus, vm.max_vcpus), (2, 8));
         assert_eq!((vm.memory_mib, vm.max_memory_mib), (2048, 16384));
         assert_eq!(vm.shared_fs.unwrap().shared_dir, PathBuf::from("/run/y"));
+        assert_eq!(vm.firmware, Some(PathBuf::from(DEFAULT_FIRMWARE)));
+        assert_eq!(vm.tcg_tb_size_mib, 32);
+        let c = Config::parse(&format!("{text}\nfirmware = \"\"")).unwrap();
+        let vm = c
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap();
+        assert_eq!(vm.firmware, None, "empty: QEMU's default");
     }
 
     #[test]

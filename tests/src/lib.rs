@@ -143,6 +143,7 @@ impl TestVm {
         let config = VmConfig {
             id: name.to_owned(),
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            firmware: Some(PathBuf::from(kata_shim::config::DEFAULT_FIRMWARE)),
             kernel: image.kernel,
             root: image.root,
             kernel_params: vec!["agent.log=debug".to_owned()],

@@ -27,6 +27,9 @@ enum Command {
 struct BootCheck {
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: PathBuf,
+    /// The firmware (`-bios`); "" for QEMU's default.
+    #[arg(long, default_value = kata_shim::config::DEFAULT_FIRMWARE)]
+    firmware: PathBuf,
     #[arg(long, default_value = "/usr/share/kata-containers/vmlinux.container")]
     kernel: PathBuf,
     /// The root filesystem image (virtio-pmem); ignored with --initrd.
@@ -96,6 +99,7 @@ async fn boot_check(args: BootCheck) -> Result<()> {
     let config = VmConfig {
         id: format!("boot-check-{}", std::process::id()),
         qemu_path: args.qemu,
+        firmware: Some(args.firmware).filter(|f| !f.as_os_str().is_empty()),
         kernel: args.kernel,
         root,
         kernel_params: Vec::new(),
