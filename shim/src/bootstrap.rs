@@ -7,7 +7,7 @@
 //!
 //! - `start` (cwd = bundle): groups by the CRI sandbox id, prints the address of the pod's
 //!   live shim or spawns a new server and prints its address once it serves.
-//! - `delete`: cleans up after a dead shim ([`crate::cleanup`]) and prints a DeleteResponse.
+//! - `delete`: cleans up after a dead shim ([`crate::sandbox::cleanup`]) and prints a DeleteResponse.
 //! - server (`-socket <address>`): subreaper, logging to the bundle's `log` fifo, optional
 //!   event publisher, the Task service; runs until Shutdown or SIGTERM/SIGINT, then tears
 //!   the sandbox down.
@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use containerd_shim::api::DeleteResponse;
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::publisher::RemotePublisher;
@@ -28,9 +29,11 @@ use containerd_shim::{ExitSignal, Flags};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::events;
-use crate::service::Service;
-use crate::spec;
+use crate::sandbox::cleanup;
+use crate::task::container::{to_timestamp, ExitInfo};
+use crate::task::events;
+use crate::task::service::Service;
+use crate::task::spec;
 use crate::task::TaskService;
 
 /// The name containerd knows us by.
@@ -105,7 +108,7 @@ pub fn main() -> i32 {
         Err(e) => {
             // In `start` stderr goes to containerd as the error text. A server that fails
             // before it is ready still has the `start` process's pipe as stdout.
-            let message = crate::error::chain(&e);
+            let message = crate::report::chain(&e);
             tracing::error!(error = %message, "shim failed");
             if server_mode {
                 println!("{message}");
@@ -214,7 +217,7 @@ fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     } else {
         PathBuf::from(&flags.bundle)
     };
-    let response = crate::cleanup::delete_action(&bundle, &flags.id);
+    let response = delete_action(&bundle, &flags.id);
     let bytes = response.write_to_bytes().map_err(|e| BootstrapError::Io {
         what: "cannot encode the delete response".into(),
         source: std::io::Error::other(e),
@@ -223,6 +226,32 @@ fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     out.write_all(&bytes)
         .and_then(|()| out.flush())
         .map_err(io_err("cannot print the delete response"))
+}
+
+/// What `delete` reports: killed by SIGKILL.
+pub const DELETED_EXIT_STATUS: u32 = 128 + 9;
+
+/// The `delete` command for container `container_id` with bundle `bundle`: kills and
+/// removes what a dead shim left behind and returns the response to print.
+pub fn delete_action(bundle: &Path, container_id: &str) -> DeleteResponse {
+    let spec = spec::load_sync(bundle).ok();
+    let sandbox_id = spec::sandbox_id(spec.as_ref(), container_id);
+    let paths = crate::sandbox::SandboxPaths::new(&sandbox_id);
+    if sandbox_id == container_id {
+        cleanup::cleanup_sandbox(&paths);
+    } else {
+        cleanup::cleanup_container(&paths, container_id);
+    }
+    if let Err(error) = crate::sandbox::mounts::unmount_under(&bundle.join("rootfs")) {
+        tracing::warn!(error = %crate::report::chain(&error), "unmounting bundle rootfs");
+    }
+    let exit = ExitInfo::now(DELETED_EXIT_STATUS);
+    DeleteResponse {
+        pid: 0,
+        exit_status: exit.status,
+        exited_at: Some(to_timestamp(exit.at)).into(),
+        ..Default::default()
+    }
 }
 
 /// Logs to the bundle's `log` fifo (containerd or CRI-O hold its reader), else to stderr.

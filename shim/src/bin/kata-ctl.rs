@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kata_hypervisor::{Accel, SharedFsConfig, Vm, VmConfig, VsockMode};
-use kata_shim::agent::{shared_fs_storage, AgentClient, GUEST_SHARED_DIR};
+use kata_shim::sandbox::agent::{shared_fs_storage, AgentClient, GUEST_SHARED_DIR};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Operator tool for the kata VM runtime")]

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Mount, Spec};
 
-use crate::agent::GUEST_SHARED_DIR;
+use crate::sandbox::agent::GUEST_SHARED_DIR;
+pub use crate::sandbox::mounts::HostBind;
 
 /// containerd CRI: the pod's sandbox id.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -59,20 +60,6 @@ pub enum SpecError {
     /// A bind mount without a source path.
     #[error("bind mount on {destination} has no absolute source path")]
     BindWithoutSource { destination: String },
-}
-
-/// A host path a container mounts: the shim binds it at `<container share>/<share_path>`
-/// before the guest creates the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBind {
-    /// The host path (file or directory).
-    pub source: PathBuf,
-    /// Where it goes, relative to the container's share directory (`mounts/<n>`).
-    pub share_path: PathBuf,
-    /// Mount it read-only on the host side too.
-    pub readonly: bool,
-    /// The destination in the container (for messages).
-    pub destination: PathBuf,
 }
 
 /// Reads `<bundle>/config.json`.

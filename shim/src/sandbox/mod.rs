@@ -4,7 +4,7 @@
 //! directories, VM, agent connection, virtio-fs mount in the guest. Every failure undoes
 //! what was made. [`Sandbox::teardown`] reverses it at the sandbox container's Delete or at
 //! shutdown. A small JSON record in the state directory lists the host processes, so the
-//! `delete` command can clean up after a shim that died ([`crate::cleanup`]).
+//! `delete` command can clean up after a shim that died ([`crate::sandbox::cleanup`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,20 +12,22 @@ use std::time::Duration;
 
 use kata_hypervisor::vsock::Endpoint;
 use kata_hypervisor::{ExitReport, Vm, VsockStream};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Mutex};
 
-use crate::agent::{shared_fs_storage, AgentClient, AgentError};
 use crate::config::{Config, ConfigError, HostLimits};
-use crate::io::IoError;
-use crate::mounts::{self, MountError};
-use crate::resources::{Ledger, Limits, ResourceError};
 
-/// Parent of the per-sandbox state directories (short: the VM run dir must stay <= 90 bytes).
-pub const STATE_ROOT: &str = "/run/kata";
-/// Parent of the per-sandbox directories shared with the guest through virtio-fs.
-pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
+pub mod agent;
+pub mod cleanup;
+pub mod mounts;
+pub mod network;
+pub mod resources;
+pub mod state;
+
+use agent::{shared_fs_storage, AgentClient, AgentError};
+use mounts::MountError;
+use resources::{Ledger, Limits, ResourceError};
+pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
+
 /// Timeout of every agent request except WaitProcess.
 const AGENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long QEMU gets at each stop step (quit, SIGTERM, SIGKILL).
@@ -69,88 +71,7 @@ pub enum SandboxError {
     Join(#[source] tokio::task::JoinError),
     /// The pod network could not be plumbed.
     #[error("pod network")]
-    Network(#[source] crate::network::NetworkError),
-}
-
-/// The host directories of one sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SandboxPaths {
-    /// `/run/kata/<key>`: state record and the VM's run directory.
-    pub state_dir: PathBuf,
-    /// `<state_dir>/vm`: sockets of QEMU and its daemons (removed by the VM itself).
-    pub vm_run_dir: PathBuf,
-    /// `/run/kata-containers/shared/sandboxes/<key>`: exported to the guest.
-    pub shared_dir: PathBuf,
-}
-
-impl SandboxPaths {
-    /// The standard locations for `sandbox_id`.
-    pub fn new(sandbox_id: &str) -> Self {
-        Self::with_roots(Path::new(STATE_ROOT), Path::new(SHARED_ROOT), sandbox_id)
-    }
-
-    /// Locations under other roots (tests).
-    pub fn with_roots(state_root: &Path, shared_root: &Path, sandbox_id: &str) -> Self {
-        let key = dir_key(sandbox_id);
-        let state_dir = state_root.join(&key);
-        SandboxPaths {
-            vm_run_dir: state_dir.join("vm"),
-            state_dir,
-            shared_dir: shared_root.join(&key),
-        }
-    }
-
-    /// The state record's path.
-    pub fn state_file(&self) -> PathBuf {
-        self.state_dir.join("state.json")
-    }
-
-    /// A container's directory in the share.
-    pub fn container_dir(&self, container_id: &str) -> PathBuf {
-        self.shared_dir.join(container_id)
-    }
-}
-
-/// A directory name (and VM id) for a sandbox id: the id itself when it is short and
-/// plain, else a hash of it.
-pub fn dir_key(sandbox_id: &str) -> String {
-    let plain = !sandbox_id.is_empty()
-        && sandbox_id.len() <= 64
-        && !sandbox_id.starts_with('.')
-        && sandbox_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if plain {
-        sandbox_id.to_owned()
-    } else {
-        hex::encode(Sha256::digest(sandbox_id.as_bytes()))[..32].to_owned()
-    }
-}
-
-/// What the `delete` command needs to clean up after a dead shim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateRecord {
-    pub sandbox_id: String,
-    pub shim_pid: u32,
-    pub qemu_pid: u32,
-    /// Start time of QEMU (clock ticks since boot, /proc/<pid>/stat field 22), so a
-    /// recycled pid is never killed.
-    pub qemu_start_time: Option<u64>,
-    pub vm_run_dir: PathBuf,
-    pub shared_dir: PathBuf,
-}
-
-/// A process's start time from /proc/<pid>/stat.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
-}
-
-/// Field 22 of a /proc/<pid>/stat line (the command may contain spaces and parentheses).
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Fields after comm start at field 3; starttime is field 22.
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    Network(#[source] crate::sandbox::network::NetworkError),
 }
 
 /// Reads the configuration file chosen by `explicit` / KATA_CONF_FILE / the default and
@@ -179,7 +100,7 @@ pub struct Sandbox {
     /// The VM's size and what the containers reserved of it.
     resources: Mutex<Ledger>,
     /// The pod network plumbed into the VM, if the sandbox had a network namespace.
-    network: Option<crate::network::PodNetwork>,
+    network: Option<crate::sandbox::network::PodNetwork>,
     exit_rx: watch::Receiver<Option<ExitReport>>,
     stopping: AtomicBool,
     /// Held for the whole teardown; true once it is done.
@@ -283,22 +204,23 @@ struct Undo {
     paths: SandboxPaths,
     shared_mounted: bool,
     /// The pod network's tc setup to remove.
-    network: Option<(PathBuf, Vec<crate::network::Interface>)>,
+    network: Option<(PathBuf, Vec<crate::sandbox::network::Interface>)>,
 }
 
 impl Undo {
     async fn run(self, vm: Option<Vm>) {
         if let Some(vm) = vm {
             if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
-                tracing::warn!(error = %crate::error::chain(&error), "stopping VM after failed create");
+                tracing::warn!(error = %crate::report::chain(&error), "stopping VM after failed create");
             }
         }
         if let Some((netns, interfaces)) = self.network {
-            let detached =
-                tokio::task::spawn_blocking(move || crate::network::detach(&netns, &interfaces))
-                    .await;
+            let detached = tokio::task::spawn_blocking(move || {
+                crate::sandbox::network::detach(&netns, &interfaces)
+            })
+            .await;
             if let Ok(Err(error)) = detached {
-                tracing::warn!(error = %crate::error::chain(&error), "removing the pod network's tc setup");
+                tracing::warn!(error = %crate::report::chain(&error), "removing the pod network's tc setup");
             }
         }
         let paths = self.paths;
@@ -313,7 +235,7 @@ impl Undo {
         })
         .await;
         if let Ok(Err(error)) = result {
-            tracing::warn!(error = %crate::error::chain(&error), "cleanup after failed create");
+            tracing::warn!(error = %crate::report::chain(&error), "cleanup after failed create");
         }
     }
 }
@@ -335,7 +257,7 @@ impl Sandbox {
                 "stale sandbox state found; cleaning it up first"
             );
             let stale = paths.clone();
-            tokio::task::spawn_blocking(move || crate::cleanup::cleanup_sandbox(&stale))
+            tokio::task::spawn_blocking(move || crate::sandbox::cleanup::cleanup_sandbox(&stale))
                 .await
                 .map_err(SandboxError::Join)?;
         }
@@ -387,10 +309,11 @@ impl Sandbox {
         let network = match netns {
             Some(ns) => {
                 let ns = ns.to_owned();
-                let attached = tokio::task::spawn_blocking(move || crate::network::attach(&ns))
-                    .await
-                    .map_err(|e| (SandboxError::Join(e), None))?
-                    .map_err(|e| (SandboxError::Network(e), None))?;
+                let attached =
+                    tokio::task::spawn_blocking(move || crate::sandbox::network::attach(&ns))
+                        .await
+                        .map_err(|e| (SandboxError::Join(e), None))?
+                        .map_err(|e| (SandboxError::Network(e), None))?;
                 undo.network = Some((attached.netns.clone(), attached.interfaces.clone()));
                 for (iface, tap) in attached.interfaces.iter().zip(&attached.taps) {
                     vm_config.net.push(kata_hypervisor::NetDevice {
@@ -415,8 +338,9 @@ impl Sandbox {
             vm_run_dir: paths.vm_run_dir.clone(),
             shared_dir: paths.shared_dir.clone(),
         };
-        if let Err(e) = write_record(&paths.state_file(), &record).await {
-            return Err((e, Some(vm)));
+        if let Err(source) = state::write_record(&paths.state_file(), &record).await {
+            let path = paths.state_file();
+            return Err((SandboxError::State { path, source }, Some(vm)));
         }
         let agent =
             match AgentClient::connect(&vm, config.dial_timeout(), AGENT_REQUEST_TIMEOUT).await {
@@ -429,7 +353,7 @@ impl Sandbox {
         }
         // Without a pod network namespace (host network) the guest still needs loopback:
         // an empty configuration brings just that up.
-        let no_network = crate::network::PodNetwork {
+        let no_network = crate::sandbox::network::PodNetwork {
             netns: PathBuf::new(),
             interfaces: Vec::new(),
             routes: Vec::new(),
@@ -498,7 +422,7 @@ impl Sandbox {
         resources: &oci_spec::runtime::LinuxResources,
     ) -> Result<(), ResourceError> {
         let mut ledger = self.resources.lock().await;
-        let limits = crate::resources::updated(ledger.reserved(id), resources);
+        let limits = crate::sandbox::resources::updated(ledger.reserved(id), resources);
         self.reserve_locked(&mut ledger, id, limits).await
     }
 
@@ -576,11 +500,10 @@ impl Sandbox {
     }
 
     /// One new connection to the guest's stdio port.
-    pub async fn connect_stdio(&self) -> Result<VsockStream, IoError> {
+    pub async fn connect_stdio(&self) -> Result<VsockStream, kata_hypervisor::vsock::VsockError> {
         self.endpoint
             .connect(kata_proto::STDIO_VSOCK_PORT, STDIO_CONNECT_TIMEOUT)
             .await
-            .map_err(|e| IoError::Connect(Box::new(e)))
     }
 
     /// The guest console's last lines (empty once the VM is stopped).
@@ -610,22 +533,22 @@ impl Sandbox {
                 match tokio::time::timeout(AGENT_SHUTDOWN_TIMEOUT, self.agent.shutdown()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::debug!(error = %crate::error::chain(&e), "agent shutdown")
+                        tracing::debug!(error = %crate::report::chain(&e), "agent shutdown")
                     }
                     Err(_) => tracing::debug!("agent shutdown timed out"),
                 }
             }
             if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
-                tracing::warn!(error = %crate::error::chain(&error), "stopping VM");
+                tracing::warn!(error = %crate::report::chain(&error), "stopping VM");
             }
         }
         if let Some(net) = self.network.clone() {
             let detached = tokio::task::spawn_blocking(move || {
-                crate::network::detach(&net.netns, &net.interfaces)
+                crate::sandbox::network::detach(&net.netns, &net.interfaces)
             })
             .await;
             if let Ok(Err(error)) = detached {
-                tracing::warn!(error = %crate::error::chain(&error), "removing the pod network's tc setup");
+                tracing::warn!(error = %crate::report::chain(&error), "removing the pod network's tc setup");
             }
         }
         let paths = self.paths.clone();
@@ -637,82 +560,9 @@ impl Sandbox {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(error = %crate::error::chain(&error), "removing sandbox directories")
+                tracing::warn!(error = %crate::report::chain(&error), "removing sandbox directories")
             }
             Err(error) => tracing::warn!(%error, "sandbox cleanup task failed"),
         }
-    }
-}
-
-async fn write_record(path: &Path, record: &StateRecord) -> Result<(), SandboxError> {
-    let err = |source| SandboxError::State {
-        path: path.to_path_buf(),
-        source,
-    };
-    let json = serde_json::to_vec_pretty(record).map_err(|e| err(e.into()))?;
-    let tmp = path.with_extension("json.tmp");
-    tokio::fs::write(&tmp, json).await.map_err(err)?;
-    tokio::fs::rename(&tmp, path).await.map_err(err)
-}
-
-/// Reads a state record (the `delete` command).
-pub fn read_record(path: &Path) -> Option<StateRecord> {
-    let bytes = std::fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cri_ids_are_used_as_is_and_odd_ones_hashed() {
-        let cri = "a".repeat(64);
-        assert_eq!(dir_key(&cri), cri);
-        assert_eq!(dir_key("c1"), "c1");
-        let long = "x".repeat(76);
-        let k = dir_key(&long);
-        assert_eq!(k.len(), 32);
-        assert_eq!(k, dir_key(&long), "deterministic");
-        assert_eq!(dir_key("a/b").len(), 32);
-        assert_eq!(dir_key("..").len(), 32);
-    }
-
-    #[test]
-    fn vm_run_dir_fits_the_hypervisor_limit() {
-        let p = SandboxPaths::new(&"f".repeat(64));
-        assert!(
-            p.vm_run_dir.as_os_str().len() <= 90,
-            "{}",
-            p.vm_run_dir.display()
-        );
-        assert_eq!(
-            p.container_dir("c1"),
-            PathBuf::from(format!("{SHARED_ROOT}/{}/c1", "f".repeat(64)))
-        );
-    }
-
-    #[test]
-    fn start_time_survives_odd_command_names() {
-        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 200";
-        assert_eq!(parse_start_time(stat), Some(987654));
-        assert_eq!(parse_start_time("garbage"), None);
-        assert!(proc_start_time(std::process::id()).is_some());
-    }
-
-    #[test]
-    fn state_record_round_trips() {
-        let r = StateRecord {
-            sandbox_id: "s".into(),
-            shim_pid: 1,
-            qemu_pid: 2,
-            qemu_start_time: Some(3),
-            vm_run_dir: "/run/kata/s/vm".into(),
-            shared_dir: "/run/kata-containers/shared/sandboxes/s".into(),
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
-        assert_eq!(read_record(&path), Some(r));
     }
 }

@@ -22,8 +22,8 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{Task, TtrpcContext};
 use kata_proto::agent::StatsContainerResponse;
 
-use crate::container::Status;
-use crate::error::TaskError;
+use crate::task::container::Status;
+use crate::task::error::TaskError;
 use crate::task::TaskService;
 
 /// containerd 1.6 matches metrics by this bare type URL (no `type.googleapis.com/`).
@@ -81,7 +81,9 @@ impl Service {
         };
         let status = c.init.status();
         if status != want {
-            return Err(crate::container::StateError::WrongStatus(id.to_owned(), status).into());
+            return Err(
+                crate::task::container::StateError::WrongStatus(id.to_owned(), status).into(),
+            );
         }
         let sandbox = self.0.sandbox()?;
         if pause {

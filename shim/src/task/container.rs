@@ -15,7 +15,7 @@ use containerd_shim::api::Status as ApiStatus;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
 
-use crate::io::{ProcessIo, StdioSpec};
+use crate::task::io::{ProcessIo, StdioSpec};
 
 /// Requests that are invalid in the process's current state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

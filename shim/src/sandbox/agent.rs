@@ -303,7 +303,7 @@ impl AgentClient {
     /// Gives the guest the pod's interfaces (by MAC), addresses, MTU and routes.
     pub async fn configure_network(
         &self,
-        net: &crate::network::PodNetwork,
+        net: &crate::sandbox::network::PodNetwork,
     ) -> Result<(), AgentError> {
         use kata_proto::agent::{ConfigureNetworkRequest, IPAddress, Interface, Route};
         let req = ConfigureNetworkRequest {

@@ -12,6 +12,9 @@ use std::time::Duration;
 use kata_hypervisor::{Accel, SharedFsConfig, VmConfig, VsockMode};
 use serde::Deserialize;
 
+pub mod annotations;
+pub mod options;
+
 /// Where the configuration lives unless overridden.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-containers/configuration.toml";
 /// Environment variable naming another configuration file.
@@ -386,7 +389,7 @@ mod tests {
 
     #[test]
     fn shipped_configuration_is_valid_and_matches_the_defaults() {
-        let shipped = Config::parse(include_str!("../configuration.toml")).unwrap();
+        let shipped = Config::parse(include_str!("../../configuration.toml")).unwrap();
         shipped.validate().unwrap();
         let d = Config::default();
         let (s, d) = (&shipped.hypervisor.qemu, &d.hypervisor.qemu);

@@ -15,13 +15,13 @@
 
 use ttrpc::Code;
 
-use crate::agent::AgentError;
-use crate::container::StateError;
-use crate::io::IoError;
-use crate::mounts::MountError;
-use crate::resources::ResourceError;
+use crate::sandbox::agent::AgentError;
+use crate::sandbox::mounts::MountError;
+use crate::sandbox::resources::ResourceError;
 use crate::sandbox::SandboxError;
-use crate::spec::SpecError;
+use crate::task::container::StateError;
+use crate::task::io::IoError;
+use crate::task::spec::SpecError;
 
 /// Why an RPC failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ pub enum TaskError {
     #[error("mount")]
     Mount(#[from] MountError),
     #[error("resources")]
-    Resources(#[from] crate::resources::ResourceError),
+    Resources(#[from] crate::sandbox::resources::ResourceError),
 }
 
 impl TaskError {
@@ -103,7 +103,7 @@ impl TaskError {
 impl From<TaskError> for ttrpc::Error {
     fn from(e: TaskError) -> ttrpc::Error {
         let code = e.code();
-        let message = chain(&e);
+        let message = crate::report::chain(&e);
         if code == Code::INTERNAL {
             tracing::error!(error = %message, "request failed");
         } else {
@@ -113,30 +113,10 @@ impl From<TaskError> for ttrpc::Error {
     }
 }
 
-/// An error and its sources, joined by ": ". A ttrpc status reads `CODE: message`.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = match s.downcast_ref::<ttrpc::Error>() {
-            Some(ttrpc::Error::RpcStatus(status)) => {
-                format!("{:?}: {}", status.code(), status.message())
-            }
-            _ => s.to_string(),
-        };
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::container::Status;
+    use crate::task::container::Status;
 
     fn status_of(e: TaskError) -> (Code, String) {
         match ttrpc::Error::from(e) {

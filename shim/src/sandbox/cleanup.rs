@@ -1,5 +1,5 @@
-//! Cleanup after a shim that is gone: the `delete` command, and stale state found when a
-//! sandbox is created again.
+//! Cleanup after a shim that is gone (the `delete` command), and of stale state found when
+//! a sandbox is created again.
 //!
 //! The host processes of a sandbox (QEMU, virtiofsd, the vsock daemon) are found through
 //! the state record (QEMU's pid, checked against its start time) and by their command
@@ -10,43 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use containerd_shim::api::DeleteResponse;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::container::{to_timestamp, ExitInfo};
-use crate::mounts;
-use crate::sandbox::{proc_start_time, read_record, SandboxPaths};
-use crate::spec;
+use super::mounts;
+use super::state::{proc_start_time, read_record, SandboxPaths};
 
 /// How long killed processes get to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-/// What `delete` reports: killed by SIGKILL.
-pub const DELETED_EXIT_STATUS: u32 = 128 + 9;
-
-/// The `delete` command for container `container_id` with bundle `bundle`: kills and
-/// removes what a dead shim left behind and returns the response to print.
-pub fn delete_action(bundle: &Path, container_id: &str) -> DeleteResponse {
-    let spec = spec::load_sync(bundle).ok();
-    let sandbox_id = spec::sandbox_id(spec.as_ref(), container_id);
-    let paths = SandboxPaths::new(&sandbox_id);
-    if sandbox_id == container_id {
-        cleanup_sandbox(&paths);
-    } else {
-        cleanup_container(&paths, container_id);
-    }
-    if let Err(error) = mounts::unmount_under(&bundle.join("rootfs")) {
-        tracing::warn!(error = %crate::error::chain(&error), "unmounting bundle rootfs");
-    }
-    let exit = ExitInfo::now(DELETED_EXIT_STATUS);
-    DeleteResponse {
-        pid: 0,
-        exit_status: exit.status,
-        exited_at: Some(to_timestamp(exit.at)).into(),
-        ..Default::default()
-    }
-}
-
 /// Kills the sandbox's host processes and removes its directories.
 pub fn cleanup_sandbox(paths: &SandboxPaths) {
     let mut pids = Vec::new();
@@ -66,7 +37,7 @@ pub fn cleanup_sandbox(paths: &SandboxPaths) {
     kill_and_wait(&pids);
     for dir in [&paths.shared_dir, &paths.state_dir] {
         if let Err(error) = mounts::remove_dir_sync(dir) {
-            tracing::warn!(error = %crate::error::chain(&error), "removing {}", dir.display());
+            tracing::warn!(error = %crate::report::chain(&error), "removing {}", dir.display());
         }
     }
 }
@@ -75,7 +46,7 @@ pub fn cleanup_sandbox(paths: &SandboxPaths) {
 pub fn cleanup_container(paths: &SandboxPaths, container_id: &str) {
     let dir = paths.container_dir(container_id);
     if let Err(error) = mounts::remove_dir_sync(&dir) {
-        tracing::warn!(error = %crate::error::chain(&error), "removing {}", dir.display());
+        tracing::warn!(error = %crate::report::chain(&error), "removing {}", dir.display());
     }
 }
 

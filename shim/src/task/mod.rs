@@ -1,5 +1,5 @@
 //! The Task service's state and its lifecycle operations: create, start, exec, delete and
-//! sandbox teardown. The thin ttrpc layer is [`crate::service`].
+//! sandbox teardown. The thin ttrpc layer is [`crate::task::service`].
 //!
 //! Locks: the container map and each process's state sit behind `std` mutexes held only
 //! for lookups and updates, never across an `.await`. Creates are serialized by one async
@@ -17,15 +17,22 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::ExitSignal;
 
-use crate::container::{Container, ExitInfo, Process, Status};
-use crate::error::TaskError;
-use crate::events::EventSender;
-use crate::exits::{self, Waiter};
-use crate::io::{self, StdioSpec};
-use crate::mounts;
-use crate::options;
+pub mod container;
+pub mod error;
+pub mod events;
+pub mod exits;
+pub mod io;
+pub mod service;
+pub mod spec;
+
+use crate::config::options;
+use crate::sandbox::mounts;
 use crate::sandbox::{self, Sandbox};
-use crate::spec;
+use container::{Container, ExitInfo, Process, Status};
+use error::TaskError;
+use events::EventSender;
+use exits::Waiter;
+use io::StdioSpec;
 
 /// Exit status reported for a process that was deleted without having exited.
 const DELETED_STATUS: u32 = 128 + 9;
@@ -205,7 +212,7 @@ impl TaskService {
         let config = sandbox::load_config(config_path).await?;
         let no_annotations = std::collections::HashMap::new();
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
-        let config = crate::annotations::apply(&config, annotations)
+        let config = crate::config::annotations::apply(&config, annotations)
             .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         config
             .validate()
@@ -244,8 +251,9 @@ impl TaskService {
         let rootfs = bundle.join(root_path);
         let shared_dir = sandbox.paths.container_dir(id);
         let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
-        let limits =
-            crate::resources::limits(spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
+        let limits = crate::sandbox::resources::limits(
+            spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
+        );
         let result = async {
             // Room in the VM first: a container that does not fit creates nothing.
             sandbox.reserve(id, limits).await?;
@@ -320,8 +328,17 @@ impl TaskService {
             c.check_exec()?;
         }
         let sb = &*sandbox;
-        let attached =
-            io::attach(|| sb.connect_stdio(), id, p.exec_id.as_deref(), &p.stdio).await?;
+        let attached = io::attach(
+            || async {
+                sb.connect_stdio()
+                    .await
+                    .map_err(|e| io::IoError::Connect(Box::new(e)))
+            },
+            id,
+            p.exec_id.as_deref(),
+            &p.stdio,
+        )
+        .await?;
         p.set_io(attached);
         let agent = sandbox.agent();
         let started = match &p.exec_id {
@@ -425,7 +442,7 @@ impl TaskService {
         if let Ok(sandbox) = self.sandbox() {
             if !sandbox.is_stopping() {
                 if let Err(error) = sandbox.agent().remove_container(id).await {
-                    tracing::warn!(container = id, error = %crate::error::chain(&error), "agent RemoveContainer");
+                    tracing::warn!(container = id, error = %crate::report::chain(&error), "agent RemoveContainer");
                 }
             }
         }
@@ -479,11 +496,11 @@ impl TaskService {
 /// bundle rootfs. Errors are logged: cleanup goes on.
 async fn remove_container_mounts(shared_dir: &Path, rootfs: &Path, rootfs_mounted: bool) {
     if let Err(error) = mounts::remove_dir(shared_dir.to_path_buf()).await {
-        tracing::warn!(error = %crate::error::chain(&error), "removing {}", shared_dir.display());
+        tracing::warn!(error = %crate::report::chain(&error), "removing {}", shared_dir.display());
     }
     if rootfs_mounted {
         if let Err(error) = mounts::unmount_all(rootfs.to_path_buf()).await {
-            tracing::warn!(error = %crate::error::chain(&error), "unmounting {}", rootfs.display());
+            tracing::warn!(error = %crate::report::chain(&error), "unmounting {}", rootfs.display());
         }
     }
 }

@@ -9,6 +9,20 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::types::mount::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+/// A host path a container mounts: the shim binds it at `<container share>/<share_path>`
+/// before the guest creates the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host path (file or directory).
+    pub source: PathBuf,
+    /// Where it goes, relative to the container's share directory (`mounts/<n>`).
+    pub share_path: PathBuf,
+    /// Mount it read-only on the host side too.
+    pub readonly: bool,
+    /// The destination in the container (for messages).
+    pub destination: PathBuf,
+}
+
 /// Errors mounting or unmounting.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -162,10 +176,7 @@ pub async fn bind_dir(source: PathBuf, target: PathBuf) -> Result<(), MountError
 
 /// Binds a container's host path (file or directory) at `target` in the share, read-only
 /// on the host side too when asked.
-pub async fn bind_host_path(
-    bind: crate::spec::HostBind,
-    target: PathBuf,
-) -> Result<(), MountError> {
+pub async fn bind_host_path(bind: HostBind, target: PathBuf) -> Result<(), MountError> {
     blocking(move || {
         let meta = std::fs::metadata(&bind.source).map_err(|e| MountError::MissingSource {
             path: bind.source.clone(),

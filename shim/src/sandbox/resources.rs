@@ -43,7 +43,7 @@ pub enum ResourceError {
         source: kata_hypervisor::qmp::QmpError,
     },
     #[error("the guest did not bring the hot-added resources online")]
-    Online(#[source] crate::agent::AgentError),
+    Online(#[source] crate::sandbox::agent::AgentError),
     #[error("the VM is stopped")]
     VmGone,
 }

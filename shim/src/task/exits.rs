@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
 
-use crate::container::{Container, Process, Status};
-use crate::events::EventSender;
 use crate::sandbox::Sandbox;
+use crate::task::container::{Container, Process, Status};
+use crate::task::events::EventSender;
 
 /// How long output may take to drain after the agent reported an exit.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +90,7 @@ impl Waiter {
                 }
                 tracing::error!(
                     process = %process.name(),
-                    error = %crate::error::chain(&error),
+                    error = %crate::report::chain(&error),
                     "waiting for process failed; reporting it as exited"
                 );
                 UNKNOWN_EXIT
@@ -144,7 +144,7 @@ impl Waiter {
         }
         let agent = self.sandbox.agent();
         if let Err(error) = agent.signal_process(&container.id, "", SIGKILL, true).await {
-            tracing::debug!(error = %crate::error::chain(&error), "killing leftover execs");
+            tracing::debug!(error = %crate::report::chain(&error), "killing leftover execs");
         }
         let execs = running(container);
         if tokio::time::timeout(EXEC_EXIT_GRACE, all_exit(execs))
@@ -212,7 +212,7 @@ pub fn watch_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::StdioSpec;
+    use crate::task::io::StdioSpec;
     use containerd_shim::protos::protobuf::Message;
 
     fn started(exec: Option<&str>) -> Process {
@@ -221,8 +221,8 @@ mod tests {
         p
     }
 
-    fn exit_of(msg: crate::events::Msg) -> TaskExit {
-        let crate::events::Msg::Event(item) = msg else {
+    fn exit_of(msg: crate::task::events::Msg) -> TaskExit {
+        let crate::task::events::Msg::Event(item) = msg else {
             panic!("not an event");
         };
         assert_eq!(item.topic, "/tasks/exit");
