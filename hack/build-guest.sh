@@ -24,7 +24,7 @@ for a in "$@"; do
 done
 
 # The modules the agent loads, by name; their dependencies are added from modules.dep.
-MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk)
+MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio)
 
 export PATH=$PATH:/usr/sbin:/sbin
 log() { echo "build-guest: $*" >&2; }

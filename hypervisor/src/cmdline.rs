@@ -60,8 +60,10 @@ pub struct QemuArgs<'a> {
     pub config: &'a VmConfig,
     /// The resolved accelerator, [`Accel::Kvm`] or [`Accel::Tcg`].
     pub accel: Accel,
-    /// Where QEMU listens for QMP.
+    /// Where QEMU listens for QMP (the owner's session).
     pub qmp_socket: &'a Path,
+    /// A second QMP monitor for operators and diagnostics.
+    pub qmp_debug_socket: &'a Path,
     /// The vsock device.
     pub vsock: &'a VsockDevice,
     /// The virtiofsd vhost-user socket, when a share is configured.
@@ -111,10 +113,19 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
         args.flag(flag);
     }
     args.pair("-vga", "none");
-    args.pair(
-        "-qmp",
-        format!("unix:{},server=on,wait=off", opt_path(a.qmp_socket)),
-    );
+    for socket in [a.qmp_socket, a.qmp_debug_socket] {
+        args.pair(
+            "-qmp",
+            format!("unix:{},server=on,wait=off", opt_path(socket)),
+        );
+    }
+    // A guest kernel panic raises QMP GUEST_PANICKED through pvpanic; the guest is then
+    // paused (not rebooted) so its owner can fence it and keep the console.
+    args.pair("-device", "pvpanic");
+    args.pair("-action", "panic=pause");
+    if !c.seccomp_sandbox.is_empty() {
+        args.pair("-sandbox", &c.seccomp_sandbox);
+    }
     args.pair("-chardev", "stdio,id=console,signal=off");
     args.pair("-serial", "chardev:console");
     args.pair("-device", "virtio-rng-pci");
@@ -214,6 +225,7 @@ mod tests {
             config: c,
             accel,
             qmp_socket: Path::new("/run/vm1/qmp.sock"),
+            qmp_debug_socket: Path::new("/run/vm1/qmp-debug.sock"),
             vsock,
             virtiofs_socket: fs,
         };
@@ -257,8 +269,13 @@ mod tests {
         assert_eq!(value(&args, "-vga"), ["none"]);
         assert_eq!(
             value(&args, "-qmp"),
-            ["unix:/run/vm1/qmp.sock,server=on,wait=off"]
+            [
+                "unix:/run/vm1/qmp.sock,server=on,wait=off",
+                "unix:/run/vm1/qmp-debug.sock,server=on,wait=off"
+            ]
         );
+        assert_eq!(value(&args, "-action"), ["panic=pause"]);
+        assert!(value(&args, "-sandbox").is_empty(), "off unless configured");
         assert_eq!(
             value(&args, "-chardev"),
             [
@@ -269,7 +286,11 @@ mod tests {
         assert_eq!(value(&args, "-serial"), ["chardev:console"]);
         assert_eq!(
             value(&args, "-device"),
-            ["virtio-rng-pci", "vhost-user-vsock-pci,chardev=vsock"]
+            [
+                "pvpanic",
+                "virtio-rng-pci",
+                "vhost-user-vsock-pci,chardev=vsock"
+            ]
         );
         assert_eq!(value(&args, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(value(&args, "-initrd"), ["/img/initrd.img"]);
@@ -296,7 +317,11 @@ mod tests {
         assert_eq!(value(&args, "-cpu"), ["host,pmu=off"]);
         assert_eq!(
             value(&args, "-device"),
-            ["virtio-rng-pci", "vhost-vsock-pci,vhostfd=7,guest-cid=42"]
+            [
+                "pvpanic",
+                "virtio-rng-pci",
+                "vhost-vsock-pci,vhostfd=7,guest-cid=42"
+            ]
         );
         assert_eq!(value(&args, "-chardev"), ["stdio,id=console,signal=off"]);
     }
@@ -309,9 +334,17 @@ mod tests {
         assert_eq!(chardevs[2], "socket,id=fs0,path=/run/vm1/virtiofsd.sock");
         let devices = value(&args, "-device");
         assert_eq!(
-            devices[2],
+            devices[3],
             "vhost-user-fs-pci,chardev=fs0,tag=kataShared,queue-size=1024"
         );
+    }
+
+    #[test]
+    fn seccomp_sandbox_when_configured() {
+        let mut c = config();
+        c.seccomp_sandbox = "on,obsolete=deny,spawn=deny".into();
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert_eq!(value(&args, "-sandbox"), ["on,obsolete=deny,spawn=deny"]);
     }
 
     #[test]

@@ -201,6 +201,9 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// How long QEMU and the daemons may take to become ready.
     pub start_timeout: Duration,
+    /// QEMU's `-sandbox` value (seccomp filter), e.g. `on,obsolete=deny,spawn=deny`;
+    /// empty leaves it off.
+    pub seccomp_sandbox: String,
 }
 
 impl VmConfig {
@@ -224,6 +227,7 @@ impl VmConfig {
             shared_fs: None,
             run_dir,
             start_timeout: Duration::from_secs(10),
+            seccomp_sandbox: String::new(),
         }
     }
 

@@ -107,6 +107,7 @@ impl TestVm {
             net: Vec::new(),
             run_dir: scratch.path().join("run"),
             start_timeout: Duration::from_secs(20),
+            seccomp_sandbox: String::new(),
         };
         Self { scratch, config }
     }

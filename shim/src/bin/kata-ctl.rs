@@ -111,6 +111,7 @@ async fn boot_check(args: BootCheck) -> Result<()> {
         net: Vec::new(),
         run_dir,
         start_timeout: Duration::from_secs(20),
+        seccomp_sandbox: String::new(),
     };
 
     if let Some(dir) = &args.shared_dir {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::Config;
+use crate::config::{Config, HostLimits};
 
 /// The prefix of the hypervisor overrides.
 pub const HYPERVISOR_PREFIX: &str = "io.katacontainers.config.hypervisor.";
@@ -47,6 +47,15 @@ pub enum AnnotationError {
         value: String,
         reason: &'static str,
     },
+    /// A size beyond what the configuration and the host allow.
+    #[error("{what} = {value} {unit} exceeds the ceiling of {ceiling} {unit} ({why})")]
+    AboveCeiling {
+        what: String,
+        value: u64,
+        ceiling: u64,
+        unit: &'static str,
+        why: String,
+    },
 }
 
 fn number(key: &str, value: &str) -> Result<u64, AnnotationError> {
@@ -65,12 +74,40 @@ fn small(key: &str, value: &str) -> Result<u32, AnnotationError> {
     })
 }
 
-/// The configuration a sandbox boots with, given its spec's annotations.
+/// The configuration a sandbox boots with, given its spec's annotations, on `host`.
+///
+/// Annotations may lower the configured ceilings, never raise them: every size must stay
+/// within `[hypervisor.qemu] default_maxvcpus` / `default_maxmemory` (0 = the host's size)
+/// and the host's CPUs and memory, and `memory_slots` within the configured number.
 pub fn apply(
     config: &Config,
     annotations: &HashMap<String, String>,
+    host: HostLimits,
 ) -> Result<Config, AnnotationError> {
     let mut out = config.clone();
+    let (max_vcpus, max_memory) = config.ceilings(host);
+    let vcpu_ceiling = max_vcpus.min(host.cpus.max(config.hypervisor.qemu.default_vcpus));
+    let memory_ceiling = max_memory.min(host.memory_mib.max(config.hypervisor.qemu.default_memory));
+    let vcpu_why = format!(
+        "[hypervisor.qemu] default_maxvcpus = {}, host CPUs = {}",
+        config.hypervisor.qemu.default_maxvcpus, host.cpus
+    );
+    let memory_why = format!(
+        "[hypervisor.qemu] default_maxmemory = {} MiB, host memory = {} MiB",
+        config.hypervisor.qemu.default_maxmemory, host.memory_mib
+    );
+    let check = |what: &str, value: u32, ceiling: u32, unit, why: &str| {
+        if value > ceiling {
+            return Err(AnnotationError::AboveCeiling {
+                what: what.to_owned(),
+                value: value.into(),
+                ceiling: ceiling.into(),
+                unit,
+                why: why.to_owned(),
+            });
+        }
+        Ok(value)
+    };
     let allowed = &config.hypervisor.qemu.enable_annotations;
     let mut keys: Vec<&String> = annotations.keys().collect();
     keys.sort();
@@ -93,12 +130,22 @@ pub fn apply(
             });
         }
         let q = &mut out.hypervisor.qemu;
+        let v = small(key, value)?;
         match name {
-            "default_vcpus" => q.default_vcpus = small(key, value)?,
-            "default_memory" => q.default_memory = small(key, value)?,
-            "default_maxvcpus" => q.default_maxvcpus = small(key, value)?,
-            "default_maxmemory" => q.default_maxmemory = small(key, value)?,
-            "memory_slots" => q.memory_slots = small(key, value)?,
+            "default_vcpus" => q.default_vcpus = check(key, v, vcpu_ceiling, "vCPUs", &vcpu_why)?,
+            "default_memory" => {
+                q.default_memory = check(key, v, memory_ceiling, "MiB", &memory_why)?
+            }
+            "default_maxvcpus" => {
+                q.default_maxvcpus = check(key, v, vcpu_ceiling, "vCPUs", &vcpu_why)?
+            }
+            "default_maxmemory" => {
+                q.default_maxmemory = check(key, v, memory_ceiling, "MiB", &memory_why)?
+            }
+            "memory_slots" => {
+                let why = "[hypervisor.qemu] memory_slots";
+                q.memory_slots = check(key, v, config.hypervisor.qemu.memory_slots, "slots", why)?
+            }
             _ => unreachable!("checked against SUPPORTED"),
         }
     }
@@ -124,6 +171,35 @@ pub fn apply(
                 q.default_vcpus = q.default_vcpus.saturating_add(vcpus);
             }
         }
+        let why = "the pod's limits from io.kubernetes.cri.sandbox-* plus the boot size";
+        check("sandbox vCPUs", q.default_vcpus, vcpu_ceiling, "vCPUs", why)?;
+        check(
+            "sandbox memory",
+            q.default_memory,
+            memory_ceiling,
+            "MiB",
+            why,
+        )?;
+    }
+    // Lowered ceilings must still hold the boot size.
+    let q = &out.hypervisor.qemu;
+    if q.default_maxvcpus != 0 && q.default_vcpus > q.default_maxvcpus {
+        check(
+            "default_vcpus",
+            q.default_vcpus,
+            q.default_maxvcpus,
+            "vCPUs",
+            "default_maxvcpus from the pod's annotations",
+        )?;
+    }
+    if q.default_maxmemory != 0 && q.default_memory > q.default_maxmemory {
+        check(
+            "default_memory",
+            q.default_memory,
+            q.default_maxmemory,
+            "MiB",
+            "default_maxmemory from the pod's annotations",
+        )?;
     }
     Ok(out)
 }
@@ -131,6 +207,11 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOST: HostLimits = HostLimits {
+        cpus: 8,
+        memory_mib: 16384,
+    };
 
     fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -149,6 +230,7 @@ mod tests {
                 ("io.katacontainers.config.hypervisor.default_memory", "1024"),
                 ("other", "x"),
             ]),
+            HOST,
         )
         .unwrap();
         assert_eq!(out.hypervisor.qemu.default_vcpus, 2);
@@ -161,6 +243,7 @@ mod tests {
         let e = apply(
             &c,
             &ann(&[("io.katacontainers.config.hypervisor.memory_slots", "3")]),
+            HOST,
         )
         .unwrap_err();
         assert!(matches!(e, AnnotationError::NotAllowed { .. }), "{e}");
@@ -168,12 +251,14 @@ mod tests {
         let e = apply(
             &c,
             &ann(&[("io.katacontainers.config.hypervisor.path", "/bin/sh")]),
+            HOST,
         )
         .unwrap_err();
         assert!(matches!(e, AnnotationError::Unsupported { .. }), "{e}");
         let e = apply(
             &c,
             &ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "two")]),
+            HOST,
         )
         .unwrap_err();
         assert!(e.to_string().contains("\"two\""), "{e}");
@@ -190,6 +275,7 @@ mod tests {
                 (CRI_SANDBOX_CPU_QUOTA, "150000"),
                 (CRI_SANDBOX_CPU_PERIOD, "100000"),
             ]),
+            HOST,
         )
         .unwrap();
         assert_eq!(out.hypervisor.qemu.default_memory, 2048 + 256);
@@ -198,8 +284,93 @@ mod tests {
         let out = apply(
             &Config::default(),
             &ann(&[(CRI_SANDBOX_MEMORY, "268435456")]),
+            HOST,
         )
         .unwrap();
         assert_eq!(out.hypervisor.qemu.default_memory, 2048);
+    }
+
+    #[test]
+    fn annotations_never_raise_the_ceilings() {
+        let small_host = HostLimits {
+            cpus: 2,
+            memory_mib: 24000,
+        };
+        let mut c = Config::default();
+        c.hypervisor.qemu.default_maxvcpus = 2;
+        c.hypervisor.qemu.enable_annotations = [
+            "default_vcpus",
+            "default_memory",
+            "default_maxvcpus",
+            "default_maxmemory",
+            "memory_slots",
+        ]
+        .map(String::from)
+        .to_vec();
+        let refused_by = |c: &Config, pairs: &[(&str, &str)]| {
+            apply(c, &ann(pairs), small_host).unwrap_err().to_string()
+        };
+        let refused = |pairs: &[(&str, &str)]| refused_by(&c, pairs);
+        let e = refused(&[("io.katacontainers.config.hypervisor.default_vcpus", "64")]);
+        assert!(
+            e.contains("default_vcpus = 64 vCPUs exceeds the ceiling of 2 vCPUs"),
+            "{e}"
+        );
+        let e = refused(&[(
+            "io.katacontainers.config.hypervisor.default_memory",
+            "65536",
+        )]);
+        assert!(
+            e.contains("65536 MiB exceeds the ceiling of 24000 MiB") && e.contains("host memory"),
+            "{e}"
+        );
+        let e = refused(&[("io.katacontainers.config.hypervisor.default_maxvcpus", "8")]);
+        assert!(e.contains("default_maxvcpus = 8"), "{e}");
+        let e = refused(&[(
+            "io.katacontainers.config.hypervisor.default_maxmemory",
+            "100000",
+        )]);
+        assert!(e.contains("default_maxmemory = 100000"), "{e}");
+        let e = refused(&[("io.katacontainers.config.hypervisor.memory_slots", "11")]);
+        assert!(
+            e.contains("memory_slots = 11 slots exceeds the ceiling of 10"),
+            "{e}"
+        );
+        // Lowering is fine, and a lowered ceiling must still hold the boot size.
+        let out = apply(
+            &c,
+            &ann(&[(
+                "io.katacontainers.config.hypervisor.default_maxmemory",
+                "4096",
+            )]),
+            small_host,
+        )
+        .unwrap();
+        assert_eq!(out.hypervisor.qemu.default_maxmemory, 4096);
+        let e = refused(&[
+            (
+                "io.katacontainers.config.hypervisor.default_maxmemory",
+                "1024",
+            ),
+            ("io.katacontainers.config.hypervisor.default_memory", "2048"),
+        ]);
+        assert!(
+            e.contains("default_memory = 2048 MiB exceeds the ceiling of 1024 MiB"),
+            "{e}"
+        );
+        // Static sizing from the pod's limits is held to the same ceilings.
+        let mut c = c.clone();
+        c.runtime.static_sandbox_resource_mgmt = true;
+        let e = refused_by(
+            &c,
+            &[
+                (CRI_SANDBOX_CPU_QUOTA, "400000"),
+                (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            ],
+        );
+        assert!(
+            e.contains("sandbox vCPUs = 5 vCPUs exceeds the ceiling of 2"),
+            "{e}"
+        );
     }
 }

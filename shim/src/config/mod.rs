@@ -19,6 +19,8 @@ pub mod options;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-containers/configuration.toml";
 /// Environment variable naming another configuration file.
 pub const CONFIG_ENV: &str = "KATA_CONF_FILE";
+/// QEMU's seccomp filter unless configured otherwise (Kata's default).
+pub const DEFAULT_SECCOMP_SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
 
 /// Configuration errors; each names the file, key or path at fault.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,8 @@ pub struct Qemu {
     pub enable_debug: bool,
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set.
     pub enable_annotations: Vec<String>,
+    /// QEMU's seccomp filter (`-sandbox` value); empty turns it off.
+    pub seccompsandbox: String,
 }
 
 impl Default for Qemu {
@@ -116,6 +120,7 @@ impl Default for Qemu {
             vsock_daemon: "/opt/kata-deps/bin/vhost-device-vsock".into(),
             enable_debug: false,
             enable_annotations: vec!["default_vcpus".into(), "default_memory".into()],
+            seccompsandbox: DEFAULT_SECCOMP_SANDBOX.into(),
         }
     }
 }
@@ -135,6 +140,10 @@ pub struct Agent {
     pub enable_debug: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
+    /// Seconds between health probes of a running agent (each bounded by the same time).
+    pub health_check_interval: u64,
+    /// Missed probes in a row after which the agent is lost and the sandbox is ended.
+    pub health_check_failures: u32,
 }
 
 impl Default for Agent {
@@ -142,6 +151,8 @@ impl Default for Agent {
         Self {
             enable_debug: false,
             dial_timeout: 60,
+            health_check_interval: 10,
+            health_check_failures: 3,
         }
     }
 }
@@ -282,6 +293,34 @@ impl Config {
                 "expected at least 1 (seconds)",
             );
         }
+        if self.agent.kata.health_check_interval == 0 {
+            return invalid(
+                "agent.kata.health_check_interval",
+                &0,
+                "expected at least 1 (seconds)",
+            );
+        }
+        if self.agent.kata.health_check_failures == 0 {
+            return invalid(
+                "agent.kata.health_check_failures",
+                &0,
+                "expected at least 1",
+            );
+        }
+        if let Some(arg) = weakening_virtiofsd_arg(&q.virtio_fs_extra_args) {
+            return invalid(
+                "hypervisor.qemu.virtio_fs_extra_args",
+                &arg,
+                "virtiofsd keeps its namespace sandbox and seccomp filter (remove this argument)",
+            );
+        }
+        if !q.seccompsandbox.is_empty() && !q.seccompsandbox.starts_with("on") {
+            return invalid(
+                "hypervisor.qemu.seccompsandbox",
+                &q.seccompsandbox,
+                "expected a QEMU -sandbox value starting with \"on\" (e.g. \"on,obsolete=deny\"), or \"\" to turn it off",
+            );
+        }
         Ok(())
     }
 
@@ -313,6 +352,29 @@ impl Config {
         Duration::from_secs(self.agent.kata.dial_timeout)
     }
 
+    /// How often the running agent is probed, and after how many misses it is lost.
+    pub fn health_check(&self) -> (Duration, u32) {
+        (
+            Duration::from_secs(self.agent.kata.health_check_interval),
+            self.agent.kata.health_check_failures,
+        )
+    }
+
+    /// The largest guest the configuration allows on `host`: (vCPUs, MiB). A 0 ceiling
+    /// means the host's size; boot sizes above a ceiling raise it (the operator's choice).
+    pub fn ceilings(&self, host: HostLimits) -> (u32, u32) {
+        let q = &self.hypervisor.qemu;
+        let vcpus = match q.default_maxvcpus {
+            0 => host.cpus,
+            n => n,
+        };
+        let memory = match q.default_maxmemory {
+            0 => host.memory_mib,
+            n => n,
+        };
+        (vcpus.max(q.default_vcpus), memory.max(q.default_memory))
+    }
+
     /// The VM for a sandbox: sizes resolved against `host`, sockets under `run_dir`,
     /// `shared_dir` exported through virtio-fs.
     pub fn vm_config(
@@ -323,14 +385,7 @@ impl Config {
         host: HostLimits,
     ) -> Result<VmConfig, ConfigError> {
         let q = &self.hypervisor.qemu;
-        let max_vcpus = match q.default_maxvcpus {
-            0 => host.cpus.max(q.default_vcpus),
-            n => n,
-        };
-        let max_memory_mib = match q.default_maxmemory {
-            0 => host.memory_mib.max(q.default_memory),
-            n => n,
-        };
+        let (max_vcpus, max_memory_mib) = self.ceilings(host);
         let mut kernel_params: Vec<String> = q
             .kernel_params
             .split_whitespace()
@@ -379,8 +434,45 @@ impl Config {
             net: Vec::new(),
             run_dir,
             start_timeout: Duration::from_secs(30),
+            seccomp_sandbox: q.seccompsandbox.clone(),
         })
     }
+}
+
+/// The first virtiofsd argument that would turn off its namespace sandbox or seccomp
+/// filter (`--sandbox none|chroot`, `--seccomp none|log`, in `--x=v` or `--x v` form), or
+/// an option of the C daemon's that does (`-o sandbox=...`).
+fn weakening_virtiofsd_arg(args: &[String]) -> Option<String> {
+    let weak = |flag: &str, value: &str| match flag {
+        "--sandbox" => value != "namespace",
+        "--seccomp" => value != "kill" && value != "trap",
+        _ => false,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        if let Some((flag, value)) = arg.split_once('=') {
+            if weak(flag, value) {
+                return Some(arg.clone());
+            }
+        } else if arg == "--sandbox" || arg == "--seccomp" {
+            let value = args.get(i + 1).map(String::as_str).unwrap_or("");
+            if weak(arg, value) {
+                return Some(format!("{arg} {value}"));
+            }
+            i += 1;
+        } else if arg == "-o" {
+            if let Some(opt) = args
+                .get(i + 1)
+                .filter(|o| o.contains("sandbox") || o.contains("seccomp"))
+            {
+                return Some(format!("-o {opt}"));
+            }
+            i += 1;
+        }
+        i += 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -453,6 +545,31 @@ mod tests {
                 "virtio-9p",
             ),
             ("[agent.kata]\ndial_timeout = 0", "dial_timeout", "0"),
+            (
+                "[agent.kata]\nhealth_check_interval = 0",
+                "health_check_interval",
+                "0",
+            ),
+            (
+                "[agent.kata]\nhealth_check_failures = 0",
+                "health_check_failures",
+                "0",
+            ),
+            (
+                "[hypervisor.qemu]\nvirtio_fs_extra_args = [\"--sandbox\", \"none\"]",
+                "virtio_fs_extra_args",
+                "--sandbox none",
+            ),
+            (
+                "[hypervisor.qemu]\nvirtio_fs_extra_args = [\"--seccomp=none\"]",
+                "virtio_fs_extra_args",
+                "--seccomp=none",
+            ),
+            (
+                "[hypervisor.qemu]\nseccompsandbox = \"off\"",
+                "seccompsandbox",
+                "off",
+            ),
         ];
         for (text, key, value) in cases {
             let err = Config::parse(text)
@@ -489,6 +606,42 @@ mod tests {
         assert_eq!((vm.vcpus, vm.max_vcpus), (2, 8));
         assert_eq!((vm.memory_mib, vm.max_memory_mib), (2048, 16384));
         assert_eq!(vm.shared_fs.unwrap().shared_dir, PathBuf::from("/run/y"));
+    }
+
+    #[test]
+    fn virtiofsd_args_that_keep_the_sandbox_pass() {
+        let ok = |a: &[&str]| {
+            weakening_virtiofsd_arg(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(ok(&["--sandbox", "namespace", "--seccomp=kill"]), None);
+        assert_eq!(ok(&["--log-level", "debug"]), None);
+        assert_eq!(
+            ok(&["--sandbox=chroot"]).as_deref(),
+            Some("--sandbox=chroot")
+        );
+        assert_eq!(ok(&["--seccomp", "log"]).as_deref(), Some("--seccomp log"));
+        assert_eq!(
+            ok(&["-o", "sandbox=none"]).as_deref(),
+            Some("-o sandbox=none")
+        );
+    }
+
+    #[test]
+    fn ceilings_never_exceed_the_configuration() {
+        let host = HostLimits {
+            cpus: 2,
+            memory_mib: 24000,
+        };
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.ceilings(host), (2, 24000), "0 = the host's size");
+        let c = Config::parse("[hypervisor.qemu]\ndefault_maxvcpus = 1\ndefault_maxmemory = 4096")
+            .unwrap();
+        assert_eq!(c.ceilings(host), (1, 4096));
+        let vm = c
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap();
+        assert_eq!((vm.max_vcpus, vm.max_memory_mib), (1, 4096));
+        assert_eq!(vm.seccomp_sandbox, DEFAULT_SECCOMP_SANDBOX);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kata_hypervisor::Vm;
 use std::future::Future;
+use tokio::sync::watch;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
@@ -57,6 +58,12 @@ pub enum AgentError {
         #[source]
         source: ttrpc::Error,
     },
+    /// The sandbox is down (its VM was fenced): nothing in the guest can be reached.
+    #[error("agent call {method} failed: sandbox is down: {reason}")]
+    SandboxDown {
+        method: &'static str,
+        reason: String,
+    },
 }
 
 impl AgentError {
@@ -73,6 +80,9 @@ impl AgentError {
     }
 }
 
+/// Why a sandbox went down; calls fail at once with this reason once it is set.
+pub type DownReason = watch::Receiver<Option<std::sync::Arc<str>>>;
+
 /// A connected agent.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -80,6 +90,8 @@ pub struct AgentClient {
     agent: AgentServiceClient,
     containers: ContainerServiceClient,
     timeout: Duration,
+    /// Set when the sandbox goes down: pending and later calls fail at once with it.
+    down: Option<DownReason>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -139,12 +151,7 @@ impl AgentClient {
                 .await
                 .map_err(|source| AgentError::Dial { port, source })?;
             let client = Client::new(Socket::new(stream));
-            let this = Self {
-                health: HealthClient::new(client.clone()),
-                agent: AgentServiceClient::new(client.clone()),
-                containers: ContainerServiceClient::new(client),
-                timeout: request_timeout,
-            };
+            let this = Self::over(client, request_timeout);
             let last = match this.check(PROBE_TIMEOUT).await {
                 Ok(ServingStatus::SERVING) => {
                     this.ensure_compatible().await?;
@@ -164,19 +171,97 @@ impl AgentClient {
         }
     }
 
+    fn over(client: Client, timeout: Duration) -> Self {
+        Self {
+            health: HealthClient::new(client.clone()),
+            agent: AgentServiceClient::new(client.clone()),
+            containers: ContainerServiceClient::new(client),
+            timeout,
+            down: None,
+        }
+    }
+
+    /// This client, failing every call at once (also calls in flight) with the reason
+    /// `down` carries once it is set.
+    pub fn with_down_reason(mut self, down: DownReason) -> Self {
+        self.down = Some(down);
+        self
+    }
+
+    /// This client with another per-call timeout (for calls that must be bounded tighter,
+    /// such as Kill and Delete).
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        let mut this = self.clone();
+        this.timeout = timeout;
+        this
+    }
+
+    /// A second connection to the agent for health probes only, so a busy or broken
+    /// main connection never hides (or fakes) the agent's liveness.
+    pub async fn probe_connection(
+        &self,
+        vm: &Vm,
+        dial_timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let port = kata_proto::AGENT_VSOCK_PORT;
+        let stream = vm
+            .connect(port, dial_timeout)
+            .await
+            .map_err(|source| AgentError::Dial { port, source })?;
+        Ok(Self::over(Client::new(Socket::new(stream)), self.timeout))
+    }
+
+    /// One health probe bounded by `timeout`: Ok when the agent answered SERVING.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), AgentError> {
+        match self.check(timeout).await? {
+            ServingStatus::SERVING => Ok(()),
+            status => Err(AgentError::NotServing {
+                timeout,
+                last: format!("status {status:?}"),
+            }),
+        }
+    }
+
+    /// Runs one RPC, naming it in the error; fails at once when the sandbox is down.
+    async fn call<T>(
+        &self,
+        method: &'static str,
+        rpc: impl Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, AgentError> {
+        let Some(down) = &self.down else {
+            return rpc
+                .await
+                .map_err(|source| AgentError::Rpc { method, source });
+        };
+        let mut down = down.clone();
+        let gone = |reason: &std::sync::Arc<str>| AgentError::SandboxDown {
+            method,
+            reason: reason.to_string(),
+        };
+        if let Some(reason) = down.borrow().as_ref() {
+            return Err(gone(reason));
+        }
+        tokio::select! {
+            result = rpc => result.map_err(|source| AgentError::Rpc { method, source }),
+            reason = down.wait_for(Option::is_some) => match reason {
+                Ok(reason) => Err(gone(reason.as_ref().expect("waited for Some"))),
+                // The sandbox is gone altogether.
+                Err(_) => Err(AgentError::SandboxDown { method, reason: "sandbox dropped".into() }),
+            },
+        }
+    }
+
     fn ctx(timeout: Duration) -> ttrpc::context::Context {
         ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
     }
 
     async fn check(&self, timeout: Duration) -> Result<ServingStatus, AgentError> {
         let resp = self
-            .health
-            .check(Self::ctx(timeout), &CheckRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "Check",
-                source,
-            })?;
+            .call(
+                "Check",
+                self.health.check(Self::ctx(timeout), &CheckRequest::new()),
+            )
+            .await?;
         Ok(resp.status.enum_value_or_default())
     }
 
@@ -199,38 +284,34 @@ impl AgentClient {
 
     /// The agent's binary and protocol versions.
     pub async fn version(&self) -> Result<VersionCheckResponse, AgentError> {
-        self.health
-            .version(Self::ctx(self.timeout), &CheckRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "Version",
-                source,
-            })
+        self.call(
+            "Version",
+            self.health
+                .version(Self::ctx(self.timeout), &CheckRequest::new()),
+        )
+        .await
     }
 
     /// Kernel release, memory block size, memory and CPUs as the guest sees them.
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
-        self.agent
-            .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "GetGuestDetails",
-                source,
-            })
+        self.call(
+            "GetGuestDetails",
+            self.agent
+                .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
+        )
+        .await
     }
 
     /// Mounts `storages` in the guest.
     pub async fn add_storages(&self, storages: Vec<Storage>) -> Result<(), AgentError> {
         let mut req = AddStoragesRequest::new();
         req.storages = storages;
-        self.agent
-            .add_storages(Self::ctx(self.timeout), &req)
-            .await
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                method: "AddStorages",
-                source,
-            })
+        self.call(
+            "AddStorages",
+            self.agent.add_storages(self.ctx_default(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     /// Reads a guest file of at most `max_bytes`.
@@ -238,36 +319,21 @@ impl AgentClient {
         let mut req = ReadFileRequest::new();
         req.path = path.to_owned();
         req.max_bytes = max_bytes;
-        self.agent
-            .read_file(Self::ctx(self.timeout), &req)
+        self.call("ReadFile", self.agent.read_file(self.ctx_default(), &req))
             .await
             .map(|r| r.data)
-            .map_err(|source| AgentError::Rpc {
-                method: "ReadFile",
-                source,
-            })
     }
 
     /// Asks the agent to sync and power the VM off. The VM exits shortly after the reply.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.agent
-            .shutdown(Self::ctx(self.timeout), &ShutdownRequest::new())
-            .await
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                method: "Shutdown",
-                source,
-            })
+        self.call(
+            "Shutdown",
+            self.agent
+                .shutdown(self.ctx_default(), &ShutdownRequest::new()),
+        )
+        .await
+        .map(drop)
     }
-}
-
-/// Runs one RPC, naming it in the error.
-async fn call<T>(
-    method: &'static str,
-    rpc: impl Future<Output = ttrpc::Result<T>>,
-) -> Result<T, AgentError> {
-    rpc.await
-        .map_err(|source| AgentError::Rpc { method, source })
 }
 
 /// The ContainerService: containers and processes in the guest.
@@ -291,13 +357,11 @@ impl AgentClient {
             ..Default::default()
         };
         let deadline = std::time::Duration::from_millis(timeout_ms.into()) + self.timeout;
-        self.agent
-            .online_resources(Self::ctx(deadline), &req)
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "OnlineResources",
-                source,
-            })
+        self.call(
+            "OnlineResources",
+            self.agent.online_resources(Self::ctx(deadline), &req),
+        )
+        .await
     }
 
     /// Gives the guest the pod's interfaces (by MAC), addresses, MTU and routes.
@@ -343,13 +407,11 @@ impl AgentClient {
                 .collect(),
             ..Default::default()
         };
-        self.agent
-            .configure_network(self.ctx_default(), &req)
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "ConfigureNetwork",
-                source,
-            })?;
+        self.call(
+            "ConfigureNetwork",
+            self.agent.configure_network(self.ctx_default(), &req),
+        )
+        .await?;
         Ok(())
     }
 
@@ -369,11 +431,12 @@ impl AgentClient {
             sandbox,
             ..Default::default()
         };
-        let resp = call(
-            "CreateContainer",
-            self.containers.create_container(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "CreateContainer",
+                self.containers.create_container(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pid)
     }
 
@@ -383,7 +446,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "StartContainer",
             self.containers.start_container(self.ctx_default(), &req),
         )
@@ -406,7 +469,7 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        call(
+        self.call(
             "ExecProcess",
             self.containers.exec_process(self.ctx_default(), &req),
         )
@@ -425,11 +488,12 @@ impl AgentClient {
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
-        let resp = call(
-            "StartProcess",
-            self.containers.start_process(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "StartProcess",
+                self.containers.start_process(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pid)
     }
 
@@ -449,7 +513,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        call(
+        self.call(
             "SignalProcess",
             self.containers.signal_process(self.ctx_default(), &req),
         )
@@ -469,7 +533,7 @@ impl AgentClient {
             ..Default::default()
         };
         // A ttrpc timeout of 0 means none.
-        call(
+        self.call(
             "WaitProcess",
             self.containers
                 .wait_process(ttrpc::context::with_timeout(0), &req),
@@ -483,7 +547,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "RemoveContainer",
             self.containers.remove_container(self.ctx_default(), &req),
         )
@@ -497,11 +561,12 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let resp = call(
-            "ListPids",
-            self.containers.list_pids(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "ListPids",
+                self.containers.list_pids(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pids)
     }
 
@@ -520,7 +585,7 @@ impl AgentClient {
             columns,
             ..Default::default()
         };
-        call(
+        self.call(
             "ResizeTty",
             self.containers.resize_tty(self.ctx_default(), &req),
         )
@@ -535,7 +600,7 @@ impl AgentClient {
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "CloseStdin",
             self.containers.close_stdin(self.ctx_default(), &req),
         )
@@ -549,7 +614,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "PauseContainer",
             self.containers.pause_container(self.ctx_default(), &req),
         )
@@ -563,7 +628,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "ResumeContainer",
             self.containers.resume_container(self.ctx_default(), &req),
         )
@@ -582,7 +647,7 @@ impl AgentClient {
             resources,
             ..Default::default()
         };
-        call(
+        self.call(
             "UpdateContainer",
             self.containers.update_container(self.ctx_default(), &req),
         )
@@ -599,7 +664,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "StatsContainer",
             self.containers.stats_container(self.ctx_default(), &req),
         )

@@ -17,7 +17,7 @@ use super::mounts;
 use super::state::{proc_start_time, read_record, SandboxPaths};
 
 /// How long killed processes get to disappear.
-const KILL_WAIT: Duration = Duration::from_secs(5);
+const KILL_WAIT: Duration = Duration::from_secs(3);
 /// Kills the sandbox's host processes and removes its directories.
 pub fn cleanup_sandbox(paths: &SandboxPaths) {
     let mut pids = Vec::new();

@@ -2,38 +2,44 @@
 //!
 //! [`Sandbox::create`] runs at the pod's first Create: configuration, state and shared
 //! directories, VM, agent connection, virtio-fs mount in the guest. Every failure undoes
-//! what was made. [`Sandbox::teardown`] reverses it at the sandbox container's Delete or at
-//! shutdown. A small JSON record in the state directory lists the host processes, so the
-//! `delete` command can clean up after a shim that died ([`crate::sandbox::cleanup`]).
+//! what was made. From then on [`health`] watches the VM and the agent and fences the
+//! sandbox on a fault. [`Sandbox::teardown`] reverses the creation at the sandbox
+//! container's Delete or at shutdown, bounded in time whatever the guest does. A small JSON
+//! record in the state directory lists the host processes, so the `delete` command can
+//! clean up after a shim that died ([`cleanup`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kata_hypervisor::vsock::Endpoint;
-use kata_hypervisor::{ExitReport, Vm, VsockStream};
-use tokio::sync::{watch, Mutex};
+use kata_hypervisor::{Vm, VsockStream};
+use tokio::sync::{watch, Mutex, OnceCell};
 
 use crate::config::{Config, ConfigError, HostLimits};
 
 pub mod agent;
 pub mod cleanup;
+pub mod health;
 pub mod mounts;
 pub mod network;
 pub mod resources;
 pub mod state;
 
 use agent::{shared_fs_storage, AgentClient, AgentError};
+use health::{Fault, Fencer, Liveness};
 use mounts::MountError;
 use resources::{Ledger, Limits, ResourceError};
 pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
 
 /// Timeout of every agent request except WaitProcess.
 const AGENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long QEMU gets at each stop step (quit, SIGTERM, SIGKILL).
-const VM_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU gets at each stop step (quit, SIGTERM, SIGKILL). With the agent's
+/// Shutdown before it, a teardown ends within containerd's Shutdown bound (3 s) whatever
+/// the guest does.
+const VM_STOP_TIMEOUT: Duration = Duration::from_millis(750);
 /// How long the agent gets to answer Shutdown.
-const AGENT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+const AGENT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a stdio connection may take.
 const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,15 +102,15 @@ pub struct Sandbox {
     agent: AgentClient,
     endpoint: Endpoint,
     vm_pid: u32,
-    vm: Mutex<Option<Vm>>,
+    vm: Arc<Vm>,
+    /// Ends the sandbox on a fault; knows why it ended.
+    fencer: Arc<Fencer>,
     /// The VM's size and what the containers reserved of it.
     resources: Mutex<Ledger>,
     /// The pod network plumbed into the VM, if the sandbox had a network namespace.
     network: Option<crate::sandbox::network::PodNetwork>,
-    exit_rx: watch::Receiver<Option<ExitReport>>,
-    stopping: AtomicBool,
-    /// Held for the whole teardown; true once it is done.
-    torn_down: Mutex<bool>,
+    /// Set once the teardown has run; concurrent callers wait for it.
+    torn_down: OnceCell<()>,
 }
 
 /// How long the guest may take to online hot-added resources.
@@ -347,6 +353,11 @@ impl Sandbox {
                 Ok(agent) => agent,
                 Err(e) => return Err((e.into(), Some(vm))),
             };
+        // Health probes get a connection of their own.
+        let probe = match agent.probe_connection(&vm, config.dial_timeout()).await {
+            Ok(probe) => probe,
+            Err(e) => return Err((e.into(), Some(vm))),
+        };
         let agent_ready_ms = launch_started.elapsed().as_millis() as u64;
         if let Err(e) = agent.add_storages(vec![shared_fs_storage()]).await {
             return Err((e.into(), Some(vm)));
@@ -391,18 +402,25 @@ impl Sandbox {
             sandbox_ready_ms = launch_started.elapsed().as_millis() as u64,
             "sandbox ready"
         );
+        let vm = Arc::new(vm);
+        let fencer = Arc::new(Fencer::new(vm.clone(), id));
+        let (interval, failures) = config.health_check();
+        tokio::spawn(health::monitor(
+            fencer.clone(),
+            Some(probe),
+            Liveness { interval, failures },
+        ));
         Ok(Sandbox {
             id: id.to_owned(),
             paths: paths.clone(),
-            agent,
+            agent: agent.with_down_reason(fencer.down_reason()),
             endpoint: vm.vsock_endpoint().clone(),
             vm_pid: vm.pid(),
-            exit_rx: vm.exit_watch(),
-            vm: Mutex::new(Some(vm)),
+            vm,
+            fencer,
             resources: Mutex::new(ledger),
             network,
-            stopping: AtomicBool::new(false),
-            torn_down: Mutex::new(false),
+            torn_down: OnceCell::new(),
         })
     }
 
@@ -436,8 +454,10 @@ impl Sandbox {
         if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 || ledger.unconfirmed() {
             let started = std::time::Instant::now();
             {
-                let vm = self.vm.lock().await;
-                let vm = vm.as_ref().ok_or(ResourceError::VmGone)?;
+                if let Some(fault) = self.fencer.fault() {
+                    return Err(ResourceError::VmGone(fault.to_string()));
+                }
+                let vm = &*self.vm;
                 if plan.add_memory_bytes > 0 {
                     plug_memory(vm, ledger.dimms, plan.add_memory_bytes).await?;
                     ledger.plugged_memory(plan.add_memory_bytes);
@@ -489,14 +509,34 @@ impl Sandbox {
         self.vm_pid
     }
 
-    /// Turns `Some` when QEMU has exited.
-    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitReport>> {
-        self.exit_rx.clone()
+    /// Turns `Some` once the sandbox was fenced for a fault (its VM killed and reaped).
+    pub fn fault_watch(&self) -> watch::Receiver<Option<Arc<Fault>>> {
+        self.fencer.fault_watch()
+    }
+
+    /// Why the sandbox was fenced, if it was.
+    pub fn fault(&self) -> Option<Arc<Fault>> {
+        self.fencer.fault()
+    }
+
+    /// Turns true once the VM was stopped (by a teardown) or fenced and stopped.
+    pub fn vm_stopped_watch(&self) -> watch::Receiver<bool> {
+        self.vm.stopped_watch()
+    }
+
+    /// Ends the sandbox for `fault` (see [`health`]); returns once its VM is dead.
+    pub async fn fence(&self, fault: Fault) {
+        self.fencer.fence(fault).await;
     }
 
     /// Whether [`Sandbox::teardown`] has begun (a VM exit is then expected).
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.fencer.is_stopping()
+    }
+
+    /// Pids of QEMU and its daemons, by name.
+    pub fn vm_pids(&self) -> Vec<(String, u32)> {
+        self.vm.pids()
     }
 
     /// One new connection to the guest's stdio port.
@@ -506,41 +546,34 @@ impl Sandbox {
             .await
     }
 
-    /// The guest console's last lines (empty once the VM is stopped).
-    pub async fn console_tail(&self) -> Vec<String> {
-        self.vm
-            .lock()
-            .await
-            .as_ref()
-            .map(Vm::console_tail)
-            .unwrap_or_default()
+    /// The guest console's last lines.
+    pub fn console_tail(&self) -> Vec<String> {
+        self.vm.console_tail()
     }
 
     /// Stops the agent and the VM, unmounts and removes the sandbox's directories.
     /// Idempotent, and a second caller waits for the first to finish; errors are logged,
-    /// never returned: teardown must go to the end.
+    /// never returned: teardown must go to the end. Bounded: a guest that does not answer
+    /// gets [`AGENT_SHUTDOWN_TIMEOUT`], then QEMU is stopped with escalation.
     pub async fn teardown(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let mut done = self.torn_down.lock().await;
-        if *done {
-            return;
-        }
-        *done = true;
+        self.torn_down.get_or_init(|| self.teardown_once()).await;
+    }
+
+    async fn teardown_once(&self) {
+        let started = std::time::Instant::now();
+        self.fencer.begin_stop();
         tracing::info!(sandbox = %self.id, "tearing down sandbox");
-        let vm = self.vm.lock().await.take();
-        if let Some(vm) = vm {
-            if vm.exit_watch().borrow().is_none() {
-                match tokio::time::timeout(AGENT_SHUTDOWN_TIMEOUT, self.agent.shutdown()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %crate::report::chain(&e), "agent shutdown")
-                    }
-                    Err(_) => tracing::debug!("agent shutdown timed out"),
+        if self.fencer.fault().is_none() && self.vm.exit_watch().borrow().is_none() {
+            match tokio::time::timeout(AGENT_SHUTDOWN_TIMEOUT, self.agent.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %crate::report::chain(&e), "agent shutdown")
                 }
+                Err(_) => tracing::debug!("agent shutdown timed out"),
             }
-            if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
-                tracing::warn!(error = %crate::report::chain(&error), "stopping VM");
-            }
+        }
+        if let Err(error) = self.vm.stop(VM_STOP_TIMEOUT).await {
+            tracing::warn!(error = %crate::report::chain(&error), "stopping VM");
         }
         if let Some(net) = self.network.clone() {
             let detached = tokio::task::spawn_blocking(move || {
@@ -564,5 +597,10 @@ impl Sandbox {
             }
             Err(error) => tracing::warn!(%error, "sandbox cleanup task failed"),
         }
+        tracing::info!(
+            sandbox = %self.id,
+            teardown_ms = started.elapsed().as_millis() as u64,
+            "sandbox torn down"
+        );
     }
 }

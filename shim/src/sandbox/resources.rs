@@ -44,8 +44,9 @@ pub enum ResourceError {
     },
     #[error("the guest did not bring the hot-added resources online")]
     Online(#[source] crate::sandbox::agent::AgentError),
-    #[error("the VM is stopped")]
-    VmGone,
+    /// The sandbox was fenced; the reason.
+    #[error("the sandbox is down: {0}")]
+    VmGone(String),
 }
 
 /// What a container asks of the VM.

@@ -44,6 +44,9 @@ pub enum TaskError {
     Unimplemented(&'static str),
     #[error("no sandbox is running")]
     NoSandbox,
+    /// The sandbox was ended for a fault.
+    #[error("sandbox {sandbox_id} is down: {reason}")]
+    SandboxDown { sandbox_id: String, reason: String },
     /// A pod container whose pod this shim does not run.
     #[error("container {container} belongs to sandbox {sandbox_id}, which is not running")]
     SandboxNotRunning {
@@ -87,8 +90,11 @@ impl TaskError {
                 | ResourceError::Vcpus { .. }
                 | ResourceError::NoCpuSlot { .. },
             ) => Code::RESOURCE_EXHAUSTED,
+            TaskError::Resources(ResourceError::VmGone(_)) => Code::FAILED_PRECONDITION,
             TaskError::Resources(_) => Code::INTERNAL,
             TaskError::NoSandbox
+            | TaskError::SandboxDown { .. }
+            | TaskError::Agent(AgentError::SandboxDown { .. })
             | TaskError::SandboxNotRunning { .. }
             | TaskError::State(_)
             | TaskError::Sandbox(SandboxError::Config(_)) => Code::FAILED_PRECONDITION,

@@ -9,14 +9,20 @@
 //! - An exit is recorded once ([`Process::set_exited`]); whoever records it emits TaskExit,
 //!   and only for processes that ran.
 //! - An OOM kill emits TaskOOM (containerd) and creates `<bundle>/oom` (CRI-O).
-//! - If QEMU dies, every process still alive is recorded as exited (128 + QEMU's signal,
-//!   else 255), execs first, and the console tail is logged.
+//! - When the sandbox ends — fenced for a fault (its VM killed and reaped first, see
+//!   [`crate::sandbox::health`]) or stopped by a teardown — every process still alive is
+//!   recorded as killed (128 + 9): execs first, then the pod's containers, the sandbox
+//!   container last.
+//! - A waiter whose connection to the agent breaks while the VM runs cannot follow its
+//!   process any more: it fences the sandbox rather than report an exit while the process
+//!   may still run.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
 
+use crate::sandbox::health::Fault;
 use crate::sandbox::Sandbox;
 use crate::task::container::{Container, Process, Status};
 use crate::task::events::EventSender;
@@ -25,11 +31,13 @@ use crate::task::events::EventSender;
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long execs get to exit after their container's init did, before SIGKILL.
 const EXEC_EXIT_GRACE: Duration = Duration::from_secs(3);
-/// How long after a failed WaitProcess we wait for the VM's exit to explain it.
+/// How long after a failed WaitProcess we wait for a fault or a teardown to explain it.
 const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
-/// Exit status of a process whose fate is unknown (VM or agent connection lost).
+/// Exit status of a process the agent could not report on (it answered with an error).
 pub const UNKNOWN_EXIT: u32 = 255;
 const SIGKILL: u32 = 9;
+/// Exit status of every process of a sandbox that ended: killed.
+pub const KILLED: u32 = 128 + SIGKILL;
 
 /// Records `status` for `process` and emits TaskExit if this call made the transition.
 pub fn record_exit(events: &EventSender, process: &Process, status: u32, vm_pid: u32) {
@@ -84,14 +92,23 @@ impl Waiter {
                 u32::try_from(resp.status).unwrap_or(UNKNOWN_EXIT)
             }
             Err(error) => {
-                if self.vm_exit_explains().await {
-                    // The VM-death handler records this exit.
+                if self.sandbox_end_explains().await {
+                    // The sandbox watcher records this exit.
+                    return;
+                }
+                if error.agent_code().is_none() {
+                    // The connection broke while the VM runs: the process may still run
+                    // and nobody can tell when it ends. End the sandbox instead.
+                    let error = crate::report::chain(&error);
+                    self.sandbox
+                        .fence(Fault::AgentConnectionLost { error })
+                        .await;
                     return;
                 }
                 tracing::error!(
                     process = %process.name(),
                     error = %crate::report::chain(&error),
-                    "waiting for process failed; reporting it as exited"
+                    "the agent could not report the process's exit; reporting it as exited"
                 );
                 UNKNOWN_EXIT
             }
@@ -106,16 +123,16 @@ impl Waiter {
         record_exit(&self.events, &process, status, self.sandbox.vm_pid());
     }
 
-    /// Whether the VM is gone or going (then its handler reports every exit).
-    async fn vm_exit_explains(&self) -> bool {
+    /// Whether the sandbox is ending (then its watcher reports every exit).
+    async fn sandbox_end_explains(&self) -> bool {
         if self.sandbox.is_stopping() {
             return true;
         }
-        let mut rx = self.sandbox.exit_watch();
-        let exited = tokio::time::timeout(VM_EXIT_GRACE, rx.wait_for(Option::is_some))
+        let mut rx = self.sandbox.fault_watch();
+        let faulted = tokio::time::timeout(VM_EXIT_GRACE, rx.wait_for(Option::is_some))
             .await
             .is_ok_and(|r| r.is_ok());
-        exited
+        faulted || self.sandbox.is_stopping()
     }
 
     /// Before the init's exit is recorded: waits for the container's execs, killing them
@@ -160,50 +177,45 @@ impl Waiter {
     }
 }
 
-/// Waits for QEMU to exit, then records every live process of `containers()` as exited.
-pub fn watch_vm(
+/// Waits until the sandbox ends — fenced for a fault, or its VM stopped by a teardown —
+/// then records every live process of `containers()` as killed, in order: execs, the pod's
+/// containers, the sandbox container. After a fault it also releases the sandbox's host
+/// resources (containerd still deletes the tasks).
+pub fn watch_sandbox(
     sandbox: Arc<Sandbox>,
     events: EventSender,
     containers: impl Fn() -> Vec<Arc<Container>> + Send + 'static,
 ) {
     tokio::spawn(async move {
-        let mut rx = sandbox.exit_watch();
-        let report = match rx.wait_for(Option::is_some).await {
-            Ok(r) => *r,
-            Err(_) => return,
+        let mut faults = sandbox.fault_watch();
+        let mut stopped = sandbox.vm_stopped_watch();
+        let fault = tokio::select! {
+            fault = faults.wait_for(Option::is_some) => match fault {
+                Ok(fault) => fault.clone(),
+                Err(_) => return,
+            },
+            stopped = stopped.wait_for(|s| *s) => {
+                if stopped.is_err() {
+                    return;
+                }
+                None
+            }
         };
-        let Some(report) = report else {
-            return;
-        };
-        let status = report
-            .signal
-            .and_then(|s| u32::try_from(s).ok())
-            .map_or(UNKNOWN_EXIT, |s| 128 + s);
-        if sandbox.is_stopping() {
-            tracing::info!(sandbox = %sandbox.id, %report, "VM stopped");
-        } else {
-            let tail = sandbox.console_tail().await;
-            let start = tail.len().saturating_sub(30);
-            tracing::error!(
-                sandbox = %sandbox.id,
-                %report,
-                console = %tail[start..].join("\n"),
-                "VM exited unexpectedly; every process is reported as exited"
-            );
-        }
         let vm_pid = sandbox.vm_pid();
-        let all = containers();
+        let mut all = containers();
+        // The sandbox container's exit means the pod is gone: report it last.
+        all.sort_by_key(|c| c.is_sandbox);
         for c in &all {
             for p in c.execs() {
-                record_exit(&events, &p, status, vm_pid);
+                record_exit(&events, &p, KILLED, vm_pid);
             }
         }
         for c in &all {
-            record_exit(&events, &c.init, status, vm_pid);
+            record_exit(&events, &c.init, KILLED, vm_pid);
         }
-        if !sandbox.is_stopping() {
-            // Nothing runs any more: release the host resources now; containerd still
-            // deletes the tasks.
+        if let Some(fault) = fault {
+            tracing::error!(sandbox = %sandbox.id, reason = %fault, "sandbox ended: every process reported killed");
+            // Nothing runs any more: release the host resources now.
             sandbox.teardown().await;
         }
     });

@@ -26,6 +26,7 @@ pub mod service;
 pub mod spec;
 
 use crate::config::options;
+use crate::sandbox::health::Fault;
 use crate::sandbox::mounts;
 use crate::sandbox::{self, Sandbox};
 use container::{Container, ExitInfo, Process, Status};
@@ -36,6 +37,8 @@ use io::StdioSpec;
 
 /// Exit status reported for a process that was deleted without having exited.
 const DELETED_STATUS: u32 = 128 + 9;
+/// How long the agent gets to remove a container before the sandbox is ended instead.
+const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The shim's state: the sandbox and its containers.
 pub struct TaskService {
@@ -141,6 +144,18 @@ impl TaskService {
         lock(&self.sandbox).clone().ok_or(TaskError::NoSandbox)
     }
 
+    /// The sandbox, unless it was ended for a fault (then the error says why).
+    pub fn live_sandbox(&self) -> Result<Arc<Sandbox>, TaskError> {
+        let sandbox = self.sandbox()?;
+        if let Some(fault) = sandbox.fault() {
+            return Err(TaskError::SandboxDown {
+                sandbox_id: sandbox.id.clone(),
+                reason: fault.to_string(),
+            });
+        }
+        Ok(sandbox)
+    }
+
     /// Create: the sandbox on first use, then the container in the guest.
     pub async fn create(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32, TaskError> {
         validate_id("container", &req.id)?;
@@ -212,8 +227,12 @@ impl TaskService {
         let config = sandbox::load_config(config_path).await?;
         let no_annotations = std::collections::HashMap::new();
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
-        let config = crate::config::annotations::apply(&config, annotations)
-            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let config = crate::config::annotations::apply(
+            &config,
+            annotations,
+            crate::config::HostLimits::detect(),
+        )
+        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         config
             .validate()
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
@@ -222,7 +241,7 @@ impl TaskService {
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
         let this = Arc::downgrade(self);
-        exits::watch_vm(sandbox.clone(), self.events.clone(), move || {
+        exits::watch_sandbox(sandbox.clone(), self.events.clone(), move || {
             this.upgrade().map(|s| s.containers()).unwrap_or_default()
         });
         Ok(sandbox)
@@ -321,7 +340,7 @@ impl TaskService {
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, TaskError> {
         let start_started = std::time::Instant::now();
         let (c, p) = self.process(id, exec_id)?;
-        let sandbox = self.sandbox()?;
+        let sandbox = self.live_sandbox()?;
         let _lifecycle = c.lifecycle.lock().await;
         p.check_startable()?;
         if p.exec_id.is_some() {
@@ -382,7 +401,7 @@ impl TaskService {
     pub async fn exec(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
         validate_id("exec", &req.exec_id)?;
         let c = self.container(&req.id)?;
-        let sandbox = self.sandbox()?;
+        let sandbox = self.live_sandbox()?;
         let spec = req.spec.as_ref().ok_or_else(|| {
             TaskError::InvalidArgument("exec request without a process spec".into())
         })?;
@@ -440,9 +459,21 @@ impl TaskService {
             return Ok(response);
         }
         if let Ok(sandbox) = self.sandbox() {
-            if !sandbox.is_stopping() {
-                if let Err(error) = sandbox.agent().remove_container(id).await {
-                    tracing::warn!(container = id, error = %crate::report::chain(&error), "agent RemoveContainer");
+            if !sandbox.is_stopping() && sandbox.fault().is_none() {
+                let remove = sandbox.agent().remove_container(id);
+                match tokio::time::timeout(REMOVE_TIMEOUT, remove).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(container = id, error = %crate::report::chain(&error), "agent RemoveContainer")
+                    }
+                    Err(_) => {
+                        sandbox
+                            .fence(Fault::Unresponsive {
+                                request: "RemoveContainer",
+                                timeout: REMOVE_TIMEOUT,
+                            })
+                            .await
+                    }
                 }
             }
         }

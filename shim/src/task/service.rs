@@ -22,6 +22,8 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{Task, TtrpcContext};
 use kata_proto::agent::StatsContainerResponse;
 
+use crate::sandbox::agent::AgentError;
+use crate::sandbox::health::Fault;
 use crate::task::container::Status;
 use crate::task::error::TaskError;
 use crate::task::TaskService;
@@ -30,6 +32,11 @@ use crate::task::TaskService;
 pub const METRICS_V2_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 /// Highest signal number accepted by Kill.
 const MAX_SIGNAL: u32 = 64;
+/// How long the agent gets to deliver a signal before the sandbox is ended instead (a
+/// hung guest must not make Kill, and `ctr task delete -f`, hang).
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a Kill on a sandbox that just went down waits for the exit to be recorded.
+const DOWN_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The ttrpc face of [`TaskService`].
 #[derive(Debug, Clone)]
@@ -55,11 +62,24 @@ impl Service {
             return Err(TaskError::ProcessFinished);
         }
         let sandbox = self.0.sandbox()?;
-        let result = sandbox
+        let signal = sandbox
             .agent()
-            .signal_process(&c.id, p.agent_exec_id(), req.signal, req.all)
-            .await;
+            .signal_process(&c.id, p.agent_exec_id(), req.signal, req.all);
+        let Ok(result) = tokio::time::timeout(KILL_TIMEOUT, signal).await else {
+            // The guest does not answer: end the sandbox, which kills the process.
+            sandbox
+                .fence(Fault::Unresponsive {
+                    request: "SignalProcess",
+                    timeout: KILL_TIMEOUT,
+                })
+                .await;
+            return Ok(());
+        };
         if let Err(e) = result {
+            if matches!(e, AgentError::SandboxDown { .. }) {
+                // Its exit is being recorded as the sandbox ends.
+                let _ = tokio::time::timeout(DOWN_EXIT_WAIT, p.wait()).await;
+            }
             if p.status() == Status::Stopped || e.agent_code() == Some(ttrpc::Code::NOT_FOUND) {
                 return Err(TaskError::ProcessFinished);
             }
