@@ -173,6 +173,15 @@ impl TaskService {
         let spec = spec::load(&bundle).await?;
         let role = spec::role(&spec, &req.id)?;
         let sandbox_id = spec::sandbox_id(Some(&spec), &req.id);
+        // Without rootfs mounts (CRI-O, `ctr run --config`) root.path must already exist:
+        // say so before a VM boots.
+        let rootfs = bundle.join(spec::root_path(&spec));
+        if req.rootfs.is_empty() && !tokio::fs::try_exists(&rootfs).await.unwrap_or(false) {
+            return Err(TaskError::InvalidArgument(format!(
+                "root.path {} does not exist (and no rootfs mounts were given)",
+                rootfs.display()
+            )));
+        }
 
         let _create = self.create_lock.lock().await;
         if lock(&self.containers).contains_key(&req.id) {
@@ -262,12 +271,7 @@ impl TaskService {
         let create_started = std::time::Instant::now();
         // containerd: "rootfs" in the bundle, mounted from req.rootfs; CRI-O: an absolute,
         // already populated path and no mounts.
-        let root_path = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let rootfs = bundle.join(root_path);
+        let rootfs = bundle.join(spec::root_path(&spec));
         let shared_dir = sandbox.paths.container_dir(id);
         let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
         let limits = crate::sandbox::resources::limits(

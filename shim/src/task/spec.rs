@@ -62,6 +62,14 @@ pub enum SpecError {
     BindWithoutSource { destination: String },
 }
 
+/// The spec's root.path (relative to the bundle, or absolute), `rootfs` when unset.
+pub fn root_path(spec: &Spec) -> PathBuf {
+    spec.root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"))
+}
+
 /// Reads `<bundle>/config.json`.
 pub async fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
