@@ -295,6 +295,11 @@ impl Sandbox {
         tokio::fs::create_dir_all(&paths.state_dir)
             .await
             .map_err(dir_err(&paths.state_dir))?;
+        // The state record and the VM's sockets are root's alone.
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(dir_err(&paths.state_dir))?;
         tokio::fs::create_dir_all(&paths.shared_dir)
             .await
             .map_err(dir_err(&paths.shared_dir))?;
