@@ -58,6 +58,9 @@ pub enum AgentError {
         #[source]
         source: ttrpc::Error,
     },
+    /// The agent answered with something that cannot be true.
+    #[error("agent call {method} answered {what}")]
+    Malformed { method: &'static str, what: String },
     /// The sandbox is down (its VM was fenced): nothing in the guest can be reached.
     #[error("agent call {method} failed: sandbox is down: {reason}")]
     SandboxDown {
@@ -77,6 +80,12 @@ impl AgentError {
             } => Some(status.code()),
             _ => None,
         }
+    }
+
+    /// Whether the connection to the agent failed (as opposed to the agent refusing the
+    /// request, answering nonsense, or the sandbox being down).
+    pub fn is_transport(&self) -> bool {
+        matches!(self, AgentError::Rpc { source, .. } if !matches!(source, ttrpc::Error::RpcStatus(_)))
     }
 }
 
@@ -181,6 +190,14 @@ impl AgentClient {
         }
     }
 
+    /// A client over an already connected stream to the agent (tests, tools).
+    pub fn over_stream(
+        stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
+        request_timeout: Duration,
+    ) -> Self {
+        Self::over(Client::new(Socket::new(stream)), request_timeout)
+    }
+
     /// This client, failing every call at once (also calls in flight) with the reason
     /// `down` carries once it is set.
     pub fn with_down_reason(mut self, down: DownReason) -> Self {
@@ -265,7 +282,8 @@ impl AgentClient {
         Ok(resp.status.enum_value_or_default())
     }
 
-    async fn ensure_compatible(&self) -> Result<(), AgentError> {
+    /// Fails unless the agent speaks our protocol's major version.
+    pub async fn ensure_compatible(&self) -> Result<(), AgentError> {
         let v = self.version().await?;
         let major = |s: &str| s.split('.').next().unwrap_or_default().to_owned();
         if major(&v.grpc_version) != major(kata_proto::PROTOCOL_VERSION) {
@@ -294,12 +312,21 @@ impl AgentClient {
 
     /// Kernel release, memory block size, memory and CPUs as the guest sees them.
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
-        self.call(
-            "GetGuestDetails",
-            self.agent
-                .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
-        )
-        .await
+        let details = self
+            .call(
+                "GetGuestDetails",
+                self.agent
+                    .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
+            )
+            .await?;
+        let block = details.mem_block_size_bytes;
+        if block < 4096 || !block.is_power_of_two() {
+            return Err(AgentError::Malformed {
+                method: "GetGuestDetails",
+                what: format!("a memory block size of {block} bytes (expected a power of two of at least 4096)"),
+            });
+        }
+        Ok(details)
     }
 
     /// Mounts `storages` in the guest.
@@ -319,9 +346,17 @@ impl AgentClient {
         let mut req = ReadFileRequest::new();
         req.path = path.to_owned();
         req.max_bytes = max_bytes;
-        self.call("ReadFile", self.agent.read_file(self.ctx_default(), &req))
-            .await
-            .map(|r| r.data)
+        let data = self
+            .call("ReadFile", self.agent.read_file(self.ctx_default(), &req))
+            .await?
+            .data;
+        if data.len() as u64 > max_bytes {
+            return Err(AgentError::Malformed {
+                method: "ReadFile",
+                what: format!("{} bytes, more than the {max_bytes} asked for", data.len()),
+            });
+        }
+        Ok(data)
     }
 
     /// Asks the agent to sync and power the VM off. The VM exits shortly after the reply.
@@ -357,11 +392,22 @@ impl AgentClient {
             ..Default::default()
         };
         let deadline = std::time::Duration::from_millis(timeout_ms.into()) + self.timeout;
-        self.call(
-            "OnlineResources",
-            self.agent.online_resources(Self::ctx(deadline), &req),
-        )
-        .await
+        let online = self
+            .call(
+                "OnlineResources",
+                self.agent.online_resources(Self::ctx(deadline), &req),
+            )
+            .await?;
+        if online.memory_blocks < min_blocks || online.online_cpus < min_cpus {
+            return Err(AgentError::Malformed {
+                method: "OnlineResources",
+                what: format!(
+                    "{} memory blocks and {} CPUs online, fewer than the {min_blocks} and {min_cpus} it was asked to wait for",
+                    online.memory_blocks, online.online_cpus
+                ),
+            });
+        }
+        Ok(online)
     }
 
     /// Gives the guest the pod's interfaces (by MAC), addresses, MTU and routes.
@@ -533,12 +579,20 @@ impl AgentClient {
             ..Default::default()
         };
         // A ttrpc timeout of 0 means none.
-        self.call(
-            "WaitProcess",
-            self.containers
-                .wait_process(ttrpc::context::with_timeout(0), &req),
-        )
-        .await
+        let exit = self
+            .call(
+                "WaitProcess",
+                self.containers
+                    .wait_process(ttrpc::context::with_timeout(0), &req),
+            )
+            .await?;
+        if !(0..=255).contains(&exit.status) {
+            return Err(AgentError::Malformed {
+                method: "WaitProcess",
+                what: format!("exit status {} (expected 0 to 255)", exit.status),
+            });
+        }
+        Ok(exit)
     }
 
     /// Removes a container whose processes have exited.

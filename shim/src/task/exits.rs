@@ -96,7 +96,7 @@ impl Waiter {
                     // The sandbox watcher records this exit.
                     return;
                 }
-                if error.agent_code().is_none() {
+                if error.is_transport() {
                     // The connection broke while the VM runs: the process may still run
                     // and nobody can tell when it ends. End the sandbox instead.
                     let error = crate::report::chain(&error);
