@@ -89,6 +89,17 @@ impl AgentError {
     }
 }
 
+/// A guest pid from `method`'s answer: never 0.
+fn positive_pid(method: &'static str, pid: u32) -> Result<u32, AgentError> {
+    if pid == 0 {
+        return Err(AgentError::Malformed {
+            method,
+            what: "pid 0".into(),
+        });
+    }
+    Ok(pid)
+}
+
 /// Why a sandbox went down; calls fail at once with this reason once it is set.
 pub type DownReason = watch::Receiver<Option<std::sync::Arc<str>>>;
 
@@ -483,7 +494,7 @@ impl AgentClient {
                 self.containers.create_container(self.ctx_default(), &req),
             )
             .await?;
-        Ok(resp.pid)
+        positive_pid("CreateContainer", resp.pid)
     }
 
     /// Starts a created container's init process (its stdio must be attached).
@@ -540,7 +551,7 @@ impl AgentClient {
                 self.containers.start_process(self.ctx_default(), &req),
             )
             .await?;
-        Ok(resp.pid)
+        positive_pid("StartProcess", resp.pid)
     }
 
     /// Sends `signal` to a process (`exec_id` empty: the init), or to every process of the
