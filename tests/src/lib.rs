@@ -13,6 +13,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod crio;
+pub mod tool;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
