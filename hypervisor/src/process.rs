@@ -49,6 +49,13 @@ pub enum ProcessError {
     /// The child did not become ready in time.
     #[error("{what} not ready after {timeout:?}")]
     ReadinessTimeout { what: String, timeout: Duration },
+    /// A cgroup to place the child in is unusable.
+    #[error("cannot place the child in cgroup file {}", .path.display())]
+    Placement {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The child survived SIGKILL for too long (stuck in the kernel?).
     #[error("{name} did not exit after SIGKILL")]
     StopTimeout { name: String },
@@ -140,6 +147,60 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// Makes the child join the cgroups whose `cgroup.procs` files are `procs` before it execs
+/// (memory a process charges stays with the cgroup it was charged to, so children start
+/// in theirs), and set its `oom_score_adj` when asked (a host that does not allow lowering
+/// it leaves it as inherited: check `/proc/<pid>/oom_score_adj` after the spawn).
+pub fn place_on_exec(
+    command: &mut Command,
+    procs: &[PathBuf],
+    oom_score_adj: Option<i32>,
+) -> Result<(), ProcessError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let files: Vec<CString> = procs
+        .iter()
+        .map(|p| {
+            CString::new(p.as_os_str().as_bytes()).map_err(|_| ProcessError::Placement {
+                path: p.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let oom = oom_score_adj
+        .map(|v| CString::new(v.to_string()).expect("digits have no NUL"));
+    // SAFETY: the closure runs between fork and exec and only calls open, write and close,
+    // which are async-signal-safe, on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            for file in &files {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" is the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+            }
+            if let Some(value) = &oom {
+                let path = b"/proc/self/oom_score_adj\0";
+                let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    // Lowering may be refused (EACCES): the inherited value stays.
+                    libc::write(fd, value.as_ptr().cast(), value.as_bytes().len());
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl ChildProcess {
@@ -458,6 +519,28 @@ mod tests {
         let report = exit.wait_for(Option::is_some).await.unwrap().unwrap();
         assert_eq!(report.signal, Some(libc::SIGTERM));
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[tokio::test]
+    async fn placement_sets_oom_score_adj_and_fails_on_a_missing_cgroup() {
+        let ring = LineRing::new(4);
+        let mut cmd = sh("cat /proc/self/oom_score_adj");
+        place_on_exec(&mut cmd, &[], Some(789)).unwrap();
+        let child = ChildProcess::spawn(
+            "c",
+            "t",
+            cmd,
+            Stdout::Lines(ring.clone(), LogAs::GuestConsole { vm: "t".into() }),
+        )
+        .unwrap();
+        assert!(child.wait().await.success());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ring.tail(), ["789"]);
+
+        let mut cmd = sh("true");
+        place_on_exec(&mut cmd, &[PathBuf::from("/nonexistent/cgroup.procs")], None).unwrap();
+        let err = ChildProcess::spawn("c", "t", cmd, Stdout::Null).unwrap_err();
+        assert!(matches!(err, ProcessError::Spawn { .. }), "{err}");
     }
 
     #[tokio::test]

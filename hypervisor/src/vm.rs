@@ -23,7 +23,7 @@ use crate::accel::{self, AccelError, HostCaps};
 use crate::cmdline::{qemu_args, QemuArgs, VsockDevice};
 use crate::config::{Accel, ConfigError, VmConfig, VsockMode};
 use crate::console::{LineRing, LogAs};
-use crate::process::{ChildProcess, ExitReport, ProcessError, Stdout};
+use crate::process::{place_on_exec, ChildProcess, ExitReport, ProcessError, Stdout};
 use crate::qmp::{Qmp, QmpError};
 use crate::virtiofsd::{self, VirtiofsdError};
 use crate::vsock::{self, Endpoint, VhostVsock, VsockError, VsockStream};
@@ -486,6 +486,7 @@ async fn start_children(
             let uds = run_dir.join(HYBRID_VSOCK_SOCKET);
             let mut cmd = Command::new(&config.vsock_daemon);
             cmd.args(vsock::hybrid_daemon_args(&socket, &uds));
+            place_on_exec(&mut cmd, &config.placement.daemon_cgroup_procs, None)?;
             let daemon = ChildProcess::spawn(VSOCK_DAEMON_NAME, &config.id, cmd, Stdout::Null)?;
             starting.children.push(daemon);
             let daemon = starting.children.last().expect("just pushed");
@@ -500,6 +501,7 @@ async fn start_children(
             let socket = run_dir.join(VIRTIOFSD_SOCKET);
             let mut cmd = Command::new(&fs.daemon);
             cmd.args(virtiofsd::daemon_args(flavor, &socket, fs));
+            place_on_exec(&mut cmd, &config.placement.daemon_cgroup_procs, None)?;
             let daemon = ChildProcess::spawn("virtiofsd", &config.id, cmd, Stdout::Null)?;
             starting.children.push(daemon);
             let daemon = starting.children.last().expect("just pushed");
@@ -521,6 +523,11 @@ async fn start_children(
     tracing::debug!(vm = %config.id, ?args, "QEMU command line");
     let mut cmd = Command::new(&config.qemu_path);
     cmd.args(&args);
+    place_on_exec(
+        &mut cmd,
+        &config.placement.qemu_cgroup_procs,
+        config.placement.qemu_oom_score_adj,
+    )?;
     if let VsockDevice::Vhost { fd, .. } = device {
         inherit_fd(&mut cmd, fd);
     }

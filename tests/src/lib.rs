@@ -109,6 +109,7 @@ impl TestVm {
             run_dir: scratch.path().join("run"),
             start_timeout: Duration::from_secs(20),
             seccomp_sandbox: String::new(),
+            placement: Default::default(),
         };
         Self { scratch, config }
     }
@@ -175,7 +176,34 @@ pub fn assert_no_runtime_leaks(ids: &[&str]) {
         ] {
             assert!(!Path::new(&dir).exists(), "{dir} left behind");
         }
+        let cgroups = host_cgroups_named(id);
+        assert!(cgroups.is_empty(), "host cgroups left for {id}: {cgroups:?}");
     }
+}
+
+/// Host cgroup directories named `name` (a container's or sandbox's id), in every
+/// hierarchy under /sys/fs/cgroup, down to a depth of 6.
+pub fn host_cgroups_named(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: u32, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let path = e.path();
+            if e.file_name() == name {
+                out.push(path.clone());
+            }
+            if depth > 0 {
+                walk(&path, name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 6, &mut out);
+    out
 }
 
 /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns its last answer.

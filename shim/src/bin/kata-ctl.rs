@@ -112,6 +112,7 @@ async fn boot_check(args: BootCheck) -> Result<()> {
         run_dir,
         start_timeout: Duration::from_secs(20),
         seccomp_sandbox: String::new(),
+        placement: Default::default(),
     };
 
     if let Some(dir) = &args.shared_dir {

@@ -158,12 +158,25 @@ impl Default for Agent {
 }
 
 /// `[runtime]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
     pub enable_debug: bool,
+    /// Kata's meaning: `true` puts the shim, QEMU and its daemons in the sandbox's host
+    /// cgroup (`linux.cgroupsPath`); `false` only QEMU's vCPU threads, the rest in
+    /// `/kata_overhead/<sandbox>`.
     pub sandbox_cgroup_only: bool,
     pub static_sandbox_resource_mgmt: bool,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            enable_debug: false,
+            sandbox_cgroup_only: true,
+            static_sandbox_resource_mgmt: false,
+        }
+    }
 }
 
 /// Facts about the host that defaults depend on.
@@ -435,6 +448,7 @@ impl Config {
             run_dir,
             start_timeout: Duration::from_secs(30),
             seccomp_sandbox: q.seccompsandbox.clone(),
+            placement: Default::default(),
         })
     }
 }

@@ -21,7 +21,8 @@ const KILL_WAIT: Duration = Duration::from_secs(3);
 /// Kills the sandbox's host processes and removes its directories.
 pub fn cleanup_sandbox(paths: &SandboxPaths) {
     let mut pids = Vec::new();
-    if let Some(record) = read_record(&paths.state_file()) {
+    let record = read_record(&paths.state_file());
+    if let Some(record) = &record {
         let alive_same = record.qemu_pid != 0
             && record.qemu_start_time.is_some()
             && proc_start_time(record.qemu_pid) == record.qemu_start_time;
@@ -35,6 +36,10 @@ pub fn cleanup_sandbox(paths: &SandboxPaths) {
         }
     }
     kill_and_wait(&pids);
+    // A systemd scope empties with its processes and systemd removes it.
+    if let Some(record) = &record {
+        super::placement::remove_dirs(&record.cgroup_dirs);
+    }
     for dir in [&paths.shared_dir, &paths.state_dir] {
         if let Err(error) = mounts::remove_dir_sync(dir) {
             tracing::warn!(error = %crate::report::chain(&error), "removing {}", dir.display());

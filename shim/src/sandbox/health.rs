@@ -26,6 +26,7 @@ use kata_hypervisor::Vm;
 use tokio::sync::{broadcast, watch};
 
 use super::agent::{AgentClient, DownReason};
+use super::placement::SandboxCgroups;
 
 /// A console line that marks a guest kernel panic.
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
@@ -50,6 +51,14 @@ pub enum Fault {
     },
     /// The main agent connection broke while the VM still ran.
     AgentConnectionLost { error: String },
+    /// The host's OOM killer killed a VM process in the pod's host cgroup: the pod's
+    /// memory limit does not cover the VM.
+    HostOutOfMemory {
+        death: ChildDeath,
+        cgroup: String,
+        /// The directory whose limit applies, and the limit in bytes.
+        limit: Option<(std::path::PathBuf, u64)>,
+    },
 }
 
 impl std::fmt::Display for Fault {
@@ -74,6 +83,22 @@ impl std::fmt::Display for Fault {
             ),
             Fault::AgentConnectionLost { error } => {
                 write!(f, "the agent connection broke: {error}")
+            }
+            Fault::HostOutOfMemory {
+                death,
+                cgroup,
+                limit,
+            } => {
+                write!(f, "{death}: the host's OOM killer in the pod's host cgroup {cgroup}")?;
+                if let Some((dir, bytes)) = limit {
+                    write!(
+                        f,
+                        " (memory limit {} MiB set on {}) — the limit does not cover the VM; raise the pod's limit or the RuntimeClass overhead",
+                        bytes >> 20,
+                        dir.display()
+                    )?;
+                }
+                Ok(())
             }
         }
     }
@@ -176,13 +201,28 @@ impl Fencer {
 
 /// Watches `fencer`'s VM and `agent` (a connection of its own, see
 /// [`AgentClient::probe_connection`]) until a fault or a teardown; fences on a fault.
-pub async fn monitor(fencer: Arc<Fencer>, agent: Option<AgentClient>, liveness: Liveness) {
+/// `cgroups` tells a host OOM kill apart from other deaths.
+pub async fn monitor(
+    fencer: Arc<Fencer>,
+    agent: Option<AgentClient>,
+    liveness: Liveness,
+    cgroups: Option<Arc<SandboxCgroups>>,
+) {
     let mut stopping = fencer.stopping.subscribe();
     let mut events = fencer.vm.qmp().events();
     let fault = tokio::select! {
         biased;
         _ = stopping.wait_for(|s| *s) => return,
-        death = fencer.vm.wait_child_death() => classify_death(death, &mut events, &fencer.vm.console_tail()),
+        death = fencer.vm.wait_child_death() => {
+            let host_oom = match &cgroups {
+                Some(c) if death.status.signal == Some(9) => c.host_oom(),
+                _ => None,
+            };
+            match host_oom {
+                Some((cgroup, limit)) => Fault::HostOutOfMemory { death, cgroup, limit },
+                None => classify_death(death, &mut events, &fencer.vm.console_tail()),
+            }
+        }
         line = panic_event(&mut events) => Fault::GuestPanicked {
             line: line.or_else(|| panic_line(&fencer.vm.console_tail())),
         },

@@ -19,15 +19,20 @@ use tokio::sync::{watch, Mutex, OnceCell};
 use crate::config::{Config, ConfigError, HostLimits};
 
 pub mod agent;
+pub mod cgroups;
 pub mod cleanup;
 pub mod health;
 pub mod mounts;
 pub mod network;
+pub mod placement;
 pub mod resources;
 pub mod state;
+pub mod systemd;
 
 use agent::{shared_fs_storage, AgentClient, AgentError};
+use cgroups::Mode;
 use health::{Fault, Fencer, Liveness};
+pub use placement::{HostPlacement, SandboxCgroups};
 use mounts::MountError;
 use resources::{Ledger, Limits, ResourceError};
 pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
@@ -78,6 +83,12 @@ pub enum SandboxError {
     /// The pod network could not be plumbed.
     #[error("pod network")]
     Network(#[source] crate::sandbox::network::NetworkError),
+    /// The host cgroup could not be set up.
+    #[error("host cgroup")]
+    Cgroup(#[source] cgroups::CgroupError),
+    /// QEMU's vCPU threads could not be moved into the sandbox cgroup.
+    #[error("cannot place QEMU's vCPU threads in the sandbox cgroup: {0}")]
+    VcpuPlacement(String),
 }
 
 /// Reads the configuration file chosen by `explicit` / KATA_CONF_FILE / the default and
@@ -109,6 +120,8 @@ pub struct Sandbox {
     resources: Mutex<Ledger>,
     /// The pod network plumbed into the VM, if the sandbox had a network namespace.
     network: Option<crate::sandbox::network::PodNetwork>,
+    /// The host cgroups the VM runs in, if the spec named one.
+    cgroups: Option<Arc<SandboxCgroups>>,
     /// Set once the teardown has run; concurrent callers wait for it.
     torn_down: OnceCell<()>,
 }
@@ -211,6 +224,8 @@ struct Undo {
     shared_mounted: bool,
     /// The pod network's tc setup to remove.
     network: Option<(PathBuf, Vec<crate::sandbox::network::Interface>)>,
+    /// Host cgroups made for the sandbox.
+    cgroups: Option<Arc<SandboxCgroups>>,
 }
 
 impl Undo {
@@ -219,6 +234,9 @@ impl Undo {
             if let Err(error) = vm.stop(VM_STOP_TIMEOUT).await {
                 tracing::warn!(error = %crate::report::chain(&error), "stopping VM after failed create");
             }
+        }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove().await;
         }
         if let Some((netns, interfaces)) = self.network {
             let detached = tokio::task::spawn_blocking(move || {
@@ -252,6 +270,7 @@ impl Sandbox {
         id: &str,
         config: &Config,
         netns: Option<&Path>,
+        host: &HostPlacement,
     ) -> Result<Sandbox, SandboxError> {
         let paths = SandboxPaths::new(id);
         if tokio::fs::try_exists(paths.state_file())
@@ -271,8 +290,9 @@ impl Sandbox {
             paths: paths.clone(),
             shared_mounted: false,
             network: None,
+            cgroups: None,
         };
-        match Self::create_in(id, config, netns, &paths, &mut undo).await {
+        match Self::create_in(id, config, netns, host, &paths, &mut undo).await {
             Ok(sandbox) => Ok(sandbox),
             Err((error, vm)) => {
                 undo.run(vm).await;
@@ -285,6 +305,7 @@ impl Sandbox {
         id: &str,
         config: &Config,
         netns: Option<&Path>,
+        host: &HostPlacement,
         paths: &SandboxPaths,
         undo: &mut Undo,
     ) -> Result<Sandbox, (SandboxError, Option<Vm>)> {
@@ -336,10 +357,38 @@ impl Sandbox {
             }
             None => None,
         };
+        // The VM's cost goes in the pod's host cgroup (sandbox_cgroup_only).
+        let cgroups = match &host.cgroups_path {
+            Some(path) => {
+                let mode = if config.runtime.sandbox_cgroup_only {
+                    Mode::SandboxOnly
+                } else {
+                    Mode::VcpusOnly
+                };
+                let cgroups = SandboxCgroups::setup(&dir_key(id), path, mode)
+                    .await
+                    .map_err(|e| (SandboxError::Cgroup(e), None))?;
+                let cgroups = Arc::new(cgroups);
+                undo.cgroups = Some(cgroups.clone());
+                vm_config.placement = cgroups.placement(host.oom_score_adj);
+                Some(cgroups)
+            }
+            None => {
+                vm_config.placement.qemu_oom_score_adj = host.oom_score_adj;
+                None
+            }
+        };
         let launch_started = std::time::Instant::now();
         let vm = Vm::start(vm_config)
             .await
             .map_err(|e| (SandboxError::Vm(e), None))?;
+        if let Some(cgroups) = &cgroups {
+            if let Err(error) = cgroups.place_vcpus(&vm).await {
+                let e = SandboxError::VcpuPlacement(error);
+                return Err((e, Some(vm)));
+            }
+        }
+        report_oom_score_adj(vm.pid(), host.oom_score_adj);
         let vm_launch_ms = launch_started.elapsed().as_millis() as u64;
         let record = StateRecord {
             sandbox_id: id.to_owned(),
@@ -348,6 +397,7 @@ impl Sandbox {
             qemu_start_time: proc_start_time(vm.pid()),
             vm_run_dir: paths.vm_run_dir.clone(),
             shared_dir: paths.shared_dir.clone(),
+            cgroup_dirs: cgroups.as_ref().map(|c| c.dirs()).unwrap_or_default(),
         };
         if let Err(source) = state::write_record(&paths.state_file(), &record).await {
             let path = paths.state_file();
@@ -414,6 +464,7 @@ impl Sandbox {
             fencer.clone(),
             Some(probe),
             Liveness { interval, failures },
+            cgroups.clone(),
         ));
         Ok(Sandbox {
             id: id.to_owned(),
@@ -425,6 +476,7 @@ impl Sandbox {
             fencer,
             resources: Mutex::new(ledger),
             network,
+            cgroups,
             torn_down: OnceCell::new(),
         })
     }
@@ -580,6 +632,9 @@ impl Sandbox {
         if let Err(error) = self.vm.stop(VM_STOP_TIMEOUT).await {
             tracing::warn!(error = %crate::report::chain(&error), "stopping VM");
         }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove().await;
+        }
         if let Some(net) = self.network.clone() {
             let detached = tokio::task::spawn_blocking(move || {
                 crate::sandbox::network::detach(&net.netns, &net.interfaces)
@@ -606,6 +661,24 @@ impl Sandbox {
             sandbox = %self.id,
             teardown_ms = started.elapsed().as_millis() as u64,
             "sandbox torn down"
+        );
+    }
+}
+
+/// Logs when QEMU's oom_score_adj is not what the pod's QoS class asked for (a host may
+/// refuse lowering it).
+fn report_oom_score_adj(pid: u32, wanted: Option<i32>) {
+    let Some(wanted) = wanted else {
+        return;
+    };
+    let actual = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok());
+    if actual != Some(wanted) {
+        tracing::info!(
+            wanted,
+            ?actual,
+            "QEMU's oom_score_adj differs from the pod's (this host does not allow lowering it)"
         );
     }
 }

@@ -81,6 +81,9 @@ pub struct StateRecord {
     pub qemu_start_time: Option<u64>,
     pub vm_run_dir: PathBuf,
     pub shared_dir: PathBuf,
+    /// Host cgroup directories the sandbox created (leaf first).
+    #[serde(default)]
+    pub cgroup_dirs: Vec<PathBuf>,
 }
 
 /// A process's start time from /proc/<pid>/stat.
@@ -158,6 +161,7 @@ mod tests {
             qemu_start_time: Some(3),
             vm_run_dir: "/run/kata/s/vm".into(),
             shared_dir: "/run/kata-containers/shared/sandboxes/s".into(),
+            cgroup_dirs: vec!["/sys/fs/cgroup/memory/kata-test/s".into()],
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");

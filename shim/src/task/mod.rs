@@ -246,7 +246,17 @@ impl TaskService {
             .validate()
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
         let netns = spec::network_namespace(spec);
-        let sandbox = Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref()).await?);
+        let host = sandbox::HostPlacement {
+            cgroups_path: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.display().to_string())
+                .filter(|p| !p.is_empty()),
+            oom_score_adj: spec.process().as_ref().and_then(|p| p.oom_score_adj()),
+        };
+        let sandbox =
+            Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref(), &host).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
         let this = Arc::downgrade(self);
