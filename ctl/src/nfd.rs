@@ -2,8 +2,9 @@
 //!
 //! NFD's worker reads "local" feature files from
 //! `/etc/kubernetes/node-feature-discovery/features.d/`, one `name=value` per line, and
-//! labels the node with `feature.node.kubernetes.io/<name>=<value>`. A capable node gets
-//! the file `kata` with `runtime.kata=true`, so the RuntimeClass's nodeSelector
+//! labels the node with `feature.node.kubernetes.io/<name>=<value>` (the default prefix
+//! for names without one, unless NFD's alpha `DisableAutoPrefix` gate is on). A capable
+//! node gets the file `kata` with `runtime.kata=true`, so the RuntimeClass's nodeSelector
 //! (`feature.node.kubernetes.io/runtime.kata: "true"`) schedules kata pods only there; an
 //! incapable node has the file removed, so a node that lost KVM loses the label. The file
 //! is written to a dot-file first (NFD skips those) and renamed, so NFD never reads half.
