@@ -41,7 +41,7 @@ deps_prefix=${KATA_DEPS_PREFIX:-/opt/kata-deps}
 # The mark hack/install-shim.sh puts on what it adds to containerd's configuration.
 MARK="# added by kata hack/install-shim.sh"
 log() { echo "uninstall: $*" >&2; }
-removed=0
+removed=0 kept=0
 
 # rm_file PATH: removes PATH if it is there.
 rm_file() {
@@ -116,6 +116,7 @@ if [[ -f $conf ]]; then
     rm_file "$conf"
   else
     log "$conf was edited locally: kept it (delete it yourself when it is no longer needed)"
+    kept=$((kept + 1))
   fi
 fi
 rm_file "$conf.new"
@@ -129,12 +130,13 @@ had_dropin=0
 rm_file "$ctd_dir/conf.d/50-kata.toml"
 main=$ctd_dir/config.toml
 if [[ -f $main ]] && grep -qF "$MARK" "$main"; then
-  others=$(find "$ctd_dir/conf.d" -maxdepth 1 -name '*.toml' 2>/dev/null | head -n 1)
+  others=$(find "$ctd_dir/conf.d" -maxdepth 1 -name '*.toml' 2>/dev/null | head -n 1 || true)
   rest=$(grep -vF "$MARK" "$main" || true)
   if grep -qF "$MARK (whole file)" "$main" && [[ $rest == "version = 2" ]]; then
     rm_file "$main"
   elif [[ -n $others ]]; then
     log "$main: kept its imports line: $ctd_dir/conf.d holds other drop-ins ($others)"
+    kept=$((kept + 1))
   else
     printf '%s\n' "$rest" >"$main.tmp"
     chmod --reference="$main" "$main.tmp"
@@ -165,6 +167,7 @@ rm_file "$deps/bin/vhost-device-vsock"
 if [[ -f $deps/.crates.toml ]]; then
   if grep -v -e '^\[v1\]$' -e '^"virtiofsd ' -e '^"vhost-device-vsock ' -e '^$' "$deps/.crates.toml" >/dev/null; then
     log "$deps holds other cargo-installed crates: kept $deps/.crates.toml and .crates2.json"
+    kept=$((kept + 1))
   else
     rm_file "$deps/.crates.toml"
     rm_file "$deps/.crates2.json"
@@ -172,8 +175,8 @@ if [[ -f $deps/.crates.toml ]]; then
 fi
 rmdir_empty "$deps/bin" "$deps"
 
-if ((removed == 0)); then
+if ((removed == 0 && kept == 0)); then
   log "nothing of kata is installed${root:+ under $root}"
 else
-  log "done ($removed removed; Debian packages are left installed)"
+  log "done ($removed removed, $kept kept as said above; Debian packages are left installed)"
 fi
