@@ -12,7 +12,7 @@ runs=${RUNS:-5}
 mem=${MEMORY_MIB:-2048}
 
 hack/build-guest.sh >/dev/null
-cargo build --quiet --release -p kata-shim --bin kata-ctl
+cargo build --quiet --release -p kata-ctl
 kernel=build/guest/vmlinuz
 initrd=build/guest/initrd.img
 bench=build/bench

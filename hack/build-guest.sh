@@ -2,9 +2,12 @@
 # Builds the guest image: Debian's cloud kernel (vmlinuz) and an initrd whose /init is
 # kata-agent, carrying the kernel modules the agent loads at boot in dependency order.
 #
-# Usage: hack/build-guest.sh [--install] [--force]
-#   --install  also copy to /usr/share/kata-containers/{vmlinuz.container,kata-containers-initrd.img}
-#   --force    rebuild even if the inputs did not change
+# Usage: hack/build-guest.sh [--install] [--force] [--root DIR] [--no-build]
+#   --install   also copy to /usr/share/kata-containers/{vmlinuz.container,kata-containers-initrd.img}
+#               (hack/uninstall.sh removes them)
+#   --force     rebuild even if the inputs did not change
+#   --root DIR  install under DIR as if it were / (a staging or test root)
+#   --no-build  install the image already built in the output directory, without building
 # Environment:
 #   GUEST_BUILD_DIR   output directory (default <repo>/build/guest)
 #   KERNEL_PACKAGE    Debian kernel metapackage (default linux-image-cloud-amd64)
@@ -14,12 +17,14 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${GUEST_BUILD_DIR:-$repo/build/guest}
 meta_pkg=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
-install=0 force=0
-for a in "$@"; do
-  case $a in
-    --install) install=1 ;;
-    --force) force=1 ;;
-    *) echo "build-guest: unknown argument '$a' (expected --install or --force)" >&2; exit 2 ;;
+install=0 force=0 build=1 root=''
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --install) install=1; shift ;;
+    --force) force=1; shift ;;
+    --no-build) build=0; shift ;;
+    --root) root=${2:?--root needs a directory}; root=${root%/}; shift 2 ;;
+    *) echo "build-guest: unknown argument '$1' (expected --install, --force, --root DIR or --no-build)" >&2; exit 2 ;;
   esac
 done
 
@@ -28,6 +33,19 @@ MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem ov
 
 export PATH=$PATH:/usr/sbin:/sbin
 log() { echo "build-guest: $*" >&2; }
+
+install_image() {
+  local dest=$root/usr/share/kata-containers
+  mkdir -p "$dest"
+  install -m 0644 "$out/vmlinuz" "$dest/vmlinuz.container"
+  install -m 0644 "$out/initrd.img" "$dest/kata-containers-initrd.img"
+  log "installed to $dest"
+}
+if [[ $build == 0 ]]; then
+  [[ -f $out/vmlinuz && -f $out/initrd.img ]] || { log "no guest image in $out: run hack/build-guest.sh"; exit 1; }
+  [[ $install == 1 ]] && install_image
+  exit 0
+fi
 for tool in apt-get dpkg-deb depmod cpio zstd cargo; do
   command -v "$tool" >/dev/null || { log "missing tool '$tool': run hack/install-deps.sh"; exit 1; }
 done
@@ -122,9 +140,5 @@ else
 fi
 
 if [[ $install == 1 ]]; then
-  dest=/usr/share/kata-containers
-  mkdir -p "$dest"
-  install -m 0644 "$out/vmlinuz" "$dest/vmlinuz.container"
-  install -m 0644 "$out/initrd.img" "$dest/kata-containers-initrd.img"
-  log "installed to $dest"
+  install_image
 fi

@@ -2,11 +2,23 @@
 # Installs everything the runtime and its tests need on a Debian bookworm host.
 # Idempotent: packages already installed and daemons already at the pinned version are skipped.
 #
+# hack/uninstall.sh removes what goes to KATA_DEPS_PREFIX; Debian packages stay.
+#
+# Usage: hack/install-deps.sh [--root DIR]
+#   --root DIR  put the cargo-installed daemons under DIR as if it were / (a staging or
+#               test root); Debian packages are always the host's
 # Environment:
 #   KATA_DEPS_PREFIX  where cargo-installed daemons go (default /opt/kata-deps; binaries in $KATA_DEPS_PREFIX/bin)
 set -euo pipefail
 
-PREFIX=${KATA_DEPS_PREFIX:-/opt/kata-deps}
+root=''
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --root) root=${2:?--root needs a directory}; root=${root%/}; shift 2 ;;
+    *) echo "install-deps: unknown argument '$1' (expected --root DIR)" >&2; exit 2 ;;
+  esac
+done
+PREFIX=$root${KATA_DEPS_PREFIX:-/opt/kata-deps}
 VIRTIOFSD_VERSION=1.14.0
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
 

@@ -169,8 +169,7 @@ pub fn place_on_exec(
             })
         })
         .collect::<Result<_, _>>()?;
-    let oom = oom_score_adj
-        .map(|v| CString::new(v.to_string()).expect("digits have no NUL"));
+    let oom = oom_score_adj.map(|v| CString::new(v.to_string()).expect("digits have no NUL"));
     // SAFETY: the closure runs between fork and exec and only calls open, write and close,
     // which are async-signal-safe, on memory prepared before the fork.
     unsafe {
@@ -538,7 +537,12 @@ mod tests {
         assert_eq!(ring.tail(), ["789"]);
 
         let mut cmd = sh("true");
-        place_on_exec(&mut cmd, &[PathBuf::from("/nonexistent/cgroup.procs")], None).unwrap();
+        place_on_exec(
+            &mut cmd,
+            &[PathBuf::from("/nonexistent/cgroup.procs")],
+            None,
+        )
+        .unwrap();
         let err = ChildProcess::spawn("c", "t", cmd, Stdout::Null).unwrap_err();
         assert!(matches!(err, ProcessError::Spawn { .. }), "{err}");
     }

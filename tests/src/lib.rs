@@ -177,7 +177,10 @@ pub fn assert_no_runtime_leaks(ids: &[&str]) {
             assert!(!Path::new(&dir).exists(), "{dir} left behind");
         }
         let cgroups = host_cgroups_named(id);
-        assert!(cgroups.is_empty(), "host cgroups left for {id}: {cgroups:?}");
+        assert!(
+            cgroups.is_empty(),
+            "host cgroups left for {id}: {cgroups:?}"
+        );
     }
 }
 

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 mod types;
 
 pub use types::{
-    Command, CpuInfoFast, CpuInstanceProperties, Event, Greeting, HotpluggableCpu, MemoryDeviceData,
-    MemoryDeviceInfo, QemuVersion, StatusInfo,
+    Command, CpuInfoFast, CpuInstanceProperties, Event, Greeting, HotpluggableCpu,
+    MemoryDeviceData, MemoryDeviceInfo, QemuVersion, StatusInfo,
 };
 
 /// Errors talking QMP.

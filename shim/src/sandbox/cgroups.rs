@@ -120,8 +120,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
                 let controllers: Vec<String> = options
                     .split(',')
                     .filter(|o| {
-                        !matches!(*o, "rw" | "ro" | "relatime" | "noatime" | "nosuid" | "nodev" | "noexec")
-                            && !o.starts_with("release_agent")
+                        !matches!(
+                            *o,
+                            "rw" | "ro" | "relatime" | "noatime" | "nosuid" | "nodev" | "noexec"
+                        ) && !o.starts_with("release_agent")
                             && *o != "clone_children"
                             && *o != "xattr"
                     })
@@ -196,11 +198,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// The cgroup `path` (cgroupfs form) in `hierarchies`; a relative path starts from
     /// this process's cgroup, as runc does.
-    pub fn resolve(
-        hierarchies: &[Hierarchy],
-        own: &str,
-        path: &str,
-    ) -> Result<Self, CgroupError> {
+    pub fn resolve(hierarchies: &[Hierarchy], own: &str, path: &str) -> Result<Self, CgroupError> {
         if path.is_empty() || path.split('/').any(|c| c == "..") {
             return Err(CgroupError::InvalidPath {
                 path: path.to_owned(),
@@ -261,7 +259,10 @@ impl Cgroup {
 
     /// The `cgroup.procs` files, for children to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Moves process `pid` (all its threads) here.
@@ -369,7 +370,11 @@ impl Cgroup {
             Kind::V1(_) => "memory.usage_in_bytes",
             Kind::V2 => "memory.current",
         };
-        std::fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The nearest memory limit at or above this cgroup, with the directory that sets it.
@@ -473,11 +478,14 @@ mod tests {
         assert_eq!(hs[5].kind, Kind::V1(vec!["name=systemd".into()]));
         assert_eq!(hs[6].kind, Kind::V2);
         let hs = parse_mountinfo(UNIFIED);
-        assert_eq!(hs, [Hierarchy {
-            mount: "/sys/fs/cgroup".into(),
-            root: "/".into(),
-            kind: Kind::V2
-        }]);
+        assert_eq!(
+            hs,
+            [Hierarchy {
+                mount: "/sys/fs/cgroup".into(),
+                root: "/".into(),
+                kind: Kind::V2
+            }]
+        );
         assert!(parse_mountinfo("1 2 0:1 / /x rw - cgroup cgroup rw,relatime\n").is_empty());
     }
 
@@ -519,7 +527,9 @@ mod tests {
         let c = Cgroup::resolve(&hs, "0::/\n", "/kubepods.slice/x").unwrap();
         assert_eq!(
             c.procs_files(),
-            [PathBuf::from("/sys/fs/cgroup/kubepods.slice/x/cgroup.procs")]
+            [PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/x/cgroup.procs"
+            )]
         );
         assert!(is_unified(&c.dirs));
     }

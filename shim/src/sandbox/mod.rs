@@ -32,8 +32,8 @@ pub mod systemd;
 use agent::{shared_fs_storage, AgentClient, AgentError};
 use cgroups::Mode;
 use health::{Fault, Fencer, Liveness};
-pub use placement::{HostPlacement, SandboxCgroups};
 use mounts::MountError;
+pub use placement::{HostPlacement, SandboxCgroups};
 use resources::{Ledger, Limits, ResourceError};
 pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
 

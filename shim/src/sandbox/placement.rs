@@ -36,7 +36,9 @@ impl SandboxCgroups {
     pub async fn setup(key: &str, path: &str, mode: Mode) -> Result<Self, CgroupError> {
         let scope = if systemd::is_systemd_path(path) {
             let scope = Scope::parse(path)?;
-            systemd::Dbus.start_scope(&scope, std::process::id()).await?;
+            systemd::Dbus
+                .start_scope(&scope, std::process::id())
+                .await?;
             Some(scope)
         } else {
             None

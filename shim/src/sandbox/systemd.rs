@@ -22,7 +22,7 @@ pub enum SystemdError {
         method: &'static str,
         unit: String,
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
 }
 
@@ -56,13 +56,18 @@ impl Scope {
         if name.is_empty() || name.contains('/') {
             return Err(invalid("the name must be non-empty without '/'"));
         }
-        let slice = if slice.is_empty() { DEFAULT_SLICE } else { slice };
+        let slice = if slice.is_empty() {
+            DEFAULT_SLICE
+        } else {
+            slice
+        };
         let unit = if prefix.is_empty() {
             format!("{name}.scope")
         } else {
             format!("{prefix}-{name}.scope")
         };
-        let expanded = expand_slice(slice).map_err(|_| invalid("the slice must be <a>-<b>.slice without '/' or '--'"))?;
+        let expanded = expand_slice(slice)
+            .ok_or_else(|| invalid("the slice must be <a>-<b>.slice without '/' or '--'"))?;
         Ok(Self {
             cgroup_path: format!("{expanded}/{unit}"),
             unit,
@@ -72,16 +77,19 @@ impl Scope {
 }
 
 /// `a-b-c.slice` -> `/a.slice/a-b.slice/a-b-c.slice` (systemd's nesting by dashes);
-/// `-.slice` is the root.
-pub fn expand_slice(slice: &str) -> Result<String, ()> {
-    let Some(base) = slice.strip_suffix(".slice") else {
-        return Err(());
-    };
+/// `-.slice` is the root. `None` for a name that is not a valid slice.
+pub fn expand_slice(slice: &str) -> Option<String> {
+    let base = slice.strip_suffix(".slice")?;
     if base == "-" {
-        return Ok("/".to_owned());
+        return Some("/".to_owned());
     }
-    if base.is_empty() || base.contains('/') || base.contains("--") || base.starts_with('-') || base.ends_with('-') {
-        return Err(());
+    if base.is_empty()
+        || base.contains('/')
+        || base.contains("--")
+        || base.starts_with('-')
+        || base.ends_with('-')
+    {
+        return None;
     }
     let mut path = String::new();
     let mut prefix = String::new();
@@ -94,7 +102,7 @@ pub fn expand_slice(slice: &str) -> Result<String, ()> {
         path.push_str(&prefix);
         path.push_str(".slice");
     }
-    Ok(path)
+    Some(path)
 }
 
 /// The systemd manager's calls the driver makes.
@@ -116,10 +124,16 @@ const PATH: &str = "/org/freedesktop/systemd1";
 const IFACE: &str = "org.freedesktop.systemd1.Manager";
 
 /// The StartTransientUnit properties of a sandbox scope.
-pub fn scope_properties(scope: &Scope, pid: u32) -> Vec<(&'static str, zbus::zvariant::Value<'static>)> {
+pub fn scope_properties(
+    scope: &Scope,
+    pid: u32,
+) -> Vec<(&'static str, zbus::zvariant::Value<'static>)> {
     use zbus::zvariant::Value;
     vec![
-        ("Description", Value::from(format!("kata sandbox {}", scope.unit))),
+        (
+            "Description",
+            Value::from(format!("kata sandbox {}", scope.unit)),
+        ),
         ("Slice", Value::from(scope.slice.clone())),
         ("Delegate", Value::from(true)),
         ("DefaultDependencies", Value::from(false)),
@@ -133,7 +147,7 @@ impl Manager for Dbus {
         let err = |source| SystemdError::Dbus {
             method: "StartTransientUnit",
             unit: scope.unit.clone(),
-            source,
+            source: Box::new(source),
         };
         let conn = zbus::Connection::system().await.map_err(err)?;
         let aux: Vec<(&str, Vec<(&str, zbus::zvariant::Value<'_>)>)> = Vec::new();
@@ -142,7 +156,12 @@ impl Manager for Dbus {
             PATH,
             Some(IFACE),
             "StartTransientUnit",
-            &(scope.unit.as_str(), "replace", scope_properties(scope, pid), aux),
+            &(
+                scope.unit.as_str(),
+                "replace",
+                scope_properties(scope, pid),
+                aux,
+            ),
         )
         .await
         .map_err(err)?;
@@ -153,12 +172,18 @@ impl Manager for Dbus {
         let err = |source| SystemdError::Dbus {
             method: "StopUnit",
             unit: unit.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let conn = zbus::Connection::system().await.map_err(err)?;
-        conn.call_method(Some(DEST), PATH, Some(IFACE), "StopUnit", &(unit, "replace"))
-            .await
-            .map_err(err)?;
+        conn.call_method(
+            Some(DEST),
+            PATH,
+            Some(IFACE),
+            "StopUnit",
+            &(unit, "replace"),
+        )
+        .await
+        .map_err(err)?;
         Ok(())
     }
 }
@@ -177,7 +202,7 @@ mod tests {
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice"
         );
         for bad in ["kubepods", "a--b.slice", "-a.slice", "a/b.slice"] {
-            assert!(expand_slice(bad).is_err(), "{bad}");
+            assert!(expand_slice(bad).is_none(), "{bad}");
         }
     }
 
@@ -218,7 +243,10 @@ mod tests {
         }
 
         async fn stop_unit(&self, unit: &str) -> Result<(), SystemdError> {
-            self.0.lock().unwrap().push(format!("StopUnit {unit} replace"));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("StopUnit {unit} replace"));
             Ok(())
         }
     }
