@@ -150,6 +150,8 @@ pub struct Runtime {
     pub enable_debug: bool,
     pub sandbox_cgroup_only: bool,
     pub static_sandbox_resource_mgmt: bool,
+    /// Drop the container's seccomp profile instead of applying it in the guest.
+    pub disable_guest_seccomp: bool,
 }
 
 /// Facts about the host that defaults depend on.

@@ -25,12 +25,16 @@ use serde::{Deserialize, Serialize};
 use super::caps;
 use super::channel::{self, FromChild, ToChild};
 use super::fs::{default_devices, device_node, make_node, parse_options, propagation, secure_join};
+use super::seccomp::Compiled;
 use super::spec::{namespace_file, namespace_flag, rlimit_resource, Process, Spec};
 
 /// The argument that turns the agent binary into the helper.
 pub const HELPER_ARG: &str = "__kata-container-init";
 /// The control channel's fd in the helper.
 pub const CHANNEL_FD: RawFd = 3;
+/// Longest error message sent to the agent (JSON escaping may grow it; a packet holds
+/// [`channel::MAX_MESSAGE`]).
+const MAX_ERROR: usize = 8 * 1024;
 /// `PATH` when the process sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -43,6 +47,9 @@ pub struct Plan {
     pub cgroup: PathBuf,
     /// The process to run.
     pub process: Process,
+    /// The container's seccomp filters, installed just before `execve`.
+    #[serde(default)]
+    pub seccomp: Option<Compiled>,
     /// Init or exec.
     pub mode: Mode,
 }
@@ -72,8 +79,8 @@ pub fn helper_main() -> ! {
     // SAFETY: the agent put the channel at fd 3 for us and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
     set_cloexec(sock.as_raw_fd());
-    let plan: Plan = match channel::recv::<Plan>(sock.as_raw_fd()) {
-        Ok(Some((p, _))) => p,
+    let plan: Plan = match channel::recv_large::<Plan>(sock.as_raw_fd()) {
+        Ok(Some(p)) => p,
         Ok(None) => std::process::exit(1),
         Err(e) => fail(&sock, format!("read plan: {e}")),
     };
@@ -117,7 +124,16 @@ pub fn helper_main() -> ! {
     }
 }
 
-fn fail(sock: &OwnedFd, message: String) -> ! {
+fn fail(sock: &OwnedFd, mut message: String) -> ! {
+    // A message naming a huge argument must still fit one packet.
+    if message.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
     let _ = channel::send(sock.as_raw_fd(), &FromChild::Error(message), None);
     std::process::exit(1)
 }
@@ -268,6 +284,18 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
             ));
         }
     }
+    // Installing a filter takes no_new_privs or CAP_SYS_ADMIN. With either at exec time it
+    // goes in last, just before execve; otherwise, as runc does, before the identity change
+    // drops CAP_SYS_ADMIN (the profile then also applies to the remaining setup calls).
+    let seccomp_last = p.no_new_privileges
+        || p.capabilities
+            .as_ref()
+            .is_some_and(|c| c.effective.iter().any(|n| n == "CAP_SYS_ADMIN"));
+    if let (Some(filters), false) = (&plan.seccomp, seccomp_last) {
+        ctx(super::seccomp::install(filters), || {
+            "install the seccomp profile".into()
+        })?;
+    }
     let env = identity(p)?;
     if p.no_new_privileges {
         // SAFETY: prctl with integer arguments only.
@@ -285,6 +313,7 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
     let cwd = if p.cwd.is_empty() { "/" } else { &p.cwd };
     ctx(chdir(cwd), || format!("chdir to cwd {cwd:?}"))?;
     let program = find_program(&p.args[0], &env)?;
+    let (argv, envp) = exec_strings(&p.args, &env)?;
     reset_signals();
     channel::send(sock.as_raw_fd(), &FromChild::Ready, None).map_err(|e| e.to_string())?;
     match channel::recv::<ToChild>(sock.as_raw_fd()) {
@@ -292,7 +321,13 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
         // The agent gave up on this process.
         _ => std::process::exit(1),
     }
-    exec(&program, &p.args, &env)
+    if let (Some(filters), true) = (&plan.seccomp, seccomp_last) {
+        ctx(super::seccomp::install(filters), || {
+            "install the seccomp profile".into()
+        })?;
+    }
+    let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
+    Err(format!("exec {program:?}: {e}"))
 }
 
 fn set_domainname(name: &str) -> Result<()> {
@@ -708,7 +743,8 @@ fn reset_signals() {
     );
 }
 
-fn exec(program: &CString, args: &[String], env: &[String]) -> Result<std::convert::Infallible> {
+/// `argv` and `envp` for execve, made before the seccomp profile may forbid allocating.
+fn exec_strings(args: &[String], env: &[String]) -> Result<(Vec<CString>, Vec<CString>)> {
     let argv: Vec<CString> = args
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -719,8 +755,7 @@ fn exec(program: &CString, args: &[String], env: &[String]) -> Result<std::conve
         .map(|a| CString::new(a.as_bytes()))
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| "process.env contains a NUL byte".to_owned())?;
-    let e = nix::unistd::execve(program, &argv, &envp).unwrap_err();
-    Err(format!("exec {:?}: {e}", program))
+    Ok((argv, envp))
 }
 
 /// Whether a path is an executable regular file (used by tests of the lookup).
@@ -767,6 +802,7 @@ mod tests {
                 args: vec!["sh".into()],
                 ..Default::default()
             },
+            seccomp: None,
             mode: Mode::Exec {
                 init_pid: 7,
                 namespaces: vec!["pid".into(), "mount".into()],

@@ -10,6 +10,7 @@ pub mod caps;
 pub mod channel;
 pub mod child;
 pub mod fs;
+pub mod seccomp;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ struct Container {
     removing: std::sync::atomic::AtomicBool,
     cgroup: PathBuf,
     namespaces: Vec<String>,
+    /// The compiled seccomp profile, for the init and every exec.
+    seccomp: Option<seccomp::Compiled>,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -298,6 +301,10 @@ impl Containers {
             }
         }
         let spec = spec::parse_spec(spec_json, &self.shared_base, &self.pod_ns_dir)?;
+        let seccomp = match &spec.linux.seccomp {
+            Some(profile) => Some(seccomp::compile(profile).map_err(SpecError::from)?),
+            None => None,
+        };
         let shm = self.pod_shm.to_string_lossy();
         if sandbox
             || spec
@@ -338,6 +345,7 @@ impl Containers {
             container_id: id.to_owned(),
             cgroup: cgroup.clone(),
             process: spec.process.clone().unwrap_or_default(),
+            seccomp: seccomp.clone(),
             mode: Mode::Init(Box::new(spec)),
         };
         let init = match self.launch(id, "", plan, stdio).await {
@@ -374,6 +382,7 @@ impl Containers {
             removing: std::sync::atomic::AtomicBool::new(false),
             cgroup,
             namespaces,
+            seccomp,
             init,
             execs: Mutex::default(),
         });
@@ -544,7 +553,7 @@ impl Containers {
         drop(cmd);
         drop(helper_end);
         let end = AgentEnd::new(agent_end).map_err(ContainerError::Spawn)?;
-        end.send(&plan)?;
+        end.send_large(&plan)?;
 
         let mut pid = None;
         let mut exit_rx = None;
@@ -764,6 +773,7 @@ impl Containers {
             container_id: id.to_owned(),
             cgroup: c.cgroup.clone(),
             process,
+            seccomp: c.seccomp.clone(),
             mode: Mode::Exec {
                 init_pid: c.init.pid.as_raw(),
                 namespaces: c.namespaces.clone(),
