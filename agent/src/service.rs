@@ -73,6 +73,8 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             | ContainerError::BadId { .. }
             | ContainerError::NoRoot { .. }
             | ContainerError::Resources(_) => Code::INVALID_ARGUMENT,
+            ContainerError::Devices(d) if d.is_invalid() => Code::INVALID_ARGUMENT,
+            ContainerError::Devices(_) => Code::INTERNAL,
             ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ContainerError::NotFound(_) => Code::NOT_FOUND,
             ContainerError::Setup { .. } | ContainerError::State(_) => Code::FAILED_PRECONDITION,

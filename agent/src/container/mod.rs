@@ -9,6 +9,7 @@
 pub mod caps;
 pub mod channel;
 pub mod child;
+pub mod devices;
 pub mod fs;
 pub mod seccomp;
 pub mod spec;
@@ -73,6 +74,9 @@ pub enum ContainerError {
     /// The resources document is unusable.
     #[error("linux.resources")]
     Resources(#[from] cgroup::ResourcesError),
+    /// The device rules cannot be applied.
+    #[error("device cgroup")]
+    Devices(#[from] devices::DeviceError),
     /// A cgroup file operation failed.
     #[error("cgroup {}", .path.display())]
     Cgroup {
@@ -463,6 +467,7 @@ impl Containers {
             Some(r) => cgroup::resource_files(r.to_string().as_bytes())?,
             None => Vec::new(),
         };
+        let device_rules = devices::rules(resources)?;
         let top = self.cgroup_root.parent().unwrap_or(Path::new("/"));
         enable_controllers(top);
         std::fs::create_dir_all(&self.cgroup_root).map_err(cg_err(&self.cgroup_root))?;
@@ -484,6 +489,11 @@ impl Containers {
                 let _ = std::fs::remove_dir(&dir);
                 return Err(ContainerError::Cgroup { path, source: e });
             }
+        }
+        // Before any process joins: cgroup v2 device rules are a BPF program.
+        if let Err(e) = devices::attach(&dir, &device_rules) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e.into());
         }
         Ok(dir)
     }
