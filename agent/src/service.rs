@@ -60,7 +60,9 @@ pub enum ServiceError {
 pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
     let code = match err {
         ServiceError::Storage(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
-        ServiceError::Storage(StorageError::Busy { .. }) => Code::FAILED_PRECONDITION,
+        ServiceError::Storage(StorageError::Busy { .. } | StorageError::Symlink { .. }) => {
+            Code::FAILED_PRECONDITION
+        }
         ServiceError::File(
             FileError::Path(_) | FileError::TooLarge { .. } | FileError::LimitTooLarge { .. },
         ) => Code::INVALID_ARGUMENT,

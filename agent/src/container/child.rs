@@ -25,8 +25,10 @@ use serde::{Deserialize, Serialize};
 use super::caps;
 use super::channel::{self, FromChild, ToChild};
 use super::fs::{default_devices, device_node, make_node, parse_options, propagation, secure_join};
+use super::mountfd;
 use super::seccomp::Compiled;
 use super::spec::{namespace_file, namespace_flag, rlimit_resource, Process, Spec};
+use crate::resolve::IN_ROOT;
 
 /// The argument that turns the agent binary into the helper.
 pub const HELPER_ARG: &str = "__kata-container-init";
@@ -363,9 +365,13 @@ fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()
         ),
         || format!("bind rootfs {}", root.display()),
     )?;
+    // Everything below is resolved from this fd: symlinks in the rootfs resolve inside it.
+    let root_fd = ctx(crate::resolve::open_dir(root), || {
+        format!("open rootfs {}", root.display())
+    })?;
     let mut dev_mounted = false;
     for m in &spec.mounts {
-        mount_one(m, root, cgroup)?;
+        mount_one(m, root, &root_fd, cgroup)?;
         dev_mounted |= Path::new(&m.destination) == Path::new("/dev");
     }
     if dev_mounted {
@@ -373,47 +379,85 @@ fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()
             .into_iter()
             .chain(spec.linux.devices.iter().filter_map(device_node));
         for d in devices {
-            let target = ctx(secure_join(root, Path::new(&d.path)), || d.path.clone())?;
-            if let Some(parent) = target.parent() {
-                ctx(fs::create_dir_all(parent), || {
-                    format!("create {}", parent.display())
-                })?;
-            }
-            ctx(make_node(&target, &d), || format!("mknod {}", d.path))?;
+            let (dir, name) = parent_in_root(root, &root_fd, &d.path)?;
+            ctx(make_node(&dir, &name, &d), || format!("mknod {}", d.path))?;
         }
+        let dev = ctx(
+            crate::resolve::mkdir_all(&root_fd, Path::new("dev"), 0o755, IN_ROOT),
+            || "open /dev in the container".into(),
+        )?;
         for (link, target) in [
-            ("/dev/fd", "/proc/self/fd"),
-            ("/dev/stdin", "/proc/self/fd/0"),
-            ("/dev/stdout", "/proc/self/fd/1"),
-            ("/dev/stderr", "/proc/self/fd/2"),
-            ("/dev/ptmx", "pts/ptmx"),
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("ptmx", "pts/ptmx"),
         ] {
-            let at = root.join(link.trim_start_matches('/'));
-            if fs::symlink_metadata(&at).is_err() {
-                ctx(std::os::unix::fs::symlink(target, &at), || {
-                    format!("symlink {link}")
-                })?;
-            }
+            ctx(symlink_at(target, &dev, link), || {
+                format!("symlink /dev/{link}")
+            })?;
         }
     }
     if !cwd.is_empty() {
-        let dir = ctx(secure_join(root, Path::new(cwd)), || cwd.to_owned())?;
-        if !dir.exists() {
-            ctx(fs::create_dir_all(&dir), || format!("create cwd {cwd:?}"))?;
+        let rel = in_root(root, cwd)?;
+        ctx(
+            crate::resolve::mkdir_all(&root_fd, &rel, 0o755, IN_ROOT),
+            || format!("create cwd {cwd:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `path` (absolute in the container) resolved as runc's securejoin does, relative to the
+/// root: the directories to open or create with [`crate::resolve::mkdir_all`].
+fn in_root(root: &Path, path: &str) -> Result<PathBuf> {
+    let joined = ctx(secure_join(root, Path::new(path)), || {
+        format!("resolve {path:?} in the container")
+    })?;
+    Ok(joined
+        .strip_prefix(root)
+        .unwrap_or(Path::new(""))
+        .to_owned())
+}
+
+/// The directory holding `path` (created if missing), open, and the last component.
+fn parent_in_root(root: &Path, root_fd: &OwnedFd, path: &str) -> Result<(OwnedFd, PathBuf)> {
+    let rel = in_root(root, path)?;
+    let name = PathBuf::from(
+        rel.file_name()
+            .ok_or_else(|| format!("{path:?} names no file"))?,
+    );
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let dir = ctx(
+        crate::resolve::mkdir_all(root_fd, parent, 0o755, IN_ROOT),
+        || format!("create the directory of {path:?}"),
+    )?;
+    Ok((dir, name))
+}
+
+/// `symlinkat(target, dir, name)`; an existing entry is left alone.
+fn symlink_at(target: &str, dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+    let t = CString::new(target).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let n = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C strings and an open directory fd.
+    if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
         }
     }
     Ok(())
 }
 
-fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
+/// One spec mount, built detached and attached onto the destination's fd (see
+/// [`super::mountfd`]): neither a symlink in the rootfs nor one swapped in meanwhile can
+/// move it out of the root.
+fn mount_one(m: &super::spec::Mount, root: &Path, root_fd: &OwnedFd, cgroup: &Path) -> Result<()> {
     let opts = parse_options(&m.options);
     let typ = m
         .typ
         .clone()
         .unwrap_or_else(|| if opts.is_bind() { "bind" } else { "none" }.to_owned());
-    let dest = ctx(secure_join(root, Path::new(&m.destination)), || {
-        format!("resolve mount destination {:?}", m.destination)
-    })?;
     let what = || {
         format!(
             "mount {typ} {:?} on {} with {:?}",
@@ -431,68 +475,51 @@ fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
     } else {
         None
     };
-    match bind_source {
+    let mnt = match bind_source {
         Some(src) => {
             let is_dir = ctx(fs::metadata(&src), || {
                 format!("bind source {} for {}", src.display(), m.destination)
             })?
             .is_dir();
-            if is_dir {
-                ctx(fs::create_dir_all(&dest), what)?;
+            let target = if is_dir {
+                let rel = in_root(root, &m.destination)?;
+                ctx(
+                    crate::resolve::mkdir_all(root_fd, &rel, 0o755, IN_ROOT),
+                    what,
+                )?
             } else {
-                if let Some(parent) = dest.parent() {
-                    ctx(fs::create_dir_all(parent), what)?;
-                }
-                if !dest.exists() {
-                    ctx(fs::File::create(&dest), what)?;
-                }
-            }
-            let rec = opts.flags & MsFlags::MS_REC;
-            ctx(
-                mount(
-                    Some(&src),
-                    &dest,
-                    None::<&str>,
-                    MsFlags::MS_BIND | rec,
-                    None::<&str>,
-                ),
+                let (dir, name) = parent_in_root(root, root_fd, &m.destination)?;
+                ctx(crate::resolve::touch(&dir, &name, 0o644), what)?
+            };
+            let mnt = ctx(
+                mountfd::bind(&src, opts.flags.contains(MsFlags::MS_REC)),
                 what,
             )?;
-            let extra = opts.remount_flags();
-            if !extra.is_empty() {
-                ctx(
-                    mount(
-                        None::<&str>,
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                        None::<&str>,
-                    ),
-                    || format!("remount {} with {:?}", m.destination, m.options),
-                )?;
-            }
+            ctx(mnt.set_flags(opts.remount_flags()), || {
+                format!("set {:?} on the bind for {}", m.options, m.destination)
+            })?;
+            ctx(mnt.attach(&target), what)?;
+            mnt
         }
         None => {
-            ctx(fs::create_dir_all(&dest), what)?;
-            let source = m.source.clone().unwrap_or_else(|| typ.clone());
-            let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
-            ctx(
-                mount(
-                    Some(source.as_str()),
-                    &dest,
-                    Some(typ.as_str()),
-                    opts.flags - MsFlags::MS_REMOUNT,
-                    data,
-                ),
+            let rel = in_root(root, &m.destination)?;
+            let target = ctx(
+                crate::resolve::mkdir_all(root_fd, &rel, 0o755, IN_ROOT),
                 what,
             )?;
+            let source = m.source.clone().unwrap_or_else(|| typ.clone());
+            let mnt = ctx(
+                mountfd::filesystem(&typ, &source, &opts.data, opts.flags - MsFlags::MS_REMOUNT),
+                what,
+            )?;
+            ctx(mnt.attach(&target), what)?;
+            mnt
         }
-    }
+    };
     for p in &opts.propagation {
-        ctx(
-            mount(None::<&str>, &dest, None::<&str>, *p, None::<&str>),
-            || format!("propagation of {}", m.destination),
-        )?;
+        ctx(mnt.set_propagation(*p), || {
+            format!("propagation of {}", m.destination)
+        })?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod channel;
 pub mod child;
 pub mod devices;
 pub mod fs;
+pub mod mountfd;
 pub mod seccomp;
 pub mod spec;
 
