@@ -397,6 +397,11 @@ mod tests {
         assert_eq!(s.virtio_fs_daemon, d.virtio_fs_daemon);
         assert_eq!(s.accel, "auto");
         assert_eq!(s.default_memory, 2048);
+        // The guest applies seccomp unless told not to.
+        assert!(!shipped.runtime.disable_guest_seccomp);
+        assert!(!Config::default().runtime.disable_guest_seccomp);
+        let off = Config::parse("[runtime]\ndisable_guest_seccomp = true\n").unwrap();
+        assert!(off.runtime.disable_guest_seccomp);
     }
 
     #[test]
