@@ -49,7 +49,7 @@ pub struct Plan {
     pub cgroup: PathBuf,
     /// The process to run.
     pub process: Process,
-    /// The container's seccomp filters, installed just before `execve`.
+    /// The container's seccomp filters, installed before `execve` (see [`child`]'s order).
     #[serde(default)]
     pub seccomp: Option<Compiled>,
     /// Init or exec.
