@@ -19,6 +19,7 @@ pub mod network;
 pub mod passwd;
 pub mod paths;
 pub mod reaper;
+pub mod resolve;
 pub mod server;
 pub mod service;
 pub mod stdio;

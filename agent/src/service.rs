@@ -60,7 +60,9 @@ pub enum ServiceError {
 pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
     let code = match err {
         ServiceError::Storage(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
-        ServiceError::Storage(StorageError::Busy { .. }) => Code::FAILED_PRECONDITION,
+        ServiceError::Storage(StorageError::Busy { .. } | StorageError::Symlink { .. }) => {
+            Code::FAILED_PRECONDITION
+        }
         ServiceError::File(
             FileError::Path(_) | FileError::TooLarge { .. } | FileError::LimitTooLarge { .. },
         ) => Code::INVALID_ARGUMENT,
@@ -73,6 +75,8 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             | ContainerError::BadId { .. }
             | ContainerError::NoRoot { .. }
             | ContainerError::Resources(_) => Code::INVALID_ARGUMENT,
+            ContainerError::Devices(d) if d.is_invalid() => Code::INVALID_ARGUMENT,
+            ContainerError::Devices(_) => Code::INTERNAL,
             ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ContainerError::NotFound(_) => Code::NOT_FOUND,
             ContainerError::Setup { .. } | ContainerError::State(_) => Code::FAILED_PRECONDITION,

@@ -2,8 +2,12 @@
 //!
 //! Message types and async ttrpc services are generated at build time from `protos/`
 //! and used directly: there are no hand-written mirror types.
+//! [`limits`] holds the checks both sides apply to what a container process is given.
 
-#![allow(
+pub mod limits;
+
+/// Liveness and version.
+#[allow(
     clippy::all,
     unused_mut,
     unused_imports,
@@ -13,20 +17,48 @@
     non_upper_case_globals,
     non_snake_case
 )]
-
-/// Liveness and version.
 pub mod health {
     include!(concat!(env!("OUT_DIR"), "/health.rs"));
 }
 /// ttrpc client and server for [`health`].
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
 pub mod health_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
 }
 /// Sandbox-level requests: storages, guest details, shutdown.
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 /// ttrpc client and server for [`agent`].
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }

@@ -118,7 +118,10 @@ fn the_vm_runs_in_the_pod_cgroup_and_leaves_with_the_pod() {
     let pod = run_pod(&cri, "placed", &parent);
     let sb_dir = |h: &str| parent.dir(h).join(&pod.id);
     let vm = vm_processes(&pod.id);
-    assert!(vm.len() >= 3, "QEMU, virtiofsd and the vsock daemon: {vm:?}");
+    assert!(
+        vm.len() >= 3,
+        "QEMU, virtiofsd and the vsock daemon: {vm:?}"
+    );
     let shim = shim_of(&pod.id);
     for h in HIERARCHIES {
         let inside = procs(&sb_dir(h));

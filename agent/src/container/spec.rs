@@ -10,7 +10,7 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Reads `null` as the type's default (Go marshals nil slices and maps as `null`).
-fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+pub(crate) fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,
@@ -189,6 +189,9 @@ pub struct Linux {
     /// Cgroup resources (OCI `LinuxResources`), applied by the agent.
     #[serde(default)]
     pub resources: Option<serde_json::Value>,
+    /// The seccomp profile, compiled by [`super::seccomp`].
+    #[serde(default)]
+    pub seccomp: Option<super::seccomp::Profile>,
 }
 
 /// A namespace of the container.
@@ -299,6 +302,12 @@ pub enum SpecError {
     /// An `env` entry without `=`.
     #[error("process.env entry {0:?} is not KEY=value")]
     Env(String),
+    /// A seccomp profile the guest cannot apply.
+    #[error(transparent)]
+    Seccomp(#[from] super::seccomp::SeccompError),
+    /// `args` or `env` beyond Linux's `execve` limits.
+    #[error(transparent)]
+    Limit(#[from] kata_proto::limits::LimitError),
 }
 
 /// Parses and validates a container's spec; `shared_base` is where roots must live,
@@ -380,9 +389,17 @@ fn validate_process(p: &Process) -> Result<(), SpecError> {
     }
     for e in &p.env {
         if !e.contains('=') {
-            return Err(SpecError::Env(e.clone()));
+            // Named by its key only: the value may be huge (or secret).
+            let key: String = e.chars().take(64).collect();
+            return Err(SpecError::Env(key));
         }
     }
+    let stack = p
+        .rlimits
+        .iter()
+        .find(|r| r.typ == "RLIMIT_STACK")
+        .map(|r| r.soft);
+    kata_proto::limits::check_process(&p.args, &p.env, stack)?;
     for r in &p.rlimits {
         rlimit_resource(&r.typ)?;
     }

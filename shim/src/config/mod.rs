@@ -167,6 +167,8 @@ pub struct Runtime {
     /// `/kata_overhead/<sandbox>`.
     pub sandbox_cgroup_only: bool,
     pub static_sandbox_resource_mgmt: bool,
+    /// Drop the container's seccomp profile instead of applying it in the guest.
+    pub disable_guest_seccomp: bool,
 }
 
 impl Default for Runtime {
@@ -175,6 +177,7 @@ impl Default for Runtime {
             enable_debug: false,
             sandbox_cgroup_only: true,
             static_sandbox_resource_mgmt: false,
+            disable_guest_seccomp: false,
         }
     }
 }
@@ -504,6 +507,11 @@ mod tests {
         assert_eq!(s.virtio_fs_daemon, d.virtio_fs_daemon);
         assert_eq!(s.accel, "auto");
         assert_eq!(s.default_memory, 2048);
+        // The guest applies seccomp unless told not to.
+        assert!(!shipped.runtime.disable_guest_seccomp);
+        assert!(!Config::default().runtime.disable_guest_seccomp);
+        let off = Config::parse("[runtime]\ndisable_guest_seccomp = true\n").unwrap();
+        assert!(off.runtime.disable_guest_seccomp);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum SpecError {
     /// A bind mount without a source path.
     #[error("bind mount on {destination} has no absolute source path")]
     BindWithoutSource { destination: String },
+    /// The process's args or env are beyond what Linux's execve takes.
+    #[error(transparent)]
+    Limit(#[from] kata_proto::limits::LimitError),
 }
 
 /// The spec's root.path (relative to the bundle, or absolute), `rootfs` when unset.
@@ -70,7 +73,8 @@ pub fn root_path(spec: &Spec) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("rootfs"))
 }
 
-/// Reads `<bundle>/config.json`.
+/// Reads `<bundle>/config.json` for Create, refusing a process beyond Linux's limits
+/// before anything is created.
 pub async fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let bytes = tokio::fs::read(&path)
@@ -79,7 +83,25 @@ pub async fn load(bundle: &Path) -> Result<Spec, SpecError> {
             path: path.clone(),
             source,
         })?;
-    parse(&bytes).map_err(|source| SpecError::Parse { path, source })
+    let spec = parse(&bytes).map_err(|source| SpecError::Parse { path, source })?;
+    if let Some(process) = spec.process() {
+        check_process_limits(process)?;
+    }
+    Ok(spec)
+}
+
+/// Checks a process's args and env against Linux's execve limits
+/// ([`kata_proto::limits`], the same check the agent makes).
+pub fn check_process_limits(process: &oci_spec::runtime::Process) -> Result<(), SpecError> {
+    let stack = process.rlimits().iter().flatten().find_map(|r| {
+        (r.typ() == oci_spec::runtime::PosixRlimitType::RlimitStack).then_some(r.soft())
+    });
+    kata_proto::limits::check_process(
+        process.args().as_deref().unwrap_or_default(),
+        process.env().as_deref().unwrap_or_default(),
+        stack,
+    )?;
+    Ok(())
 }
 
 /// Reads `<bundle>/config.json` without async (the `start` and `delete` commands).
@@ -198,6 +220,14 @@ fn guest_ns_path(typ: &str) -> Option<String> {
 /// Where the guest sees a container's root filesystem.
 pub fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
+}
+
+/// Removes `linux.seccomp` (`[runtime] disable_guest_seccomp`): the guest then applies no
+/// seccomp filter to the container.
+pub fn strip_seccomp(spec: &mut Spec) {
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_seccomp(None);
+    }
 }
 
 /// Rewrites `spec` for the guest (see the module docs); returns it as JSON and the host
@@ -515,6 +545,40 @@ mod tests {
             to_guest_json(spec, "c", &Role::Standalone).unwrap_err(),
             SpecError::BindWithoutSource { .. }
         ));
+    }
+
+    #[test]
+    fn seccomp_is_kept_unless_stripped() {
+        let json = SPEC.replace(
+            r#""cgroupsPath""#,
+            r#""seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}, "cgroupsPath""#,
+        );
+        let mut spec = parse(json.as_bytes()).unwrap();
+        let (guest, _) = to_guest_json(spec.clone(), "c1", &Role::Standalone).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&guest).unwrap();
+        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        strip_seccomp(&mut spec);
+        let (guest, _) = to_guest_json(spec, "c1", &Role::Standalone).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&guest).unwrap();
+        assert!(v["linux"].get("seccomp").is_none(), "{v}");
+    }
+
+    #[test]
+    fn process_limits_are_checked_before_anything_is_made() {
+        let big = format!("A={}", "x".repeat(200 << 10));
+        let json = SPEC.replace(
+            r#""args": ["sh"]"#,
+            &format!(r#""args": ["sh"], "env": ["{big}"]"#),
+        );
+        let spec = parse(json.as_bytes()).unwrap();
+        let e = check_process_limits(spec.process().as_ref().unwrap()).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("MAX_ARG_STRLEN") && text.contains("204803"),
+            "{text}"
+        );
+        let ok = parse(SPEC.as_bytes()).unwrap();
+        check_process_limits(ok.process().as_ref().unwrap()).unwrap();
     }
 
     #[test]
