@@ -109,6 +109,9 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
         format!("{},maxcpus={}", c.vcpus, c.max_vcpus.max(c.vcpus)),
     );
 
+    // Named threads ("CPU 0/TCG", "CPU 0/KVM"), so operators and the host cgroup code can
+    // tell vCPU threads apart.
+    args.pair("-name", format!("{},debug-threads=on", c.id));
     for flag in ["-nodefaults", "-no-reboot", "-nographic", "-no-user-config"] {
         args.flag(flag);
     }
@@ -275,6 +278,7 @@ mod tests {
             ]
         );
         assert_eq!(value(&args, "-action"), ["panic=pause"]);
+        assert_eq!(value(&args, "-name"), ["vm1,debug-threads=on"]);
         assert!(value(&args, "-sandbox").is_empty(), "off unless configured");
         assert_eq!(
             value(&args, "-chardev"),

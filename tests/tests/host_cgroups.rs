@@ -101,11 +101,22 @@ fn procs(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn rss_kib(pid: i32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB.
+fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// PSS in KiB (`/proc/<pid>/smaps_rollup`).
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -133,8 +144,9 @@ fn the_vm_runs_in_the_pod_cgroup_and_leaves_with_the_pod() {
             );
         }
     }
-    // The cgroup's memory is what the VM's processes hold (plus what the shim allocated
-    // since it moved in, and page cache first touched there).
+    // The cgroup is charged what the VM's processes own: their anonymous memory and the
+    // guest's RAM (a shared memfd). Their file pages (QEMU's and the daemons' binaries and
+    // libraries) are page cache charged to whoever read them first, usually another pod.
     std::thread::sleep(Duration::from_secs(2));
     let usage_kib: u64 = std::fs::read_to_string(sb_dir("memory").join("memory.usage_in_bytes"))
         .unwrap()
@@ -142,16 +154,28 @@ fn the_vm_runs_in_the_pod_cgroup_and_leaves_with_the_pod() {
         .parse::<u64>()
         .unwrap()
         / 1024;
-    let rss: u64 = vm.iter().map(|(pid, _)| rss_kib(*pid)).sum();
-    println!(
-        "pod cgroup memory usage {} MiB, VM processes' RSS {} MiB",
-        usage_kib / 1024,
-        rss / 1024
+    let sum = |f: &str| -> u64 { vm.iter().map(|(pid, _)| status_kib(*pid, f)).sum() };
+    let (rss, anon, shmem, file) = (
+        sum("VmRSS:"),
+        sum("RssAnon:"),
+        sum("RssShmem:"),
+        sum("RssFile:"),
     );
-    let diff = usage_kib.abs_diff(rss) as f64 / rss as f64;
+    let pss: u64 = vm.iter().map(|(pid, _)| pss_kib(*pid)).sum();
+    println!(
+        "pod cgroup memory usage {} MiB; VM processes: RSS {} MiB (anon {}, shmem {}, file {}), PSS {} MiB",
+        usage_kib / 1024,
+        rss / 1024,
+        anon / 1024,
+        shmem / 1024,
+        file / 1024,
+        pss / 1024
+    );
+    let owned = anon + shmem;
+    let diff = usage_kib.abs_diff(owned) as f64 / owned as f64;
     assert!(
         diff <= 0.10,
-        "cgroup usage {usage_kib} KiB vs summed RSS {rss} KiB ({:.0}% apart)",
+        "cgroup usage {usage_kib} KiB vs the VM processes' anonymous + shared RSS {owned} KiB ({:.0}% apart)",
         diff * 100.0
     );
     cri.client.stop_pod(&pod.id).unwrap();
@@ -262,5 +286,77 @@ fn pod_memory_limits_end_in_a_guest_oom_or_a_named_host_oom() {
     );
     cri.client.stop_pod(&pod.id).unwrap();
     cri.client.remove_pod(&pod.id).unwrap();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id]);
+}
+
+/// Thread ids of `pid` whose name marks a vCPU (`CPU 0/TCG`, `CPU 0/KVM`).
+fn vcpu_threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let tid: i32 = t.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("CPU ").then_some(tid)
+        })
+        .collect()
+}
+
+/// `sandbox_cgroup_only = false`: only QEMU's vCPU threads run in the pod's cgroup (for
+/// CPU); QEMU's other threads, the daemons and the shim run in `/kata_overhead/<pod>`.
+#[test]
+fn with_sandbox_cgroup_only_off_only_vcpus_are_in_the_pod_cgroup() {
+    kata_tests::init_logging();
+    let shim = kata_tests::containerd::ShimInstall::new();
+    shim.append_config("[runtime]\nsandbox_cgroup_only = false");
+    let cri = CriContainerd::start(Some(shim));
+    let parent = PodParent::new("vcpus");
+    let pod = run_pod(&cri, "vcpus", &parent);
+    let vm = vm_processes(&pod.id);
+    let qemu = vm
+        .iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .expect("QEMU")
+        .0;
+    let vcpus = vcpu_threads(qemu);
+    assert!(!vcpus.is_empty(), "no vCPU threads in QEMU");
+    let tasks = |dir: PathBuf| -> Vec<i32> {
+        std::fs::read_to_string(dir.join("tasks"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    for h in ["cpu", "cpuacct", "cpuset"] {
+        let inside = tasks(parent.dir(h).join(&pod.id));
+        for tid in &vcpus {
+            assert!(
+                inside.contains(tid),
+                "vCPU thread {tid} not in the pod's {h} cgroup"
+            );
+        }
+        assert!(
+            !inside.contains(&qemu),
+            "QEMU's main thread is in the pod's {h} cgroup"
+        );
+    }
+    let overhead = |h: &str| {
+        Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join("kata_overhead")
+            .join(&pod.id)
+    };
+    for h in ["memory", "pids"] {
+        let inside = procs(&overhead(h));
+        for (pid, cmd) in vm.iter().chain([&(shim_of(&pod.id), "shim".to_owned())]) {
+            assert!(
+                inside.contains(pid),
+                "{cmd} ({pid}) not in the overhead {h} cgroup"
+            );
+        }
+    }
+    cri.client.stop_pod(&pod.id).unwrap();
+    cri.client.remove_pod(&pod.id).unwrap();
+    assert!(!overhead("memory").exists(), "the overhead cgroup stayed");
     kata_tests::assert_no_runtime_leaks(&[&pod.id]);
 }
