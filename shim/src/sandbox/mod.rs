@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use kata_hypervisor::vsock::Endpoint;
 use kata_hypervisor::{Vm, VsockStream};
-use tokio::sync::{watch, Mutex, OnceCell};
+use tokio::sync::{watch, OnceCell};
 
 use crate::config::{Config, ConfigError, HostLimits};
 
@@ -22,6 +22,7 @@ pub mod agent;
 pub mod cgroups;
 pub mod cleanup;
 pub mod health;
+pub mod hotplug;
 pub mod mounts;
 pub mod network;
 pub mod placement;
@@ -32,9 +33,9 @@ pub mod systemd;
 use agent::{shared_fs_storage, AgentClient, AgentError};
 use cgroups::Mode;
 use health::{Fault, Fencer, Liveness};
+use hotplug::{boot_ledger, Resources};
 use mounts::MountError;
 pub use placement::{HostPlacement, SandboxCgroups};
-use resources::{Ledger, Limits, ResourceError};
 pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
 
 /// Timeout of every agent request except WaitProcess.
@@ -117,105 +118,13 @@ pub struct Sandbox {
     /// Ends the sandbox on a fault; knows why it ended.
     fencer: Arc<Fencer>,
     /// The VM's size and what the containers reserved of it.
-    resources: Mutex<Ledger>,
+    resources: Resources,
     /// The pod network plumbed into the VM, if the sandbox had a network namespace.
     network: Option<crate::sandbox::network::PodNetwork>,
     /// The host cgroups the VM runs in, if the spec named one.
     cgroups: Option<Arc<SandboxCgroups>>,
     /// Set once the teardown has run; concurrent callers wait for it.
     torn_down: OnceCell<()>,
-}
-
-/// How long the guest may take to online hot-added resources.
-const ONLINE_TIMEOUT_MS: u32 = 20_000;
-
-/// The ledger of a freshly booted VM: its configured size and the guest's memory block
-/// size and online blocks.
-async fn boot_ledger(
-    agent: &AgentClient,
-    config: &kata_hypervisor::VmConfig,
-) -> Result<Ledger, AgentError> {
-    let details = agent.guest_details().await?;
-    let online = agent.online_resources(0, 0, 0).await?;
-    Ok(Ledger::new(
-        details.mem_block_size_bytes,
-        config.memory_mib.into(),
-        config.max_memory_mib.into(),
-        config.memory_slots,
-        config.vcpus,
-        config.max_vcpus.max(config.vcpus),
-        online.memory_blocks,
-    ))
-}
-
-/// Hot-adds `bytes` of memory as DIMM number `n`: a shared memfd backend (virtio-fs needs
-/// guest RAM shared) and a pc-dimm on it. A failed device_add removes the backend again.
-async fn plug_memory(vm: &Vm, n: u32, bytes: u64) -> Result<(), ResourceError> {
-    use kata_hypervisor::qmp::Command;
-    let (mem, dimm) = (format!("hpmem{n}"), format!("hpdimm{n}"));
-    let qmp = vm.qmp();
-    qmp.execute_unit(&Command::memfd_backend(&mem, bytes, true))
-        .await
-        .map_err(|source| ResourceError::Qmp {
-            what: format!("object-add {mem} ({} MiB)", bytes >> 20),
-            source,
-        })?;
-    if let Err(source) = qmp.execute_unit(&Command::pc_dimm(&dimm, &mem)).await {
-        let _ = qmp
-            .execute_unit(&Command::ObjectDel { id: mem.clone() })
-            .await;
-        return Err(ResourceError::Qmp {
-            what: format!("device_add pc-dimm {dimm} on {mem}"),
-            source,
-        });
-    }
-    Ok(())
-}
-
-/// Hot-adds `n` vCPUs into free slots QEMU reports. Returns how many were plugged (also
-/// when one failed, so the ledger stays true) and the outcome.
-async fn plug_vcpus(vm: &Vm, ledger: &mut Ledger, n: u32) -> (u32, Result<(), ResourceError>) {
-    use kata_hypervisor::qmp::Command;
-    let qmp = vm.qmp();
-    let slots = match qmp.query_hotpluggable_cpus().await {
-        Ok(s) => s,
-        Err(source) => {
-            return (
-                0,
-                Err(ResourceError::Qmp {
-                    what: "query-hotpluggable-cpus".into(),
-                    source,
-                }),
-            )
-        }
-    };
-    let free: Vec<_> = slots.iter().filter(|c| c.qom_path.is_none()).collect();
-    if free.len() < n as usize {
-        return (
-            0,
-            Err(ResourceError::NoCpuSlot {
-                wanted: n,
-                free: free.len(),
-            }),
-        );
-    }
-    let mut plugged = 0;
-    // QEMU lists the slots highest first; plug the lowest free ones.
-    for cpu in free.iter().rev().take(n as usize) {
-        let id = format!("hpcpu{}", ledger.next_cpu_id);
-        ledger.next_cpu_id += 1;
-        if let Err(source) = qmp.execute_unit(&Command::cpu(&id, cpu)).await {
-            return (
-                plugged,
-                Err(ResourceError::Qmp {
-                    what: format!("device_add {} {id}", cpu.driver),
-                    source,
-                }),
-            );
-        }
-        plugged += 1;
-    }
-    (plugged, Ok(()))
 }
 
 /// Undoes a partial [`Sandbox::create`].
@@ -459,6 +368,9 @@ impl Sandbox {
         );
         let vm = Arc::new(vm);
         let fencer = Arc::new(Fencer::new(vm.clone(), id));
+        let agent = agent.with_down_reason(fencer.down_reason());
+        let agent_for_hotplug = agent.clone();
+        let vm_for_hotplug = vm.clone();
         let (interval, failures) = config.health_check();
         tokio::spawn(health::monitor(
             fencer.clone(),
@@ -469,91 +381,21 @@ impl Sandbox {
         Ok(Sandbox {
             id: id.to_owned(),
             paths: paths.clone(),
-            agent: agent.with_down_reason(fencer.down_reason()),
+            agent,
             endpoint: vm.vsock_endpoint().clone(),
             vm_pid: vm.pid(),
             vm,
             fencer,
-            resources: Mutex::new(ledger),
+            resources: Resources::start(ledger, vm_for_hotplug, agent_for_hotplug),
             network,
             cgroups,
             torn_down: OnceCell::new(),
         })
     }
 
-    /// Makes room for container `id` with `limits` (new, or changed by Update):
-    /// hot-adds memory and vCPUs as needed and waits until the guest has them online.
-    /// Fails naming the numbers when the VM cannot grow that far.
-    pub async fn reserve(&self, id: &str, limits: Limits) -> Result<(), ResourceError> {
-        let mut ledger = self.resources.lock().await;
-        self.reserve_locked(&mut ledger, id, limits).await
-    }
-
-    /// [`reserve`](Self::reserve) with the limits an Update sets over the current ones,
-    /// in one step under the ledger's lock.
-    pub async fn update_reservation(
-        &self,
-        id: &str,
-        resources: &oci_spec::runtime::LinuxResources,
-    ) -> Result<(), ResourceError> {
-        let mut ledger = self.resources.lock().await;
-        let limits = crate::sandbox::resources::updated(ledger.reserved(id), resources);
-        self.reserve_locked(&mut ledger, id, limits).await
-    }
-
-    async fn reserve_locked(
-        &self,
-        ledger: &mut Ledger,
-        id: &str,
-        limits: Limits,
-    ) -> Result<(), ResourceError> {
-        let plan = ledger.plan(id, limits)?;
-        if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 || ledger.unconfirmed() {
-            let started = std::time::Instant::now();
-            {
-                if let Some(fault) = self.fencer.fault() {
-                    return Err(ResourceError::VmGone(fault.to_string()));
-                }
-                let vm = &*self.vm;
-                if plan.add_memory_bytes > 0 {
-                    plug_memory(vm, ledger.dimms, plan.add_memory_bytes).await?;
-                    ledger.plugged_memory(plan.add_memory_bytes);
-                }
-                if plan.add_vcpus > 0 {
-                    let (plugged, result) = plug_vcpus(vm, ledger, plan.add_vcpus).await;
-                    ledger.plugged_vcpus(plugged);
-                    result?;
-                }
-            }
-            let online = self
-                .agent
-                .online_resources(ledger.expected_blocks(), ledger.vcpus, ONLINE_TIMEOUT_MS)
-                .await
-                .map_err(ResourceError::Online)?;
-            ledger.confirmed_blocks = ledger.expected_blocks();
-            ledger.confirmed_vcpus = ledger.vcpus;
-            tracing::info!(
-                container = id,
-                added_memory_mib = plan.add_memory_bytes >> 20,
-                added_vcpus = plan.add_vcpus,
-                guest_mem_total_kib = online.mem_total_kib,
-                guest_cpus = online.online_cpus,
-                hotplug_ms = started.elapsed().as_millis() as u64,
-                "hotplugged"
-            );
-        }
-        ledger.reserve(id, limits);
-        Ok(())
-    }
-
-    /// What container `id` has reserved.
-    pub async fn reserved(&self, id: &str) -> Limits {
-        self.resources.lock().await.reserved(id)
-    }
-
-    /// Gives back container `id`'s reservation (the memory stays plugged for reuse).
-    pub async fn release(&self, id: &str) {
-        self.resources.lock().await.release(id);
+    /// The VM's resources: hot-adds for containers' limits (see [`hotplug`]).
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// The agent client.

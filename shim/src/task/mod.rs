@@ -297,7 +297,7 @@ impl TaskService {
         );
         let result = async {
             // Room in the VM first: a container that does not fit creates nothing.
-            sandbox.reserve(id, limits).await?;
+            sandbox.resources().reserve(id, limits).await?;
             mounts::bind_dir(rootfs.clone(), shared_dir.join("rootfs")).await?;
             let (json, binds) = spec::to_guest_json(spec, id, role)?;
             for bind in binds {
@@ -314,7 +314,7 @@ impl TaskService {
         let guest_pid = match result {
             Ok(pid) => pid,
             Err(e) => {
-                sandbox.release(id).await;
+                sandbox.resources().release(id);
                 remove_container_mounts(&shared_dir, &rootfs, mounted).await;
                 return Err(e);
             }
@@ -506,7 +506,7 @@ impl TaskService {
         p.drop_io();
         remove_container_mounts(&c.shared_dir, &c.rootfs, c.rootfs_mounted).await;
         if let Ok(sandbox) = self.sandbox() {
-            sandbox.release(id).await;
+            sandbox.resources().release(id);
         }
         lock(&self.containers).remove(id);
         self.events.send(TaskDelete {
