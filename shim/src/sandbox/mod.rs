@@ -26,6 +26,7 @@ pub mod hotplug;
 pub mod mounts;
 pub mod network;
 pub mod placement;
+pub mod remote;
 pub mod resources;
 pub mod state;
 pub mod systemd;
