@@ -58,6 +58,19 @@ impl Pki {
         }
     }
 
+    /// The files `hack/k8s/peerpods-webhook-cert.sh --out DIR` wrote.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .with_context(|| format!("{name} in {}", dir.display()))
+        };
+        Ok(Self {
+            ca_pem: read("ca.crt")?,
+            cert_pem: read("tls.crt")?,
+            key_pem: read("tls.key")?,
+        })
+    }
+
     /// Writes `tls.crt` and `tls.key` into `dir`, as a mounted Secret has them.
     pub fn write_serving(&self, dir: &Path) {
         std::fs::write(dir.join("tls.crt"), &self.cert_pem).unwrap();
@@ -90,10 +103,14 @@ impl Webhook {
     /// Starts the webhook on 127.0.0.1 (a free port) with a fresh PKI and `env`, and
     /// waits until it listens.
     pub fn start(env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(env, Pki::new("first"))
+    }
+
+    /// Like [`Self::start`] with the given PKI's serving certificate.
+    pub fn start_with(env: &[(&str, &str)], pki: Pki) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let cert_dir = dir.path().join("tls");
         std::fs::create_dir(&cert_dir)?;
-        let pki = Pki::new("first");
         pki.write_serving(&cert_dir);
 
         let mut command = Command::new(env!("CARGO_BIN_EXE_kata-peerpods-webhook"));
@@ -177,6 +194,20 @@ impl Webhook {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Vec<u8>)> {
+        self.request_as("localhost", ca_pem, method, path, body)
+            .await
+    }
+
+    /// Sends `method path` with `body` over HTTPS to the server named `server_name` (the
+    /// name the certificate must hold), trusting only `ca_pem`.
+    pub async fn request_as(
+        &self,
+        server_name: &str,
+        ca_pem: &str,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Vec<u8>)> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(cert?)?;
@@ -189,7 +220,7 @@ impl Webhook {
         .with_no_client_auth();
         let tcp = TcpStream::connect(self.addr).await?;
         let tls = TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("localhost")?, tcp)
+            .connect(ServerName::try_from(server_name.to_owned())?, tcp)
             .await
             .context("TLS handshake")?;
         let (mut sender, connection) =
@@ -198,7 +229,7 @@ impl Webhook {
         let request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", format!("localhost:{}", self.addr.port()))
+            .header("host", format!("{server_name}:{}", self.addr.port()))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))?;
         let response = sender.send_request(request).await?;
