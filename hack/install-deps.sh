@@ -32,6 +32,7 @@ APT_PACKAGES=(
   kmod              # depmod, to order the guest kernel modules
   iproute2 util-linux procps
   containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni (pod network tests, bench-net)
+  openssl           # hack/k8s/peerpods-webhook-cert.sh (the peer pods webhook's certificate, and its test)
 )
 
 log() { echo "install-deps: $*" >&2; }
