@@ -90,6 +90,7 @@ pub struct Qemu {
     pub vsock: String,
     /// The hybrid vsock backend daemon.
     pub vsock_daemon: PathBuf,
+    /// Guest kernel `debug` (instead of `quiet`) and every guest console line in the log.
     pub enable_debug: bool,
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set.
     pub enable_annotations: Vec<String>,
@@ -132,6 +133,7 @@ pub struct AgentSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Agent {
+    /// The agent logs at debug level (`agent.log=debug`).
     pub enable_debug: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
@@ -150,6 +152,7 @@ impl Default for Agent {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
+    /// The shim logs at debug level.
     pub enable_debug: bool,
     pub sandbox_cgroup_only: bool,
     pub static_sandbox_resource_mgmt: bool,
@@ -331,10 +334,13 @@ impl Config {
             0 => host.memory_mib.max(q.default_memory),
             n => n,
         };
+        // Kata's debug kernel parameter wins over the default `quiet` (it comes later);
+        // the configured parameters come after it and win over both.
         let mut kernel_params: Vec<String> = q
-            .kernel_params
-            .split_whitespace()
-            .map(str::to_owned)
+            .enable_debug
+            .then(|| "debug".to_owned())
+            .into_iter()
+            .chain(q.kernel_params.split_whitespace().map(str::to_owned))
             .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
@@ -489,6 +495,29 @@ mod tests {
         assert_eq!((vm.vcpus, vm.max_vcpus), (2, 8));
         assert_eq!((vm.memory_mib, vm.max_memory_mib), (2048, 16384));
         assert_eq!(vm.shared_fs.unwrap().shared_dir, PathBuf::from("/run/y"));
+    }
+
+    #[test]
+    fn debug_switches_reach_the_guest_command_line() {
+        let host = HostLimits {
+            cpus: 2,
+            memory_mib: 4096,
+        };
+        let vm = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+                .unwrap()
+                .kernel_params
+        };
+        assert!(vm("").is_empty());
+        assert_eq!(
+            vm("[hypervisor.qemu]\nenable_debug = true\nkernel_params = \"loglevel=3\""),
+            ["debug", "loglevel=3"]
+        );
+        assert_eq!(vm("[agent.kata]\nenable_debug = true"), ["agent.log=debug"]);
+        let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
+        assert!(c.runtime.enable_debug);
     }
 
     #[test]

@@ -13,11 +13,12 @@ use std::future::Future;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, OnlineResourcesRequest,
-    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StatsContainerRequest, StatsContainerResponse,
-    Stdio, Storage, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, Metrics,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StatsContainerRequest,
+    StatsContainerResponse, Stdio, Storage, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
@@ -80,6 +81,8 @@ pub struct AgentClient {
     agent: AgentServiceClient,
     containers: ContainerServiceClient,
     timeout: Duration,
+    /// Latency of every call, by method (`kata_shim_agent_rpc_durations_*`).
+    durations: kata_metrics::RpcDurations,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -144,6 +147,7 @@ impl AgentClient {
                 agent: AgentServiceClient::new(client.clone()),
                 containers: ContainerServiceClient::new(client),
                 timeout: request_timeout,
+                durations: kata_metrics::RpcDurations::agent_rpc(),
             };
             let last = match this.check(PROBE_TIMEOUT).await {
                 Ok(ServingStatus::SERVING) => {
@@ -170,13 +174,11 @@ impl AgentClient {
 
     async fn check(&self, timeout: Duration) -> Result<ServingStatus, AgentError> {
         let resp = self
-            .health
-            .check(Self::ctx(timeout), &CheckRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "Check",
-                source,
-            })?;
+            .call(
+                "Check",
+                self.health.check(Self::ctx(timeout), &CheckRequest::new()),
+            )
+            .await?;
         Ok(resp.status.enum_value_or_default())
     }
 
@@ -199,38 +201,34 @@ impl AgentClient {
 
     /// The agent's binary and protocol versions.
     pub async fn version(&self) -> Result<VersionCheckResponse, AgentError> {
-        self.health
-            .version(Self::ctx(self.timeout), &CheckRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "Version",
-                source,
-            })
+        self.call(
+            "Version",
+            self.health
+                .version(Self::ctx(self.timeout), &CheckRequest::new()),
+        )
+        .await
     }
 
     /// Kernel release, memory block size, memory and CPUs as the guest sees them.
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
-        self.agent
-            .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new())
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "GetGuestDetails",
-                source,
-            })
+        self.call(
+            "GetGuestDetails",
+            self.agent
+                .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
+        )
+        .await
     }
 
     /// Mounts `storages` in the guest.
     pub async fn add_storages(&self, storages: Vec<Storage>) -> Result<(), AgentError> {
         let mut req = AddStoragesRequest::new();
         req.storages = storages;
-        self.agent
-            .add_storages(Self::ctx(self.timeout), &req)
-            .await
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                method: "AddStorages",
-                source,
-            })
+        self.call(
+            "AddStorages",
+            self.agent.add_storages(Self::ctx(self.timeout), &req),
+        )
+        .await
+        .map(drop)
     }
 
     /// Reads a guest file of at most `max_bytes`.
@@ -238,36 +236,57 @@ impl AgentClient {
         let mut req = ReadFileRequest::new();
         req.path = path.to_owned();
         req.max_bytes = max_bytes;
-        self.agent
-            .read_file(Self::ctx(self.timeout), &req)
-            .await
-            .map(|r| r.data)
-            .map_err(|source| AgentError::Rpc {
-                method: "ReadFile",
-                source,
-            })
+        self.call(
+            "ReadFile",
+            self.agent.read_file(Self::ctx(self.timeout), &req),
+        )
+        .await
+        .map(|r| r.data)
     }
 
     /// Asks the agent to sync and power the VM off. The VM exits shortly after the reply.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.agent
-            .shutdown(Self::ctx(self.timeout), &ShutdownRequest::new())
-            .await
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                method: "Shutdown",
-                source,
-            })
+        self.call(
+            "Shutdown",
+            self.agent
+                .shutdown(Self::ctx(self.timeout), &ShutdownRequest::new()),
+        )
+        .await
+        .map(drop)
     }
 }
 
-/// Runs one RPC, naming it in the error.
-async fn call<T>(
-    method: &'static str,
-    rpc: impl Future<Output = ttrpc::Result<T>>,
-) -> Result<T, AgentError> {
-    rpc.await
-        .map_err(|source| AgentError::Rpc { method, source })
+/// Timing and metrics.
+impl AgentClient {
+    /// Runs one RPC, naming it in the error and recording its latency as Kata labels it
+    /// (`grpc.<Method>Request`).
+    async fn call<T>(
+        &self,
+        method: &'static str,
+        rpc: impl Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, AgentError> {
+        let started = Instant::now();
+        let result = rpc.await;
+        self.durations
+            .observe(&format!("grpc.{method}Request"), started.elapsed());
+        result.map_err(|source| AgentError::Rpc { method, source })
+    }
+
+    /// Latency of this client's calls, by method.
+    pub fn rpc_durations(&self) -> &kata_metrics::RpcDurations {
+        &self.durations
+    }
+
+    /// The agent's and the guest's metrics (Prometheus text) and the containers' usage,
+    /// within `timeout`.
+    pub async fn get_metrics(&self, timeout: Duration) -> Result<Metrics, AgentError> {
+        self.call(
+            "GetMetrics",
+            self.agent
+                .get_metrics(Self::ctx(timeout), &GetMetricsRequest::new()),
+        )
+        .await
+    }
 }
 
 /// The ContainerService: containers and processes in the guest.
@@ -291,13 +310,11 @@ impl AgentClient {
             ..Default::default()
         };
         let deadline = std::time::Duration::from_millis(timeout_ms.into()) + self.timeout;
-        self.agent
-            .online_resources(Self::ctx(deadline), &req)
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "OnlineResources",
-                source,
-            })
+        self.call(
+            "OnlineResources",
+            self.agent.online_resources(Self::ctx(deadline), &req),
+        )
+        .await
     }
 
     /// Gives the guest the pod's interfaces (by MAC), addresses, MTU and routes.
@@ -343,13 +360,11 @@ impl AgentClient {
                 .collect(),
             ..Default::default()
         };
-        self.agent
-            .configure_network(self.ctx_default(), &req)
-            .await
-            .map_err(|source| AgentError::Rpc {
-                method: "ConfigureNetwork",
-                source,
-            })?;
+        self.call(
+            "ConfigureNetwork",
+            self.agent.configure_network(self.ctx_default(), &req),
+        )
+        .await?;
         Ok(())
     }
 
@@ -369,11 +384,12 @@ impl AgentClient {
             sandbox,
             ..Default::default()
         };
-        let resp = call(
-            "CreateContainer",
-            self.containers.create_container(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "CreateContainer",
+                self.containers.create_container(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pid)
     }
 
@@ -383,7 +399,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "StartContainer",
             self.containers.start_container(self.ctx_default(), &req),
         )
@@ -406,7 +422,7 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        call(
+        self.call(
             "ExecProcess",
             self.containers.exec_process(self.ctx_default(), &req),
         )
@@ -425,11 +441,12 @@ impl AgentClient {
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
-        let resp = call(
-            "StartProcess",
-            self.containers.start_process(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "StartProcess",
+                self.containers.start_process(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pid)
     }
 
@@ -449,7 +466,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        call(
+        self.call(
             "SignalProcess",
             self.containers.signal_process(self.ctx_default(), &req),
         )
@@ -469,7 +486,7 @@ impl AgentClient {
             ..Default::default()
         };
         // A ttrpc timeout of 0 means none.
-        call(
+        self.call(
             "WaitProcess",
             self.containers
                 .wait_process(ttrpc::context::with_timeout(0), &req),
@@ -483,7 +500,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "RemoveContainer",
             self.containers.remove_container(self.ctx_default(), &req),
         )
@@ -497,11 +514,12 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let resp = call(
-            "ListPids",
-            self.containers.list_pids(self.ctx_default(), &req),
-        )
-        .await?;
+        let resp = self
+            .call(
+                "ListPids",
+                self.containers.list_pids(self.ctx_default(), &req),
+            )
+            .await?;
         Ok(resp.pids)
     }
 
@@ -520,7 +538,7 @@ impl AgentClient {
             columns,
             ..Default::default()
         };
-        call(
+        self.call(
             "ResizeTty",
             self.containers.resize_tty(self.ctx_default(), &req),
         )
@@ -535,7 +553,7 @@ impl AgentClient {
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "CloseStdin",
             self.containers.close_stdin(self.ctx_default(), &req),
         )
@@ -549,7 +567,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "PauseContainer",
             self.containers.pause_container(self.ctx_default(), &req),
         )
@@ -563,7 +581,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "ResumeContainer",
             self.containers.resume_container(self.ctx_default(), &req),
         )
@@ -582,7 +600,7 @@ impl AgentClient {
             resources,
             ..Default::default()
         };
-        call(
+        self.call(
             "UpdateContainer",
             self.containers.update_container(self.ctx_default(), &req),
         )
@@ -599,7 +617,7 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call(
+        self.call(
             "StatsContainer",
             self.containers.stats_container(self.ctx_default(), &req),
         )

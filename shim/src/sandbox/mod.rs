@@ -96,6 +96,8 @@ pub struct Sandbox {
     agent: AgentClient,
     endpoint: Endpoint,
     vm_pid: u32,
+    /// The VM's helper daemons as (name, pid), for metrics.
+    daemon_pids: Vec<(String, u32)>,
     vm: Mutex<Option<Vm>>,
     /// The VM's size and what the containers reserved of it.
     resources: Mutex<Ledger>,
@@ -397,6 +399,7 @@ impl Sandbox {
             agent,
             endpoint: vm.vsock_endpoint().clone(),
             vm_pid: vm.pid(),
+            daemon_pids: vm.daemon_pids(),
             exit_rx: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
             resources: Mutex::new(ledger),
@@ -487,6 +490,16 @@ impl Sandbox {
     /// QEMU's pid: the pid containerd sees for every task of the sandbox (as in Kata).
     pub fn vm_pid(&self) -> u32 {
         self.vm_pid
+    }
+
+    /// The VM's helper daemons (virtiofsd, the hybrid vsock daemon) as (name, pid).
+    pub fn daemon_pids(&self) -> &[(String, u32)] {
+        &self.daemon_pids
+    }
+
+    /// Where the host reaches the guest's vsock ports (the agent's URL).
+    pub fn vsock_endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Turns `Some` when QEMU has exited.

@@ -26,6 +26,7 @@ pub mod service;
 pub mod spec;
 
 use crate::config::options;
+use crate::monitor::ShimMonitor;
 use crate::sandbox::mounts;
 use crate::sandbox::{self, Sandbox};
 use container::{Container, ExitInfo, Process, Status};
@@ -48,6 +49,8 @@ pub struct TaskService {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// QEMU's pid, kept after the VM is gone so State still answers with it.
     vm_pid: AtomicU32,
+    /// The management server the sandbox is registered with once it runs.
+    monitor: Option<Arc<ShimMonitor>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -98,7 +101,14 @@ impl TaskService {
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             vm_pid: AtomicU32::new(0),
+            monitor: None,
         }
+    }
+
+    /// Registers each new sandbox with `monitor` (its management server).
+    pub fn with_monitor(mut self, monitor: Arc<ShimMonitor>) -> Self {
+        self.monitor = Some(monitor);
+        self
     }
 
     /// The pid containerd sees for every task (QEMU's, as in Kata).
@@ -217,10 +227,23 @@ impl TaskService {
         config
             .validate()
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
+        crate::logging::set_debug_switches(
+            config.runtime.enable_debug,
+            config.hypervisor.qemu.enable_debug,
+        );
         let netns = spec::network_namespace(spec);
         let sandbox = Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref()).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
+        if let Some(monitor) = &self.monitor {
+            // Metrics are not worth failing a pod for.
+            if let Err(error) = monitor
+                .register(sandbox.clone(), Path::new(&req.bundle))
+                .await
+            {
+                tracing::warn!(error = %crate::report::chain(&error), "management server not started");
+            }
+        }
         let this = Arc::downgrade(self);
         exits::watch_vm(sandbox.clone(), self.events.clone(), move || {
             this.upgrade().map(|s| s.containers()).unwrap_or_default()
@@ -488,6 +511,9 @@ impl TaskService {
         let sandbox = lock(&self.sandbox).clone();
         if let Some(sandbox) = sandbox {
             sandbox.teardown().await;
+            if let Some(monitor) = &self.monitor {
+                monitor.unregister().await;
+            }
         }
     }
 }
