@@ -68,12 +68,7 @@ impl Sink {
 }
 
 /// Writes lines in order; where numbers are missing, first a notice of how many.
-fn run(
-    rx: Receiver<Numbered>,
-    dropped: Arc<AtomicU64>,
-    mut write: WriteFn,
-    notice: NoticeFn,
-) {
+fn run(rx: Receiver<Numbered>, dropped: Arc<AtomicU64>, mut write: WriteFn, notice: NoticeFn) {
     let mut expected = 0;
     while let Ok((seq, line)) = rx.recv() {
         if seq > expected {
