@@ -30,10 +30,10 @@ pub const SHIM_AGENT_RPC_DURATIONS: &str = "kata_shim_agent_rpc_durations_histog
 pub const SHIM_POD_OVERHEAD_CPU: &str = "kata_shim_pod_overhead_cpu";
 /// `kata_shim_pod_overhead_memory_in_bytes`: host memory minus the containers' in the guest.
 pub const SHIM_POD_OVERHEAD_MEMORY: &str = "kata_shim_pod_overhead_memory_in_bytes";
-/// `kata_shim_agent_scrape_failed_count`: scrapes whose agent part failed or timed out.
-pub const SHIM_AGENT_SCRAPE_FAILED: &str = "kata_shim_agent_scrape_failed_count";
-/// `kata_shim_log_dropped_lines`: log lines dropped because a log reader stalled.
-pub const SHIM_LOG_DROPPED: &str = "kata_shim_log_dropped_lines";
+/// `kata_shim_agent_scrape_failures_total`: scrapes whose agent part failed or timed out.
+pub const SHIM_AGENT_SCRAPE_FAILED: &str = "kata_shim_agent_scrape_failures_total";
+/// `kata_shim_log_dropped_lines_total`: log lines dropped because a log reader stalled.
+pub const SHIM_LOG_DROPPED: &str = "kata_shim_log_dropped_lines_total";
 
 /// `kata_agent_scrape_count`: GetMetrics requests the agent answered.
 pub const AGENT_SCRAPE_COUNT: &str = "kata_agent_scrape_count";

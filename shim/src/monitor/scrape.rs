@@ -3,7 +3,7 @@
 //! The host side (the shim, QEMU and virtiofsd from `/proc`, on a blocking thread) and the
 //! agent's GetMetrics run at once, each with its own deadline. An agent that is dead, slow
 //! or answers nonsense costs its families and one count of
-//! `kata_shim_agent_scrape_failed_count`; the host side is always answered. What the guest
+//! `kata_shim_agent_scrape_failures_total`; the host side is always answered. What the guest
 //! sends is parsed and only its `kata_agent_*` / `kata_guest_*` families are kept, so a
 //! guest cannot forge host metrics or break the text format.
 
