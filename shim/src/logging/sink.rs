@@ -9,7 +9,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 /// Lines a sink queues before it drops.
-pub const QUEUE_LINES: usize = 4096;
+pub const QUEUE_LINES: usize = 1024;
 
 /// Writes one line; `Err` means the line is lost (counted, never retried).
 pub type WriteFn = Box<dyn FnMut(&[u8]) -> std::io::Result<()> + Send>;
@@ -162,7 +162,7 @@ mod tests {
         )
         .unwrap();
         let line = vec![b'x'; 1023];
-        // 40 MiB: far more than the pipe (64 KiB) and the queue (4096 lines) hold.
+        // 40 MiB: far more than the pipe (64 KiB) and the queue (1024 lines) hold.
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let s = sink.clone();
         std::thread::spawn(move || {
