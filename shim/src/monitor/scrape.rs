@@ -1,7 +1,7 @@
 //! One `/metrics` answer: read at the time of the request, bounded in time.
 //!
-//! The host side (the shim, QEMU and virtiofsd from `/proc`, on a blocking thread) and the
-//! agent's GetMetrics run at once, each with its own deadline. An agent that is dead, slow
+//! The agent's GetMetrics, then the host side (the shim, QEMU and virtiofsd from `/proc`,
+//! on a blocking thread), each with its own deadline. An agent that is dead, slow
 //! or answers nonsense costs its families and one count of
 //! `kata_shim_agent_scrape_failures_total`; the host side is always answered. What the guest
 //! sends is parsed and only its `kata_agent_*` / `kata_guest_*` families are kept, so a
@@ -99,7 +99,10 @@ pub async fn scrape(monitor: &ShimMonitor, sandbox: &Sandbox) -> String {
             }
         }
     };
-    let (host, agent) = tokio::join!(host, agent_side(sandbox));
+    // The agent first: the host side read after it includes what answering cost QEMU, so
+    // consecutive scrapes' overhead windows tile without gaps or overlaps.
+    let agent = agent_side(sandbox).await;
+    let host = host.await;
     let now = Instant::now();
 
     let mut out = Families::new();
