@@ -115,3 +115,44 @@ impl<T: Task + Send + Sync> Task for Timed<T> {
         self.time("shutdown", self.inner.shutdown(ctx, req)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Task service that answers nothing itself (every RPC: the trait's "not implemented").
+    struct Nothing;
+
+    #[async_trait]
+    impl Task for Nothing {}
+
+    #[tokio::test]
+    async fn every_rpc_is_timed_by_its_name_and_errors_pass_through() {
+        let durations = RpcDurations::shim_rpc();
+        let timed = Timed::new(Nothing, durations.clone());
+        let ctx = TtrpcContext {
+            mh: Default::default(),
+            metadata: Default::default(),
+            timeout_nano: 0,
+        };
+        assert!(timed.state(&ctx, StateRequest::default()).await.is_err());
+        assert!(timed
+            .create(&ctx, CreateTaskRequest::default())
+            .await
+            .is_err());
+        assert!(timed
+            .close_io(&ctx, CloseIORequest::default())
+            .await
+            .is_err());
+        let mut text = String::new();
+        kata_metrics::encode_into(&durations.families(), &mut text).unwrap();
+        for action in ["state", "create", "close_io"] {
+            assert!(
+                text.contains(&format!(
+                    "kata_shim_rpc_durations_histogram_milliseconds_count{{action=\"{action}\"}} 1\n"
+                )),
+                "{action}: {text}"
+            );
+        }
+    }
+}

@@ -125,7 +125,9 @@ fn run(env: &CriContainerd, pods: &mut Vec<Pod>) -> Result<()> {
         println!("shim_bytes {bytes}");
         let mon = KataMonitor::start(&env.ctd.socket());
         let (ms, b, z, n) = monitor_round(&mon, runs)?;
-        println!("monitor_ms_1 {ms:.1}\nmonitor_bytes_1 {b}\nmonitor_gzip_1 {z}\nmonitor_shims_1 {n}");
+        println!(
+            "monitor_ms_1 {ms:.1}\nmonitor_bytes_1 {b}\nmonitor_gzip_1 {z}\nmonitor_shims_1 {n}"
+        );
         monitor = Some(mon);
     }
     for i in 1..total {
