@@ -41,6 +41,8 @@ use crate::task::TaskService;
 
 /// The name containerd knows us by.
 pub const BINARY_NAME: &str = "containerd-shim-kata-v2";
+/// How long queued log lines get to be written before the process exits.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long queued events get to go out before the server exits.
 const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -106,7 +108,7 @@ pub fn main() -> i32 {
                 other => Err(BootstrapError::UnknownAction(other.to_owned())),
             }
         });
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             // In `start` stderr goes to containerd as the error text. A server that fails
@@ -120,7 +122,10 @@ pub fn main() -> i32 {
             }
             1
         }
-    }
+    };
+    // The log threads get a moment to write what is queued (not forever: a stalled reader).
+    crate::logging::flush(LOG_FLUSH_TIMEOUT);
+    code
 }
 
 /// The filesystem path of a `unix://` address.

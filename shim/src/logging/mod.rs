@@ -122,6 +122,15 @@ pub fn set_debug_switches(runtime: bool, console: bool) {
     }
 }
 
+/// Waits up to `timeout` for queued lines to be written: call it before the process exits.
+pub fn flush(timeout: std::time::Duration) {
+    if let Some(i) = INSTALLED.get() {
+        for sink in &i.sinks {
+            sink.flush(timeout);
+        }
+    }
+}
+
 /// Log lines dropped so far because a reader did not keep up (fifo or journal).
 pub fn dropped_lines() -> u64 {
     INSTALLED

@@ -26,6 +26,8 @@ pub struct Sink {
     /// around a non-blocking `try_send`, so the numbers follow the queue's order.
     tx: Arc<Mutex<(u64, SyncSender<Numbered>)>>,
     dropped: Arc<AtomicU64>,
+    /// Lines queued and not yet written (or given up).
+    pending: Arc<AtomicU64>,
 }
 
 impl Sink {
@@ -38,13 +40,15 @@ impl Sink {
     ) -> std::io::Result<Sink> {
         let (tx, rx) = sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
-        let counter = dropped.clone();
+        let pending = Arc::new(AtomicU64::new(0));
+        let (counter, left) = (dropped.clone(), pending.clone());
         std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || run(rx, counter, write, notice))?;
+            .spawn(move || run(rx, counter, left, write, notice))?;
         Ok(Sink {
             tx: Arc::new(Mutex::new((0, tx))),
             dropped,
+            pending,
         })
     }
 
@@ -53,12 +57,27 @@ impl Sink {
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let seq = tx.0;
         tx.0 += 1;
+        self.pending.fetch_add(1, Ordering::Relaxed);
         match tx.1.try_send((seq, line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Waits up to `timeout` for the queued lines to be written (before the process
+    /// exits); false if some are still waiting (a stalled reader).
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.pending.load(Ordering::Relaxed) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
     }
 
     /// Lines dropped so far (queue full or write failed).
@@ -68,7 +87,13 @@ impl Sink {
 }
 
 /// Writes lines in order; where numbers are missing, first a notice of how many.
-fn run(rx: Receiver<Numbered>, dropped: Arc<AtomicU64>, mut write: WriteFn, notice: NoticeFn) {
+fn run(
+    rx: Receiver<Numbered>,
+    dropped: Arc<AtomicU64>,
+    pending: Arc<AtomicU64>,
+    mut write: WriteFn,
+    notice: NoticeFn,
+) {
     let mut expected = 0;
     while let Ok((seq, line)) = rx.recv() {
         if seq > expected {
@@ -79,6 +104,7 @@ fn run(rx: Receiver<Numbered>, dropped: Arc<AtomicU64>, mut write: WriteFn, noti
         if write(&line).is_err() {
             dropped.fetch_add(1, Ordering::Relaxed);
         }
+        pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -134,6 +160,7 @@ mod tests {
         while got.lock().unwrap().len() < 5 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert!(sink.flush(Duration::from_secs(10)));
         assert_eq!(
             *got.lock().unwrap(),
             ["line 0", "line 1", "line 2", "dropped 7", "after"],
