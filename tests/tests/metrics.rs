@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::ShimInstall;
-use kata_tests::cri::{CriContainerd, OrPanic, Pod, BUSYBOX, KATA_HANDLER, POD_NAMESPACE};
+use kata_tests::cri::{
+    api, pod_config, with_network_mode, CriContainerd, Networking, OrPanic, Pod, BUSYBOX,
+    KATA_HANDLER, POD_NAMESPACE,
+};
 use kata_tests::metrics::{promtool_check, sample, shim_get, shim_socket, KataMonitor, Prometheus};
 use kata_tests::{assert_no_runtime_leaks, processes_naming, wait_until};
 
@@ -57,9 +60,10 @@ fn check_with_promtool(what: &str, text: &str) {
     assert!(unexpected.is_empty(), "promtool on {what}: {unexpected:#?}");
 }
 
-/// A kata pod named `name` with a busybox container sleeping in it.
+/// A kata pod named `name` on the CNI bridge, with a busybox container sleeping in it.
 fn pod_with_sleeper(env: &CriContainerd, name: &str) -> (Pod, String) {
-    let pod = env.client.run_pod(name, KATA_HANDLER).or_panic(env);
+    let config = with_network_mode(pod_config(name, name, None), api::NamespaceMode::Pod);
+    let pod = env.client.run_pod_with(config, KATA_HANDLER).or_panic(env);
     let c = env
         .client
         .create_container(&pod, "sleeper", BUSYBOX, &["sleep", "3600"], Vec::new())
@@ -163,7 +167,9 @@ fn check_shim(env: &CriContainerd, pod: &Pod) -> String {
         "kata_hypervisor_proc_status{item=\"vmrss\"}",
         "kata_hypervisor_proc_stat{item=\"stime\"}",
         "kata_hypervisor_io_stat{item=\"wchar\"}",
-        "kata_hypervisor_netdev{interface=\"lo\",item=\"recv_bytes\"}",
+        // The pod's network namespace: CNI's veth and the tap QEMU holds.
+        "kata_hypervisor_netdev{interface=\"eth0\",item=\"recv_bytes\"}",
+        "kata_hypervisor_netdev{interface=\"tap0_kata\",item=\"sent_bytes\"}",
         "kata_virtiofsd_threads ",
         "kata_virtiofsd_fds ",
         "kata_virtiofsd_proc_status{item=\"vmrss\"}",
@@ -269,7 +275,7 @@ fn labelled(name: &str, pod: &Pod) -> String {
 
 #[test]
 fn two_pods_through_kata_monitor_and_prometheus() {
-    let env = CriContainerd::start(Some(ShimInstall::new()));
+    let env = CriContainerd::start_with(Some(ShimInstall::new()), Networking::Cni);
     let suffix = std::process::id();
     let (a, _) = pod_with_sleeper(&env, &format!("metrics-a-{suffix}"));
     let (b, b_sleeper) = pod_with_sleeper(&env, &format!("metrics-b-{suffix}"));
@@ -297,6 +303,17 @@ fn two_pods_through_kata_monitor_and_prometheus() {
         assert!(text.contains(&labelled("kata_guest_meminfo", pod)));
     }
     assert!(value(&text, "kata_monitor_running_shim_count ") >= 2.0);
+    // For a reader of the test's output: what a labelled answer looks like.
+    for series in [
+        "kata_monitor_running_shim_count ",
+        &labelled("kata_hypervisor_proc_status", &a),
+        &labelled("kata_shim_pod_overhead_memory_in_bytes", &a),
+        &labelled("kata_guest_meminfo", &a),
+    ] {
+        if let Some(line) = text.lines().find(|l| l.starts_with(series)) {
+            eprintln!("kata-monitor: {line}");
+        }
+    }
     assert!(text.contains("kata_monitor_scrape_durations_histogram_milliseconds_bucket"));
     assert!(text.contains("kata_monitor_process_threads "));
     check_with_promtool("kata-monitor", &text);
@@ -527,6 +544,11 @@ fn pod_overhead_matches_the_tests_own_measurement() {
         .or_panic(&env);
     env.client.start_container(&c).or_panic(&env);
     let shim = shim_pid(&pod.id);
+    let first = shim_get(&shim_socket(&pod.id), "/metrics").unwrap().text();
+    assert!(
+        !first.contains("kata_hypervisor_netdev"),
+        "a host-network VM has no network device"
+    );
     let mut pids = vec![shim];
     pids.extend(children(shim));
     assert!(pids.len() >= 3, "shim, QEMU and virtiofsd: {pids:?}");

@@ -1,17 +1,21 @@
 //! One `/metrics` answer: read at the time of the request, bounded in time.
 //!
 //! The agent's GetMetrics, then the host side (the shim, QEMU and virtiofsd from `/proc`,
-//! on a blocking thread), each with its own deadline. An agent that is dead, slow
+//! the pod network namespace's devices as QEMU's, on a blocking thread), each with its own
+//! deadline. An agent that is dead, slow
 //! or answers nonsense costs its families and one count of
 //! `kata_shim_agent_scrape_failures_total`; the host side is always answered. What the guest
 //! sends is parsed and only its `kata_agent_*` / `kata_guest_*` families are kept, so a
 //! guest cannot forge host metrics or break the text format.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kata_metrics::names;
 use kata_metrics::process::{self, ProcessSample, Style};
 use kata_metrics::{Families, MetricFamily};
+use procfs::net::{DeviceStatus, InterfaceDeviceStatus};
 
 use super::overhead::{self, HostUsage};
 use super::ShimMonitor;
@@ -34,16 +38,33 @@ struct HostSide {
 }
 
 /// Reads `pid` if it is still our child (a recycled pid is someone else's process).
-fn read_child(pid: u32, netdev: bool) -> Option<ProcessSample> {
-    let sample = process::read(Some(i32::try_from(pid).ok()?), netdev).ok()?;
+fn read_child(pid: u32) -> Option<ProcessSample> {
+    let sample = process::read(Some(i32::try_from(pid).ok()?), false).ok()?;
     (u32::try_from(sample.stat.ppid).ok() == Some(std::process::id())).then_some(sample)
 }
 
-fn read_host(qemu: u32, daemons: Vec<(String, u32)>) -> HostSide {
+/// `net/dev` of the network namespace `netns`, read from a thread that enters it (and
+/// ends with it, so no pooled thread is left in the pod's namespace).
+fn netns_devices(netns: &Path) -> Option<BTreeMap<String, DeviceStatus>> {
+    use procfs::FromBufRead;
+    let file = std::fs::File::open(netns).ok()?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let dev = std::fs::File::open("/proc/thread-self/net/dev").ok()?;
+        InterfaceDeviceStatus::from_buf_read(std::io::BufReader::new(dev))
+            .ok()
+            .map(|d| d.0.into_iter().collect())
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+fn read_host(qemu: u32, daemons: Vec<(String, u32)>, netns: Option<PathBuf>) -> HostSide {
     let virtiofsd = daemons
         .iter()
         .find(|(name, _)| name == "virtiofsd")
-        .and_then(|(_, pid)| read_child(*pid, false));
+        .and_then(|(_, pid)| read_child(*pid));
     let mut pids: Vec<i32> = std::iter::once(qemu)
         .chain(daemons.iter().map(|(_, p)| *p))
         .chain(std::iter::once(std::process::id()))
@@ -52,7 +73,12 @@ fn read_host(qemu: u32, daemons: Vec<(String, u32)>) -> HostSide {
     pids.dedup();
     HostSide {
         shim: process::read(None, false).ok(),
-        qemu: read_child(qemu, true),
+        // QEMU's network devices are the pod's: the taps it holds live in the pod's
+        // namespace, next to CNI's interfaces (a host-network VM has none).
+        qemu: read_child(qemu).map(|mut q| {
+            q.netdev = netns.as_deref().and_then(netns_devices).unwrap_or_default();
+            q
+        }),
         virtiofsd,
         usage: overhead::host_usage(&pids),
     }
@@ -85,8 +111,9 @@ async fn agent_side(sandbox: &Sandbox) -> Result<AgentSide, String> {
 pub async fn scrape(monitor: &ShimMonitor, sandbox: &Sandbox) -> String {
     let qemu = sandbox.vm_pid();
     let daemons = sandbox.daemon_pids().to_vec();
+    let netns = sandbox.netns().map(Path::to_path_buf);
     let host = async {
-        let read = tokio::task::spawn_blocking(move || read_host(qemu, daemons));
+        let read = tokio::task::spawn_blocking(move || read_host(qemu, daemons, netns));
         match tokio::time::timeout(HOST_TIMEOUT, read).await {
             Ok(Ok(host)) => host,
             Ok(Err(error)) => {

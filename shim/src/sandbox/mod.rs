@@ -497,6 +497,11 @@ impl Sandbox {
         &self.daemon_pids
     }
 
+    /// The pod's network namespace (CNI's), when the sandbox has one.
+    pub fn netns(&self) -> Option<&Path> {
+        self.network.as_ref().map(|n| n.netns.as_path())
+    }
+
     /// Where the host reaches the guest's vsock ports (the agent's URL).
     pub fn vsock_endpoint(&self) -> &Endpoint {
         &self.endpoint
