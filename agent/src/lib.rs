@@ -13,6 +13,7 @@ pub mod files;
 pub mod guest;
 pub mod init;
 pub mod logging;
+pub mod metrics;
 pub mod modules;
 pub mod mounts;
 pub mod network;

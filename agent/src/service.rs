@@ -8,12 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
-    ListPidsRequest, ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse,
-    PauseContainerRequest, ReadFileRequest, ReadFileResponse, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StartProcessResponse, StatsContainerRequest,
-    StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    CreateContainerResponse, Empty, ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest,
+    GuestDetailsResponse, ListPidsRequest, ListPidsResponse, Metrics, OnlineResourcesRequest,
+    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, ReadFileResponse,
+    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StartProcessResponse,
+    StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -54,6 +55,9 @@ pub enum ServiceError {
     /// A container or process request failed.
     #[error(transparent)]
     Container(#[from] ContainerError),
+    /// GetMetrics failed.
+    #[error("metrics")]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -93,6 +97,7 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
+        | ServiceError::Metrics(_)
         | ServiceError::Join(_) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain(err)))
@@ -328,6 +333,17 @@ impl AgentService for Agent {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         self.schedule_shutdown();
         Ok(Empty::new())
+    }
+
+    async fn get_metrics(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetMetricsRequest,
+    ) -> ttrpc::Result<Metrics> {
+        match tokio::task::spawn_blocking(crate::metrics::answer).await {
+            Ok(answer) => answer.map_err(|e| log_failure("GetMetrics", e.into())),
+            Err(e) => Err(log_failure("GetMetrics", e.into())),
+        }
     }
 }
 

@@ -92,6 +92,7 @@ pub struct Qemu {
     pub vsock: String,
     /// The hybrid vsock backend daemon.
     pub vsock_daemon: PathBuf,
+    /// Guest kernel `debug` (instead of `quiet`) and every guest console line in the log.
     pub enable_debug: bool,
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set.
     pub enable_annotations: Vec<String>,
@@ -137,6 +138,7 @@ pub struct AgentSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Agent {
+    /// The agent logs at debug level (`agent.log=debug`).
     pub enable_debug: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
@@ -161,6 +163,7 @@ impl Default for Agent {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
+    /// The shim logs at debug level.
     pub enable_debug: bool,
     /// Kata's meaning: `true` puts the shim, QEMU and its daemons in the sandbox's host
     /// cgroup (`linux.cgroupsPath`); `false` only QEMU's vCPU threads, the rest in
@@ -402,10 +405,13 @@ impl Config {
     ) -> Result<VmConfig, ConfigError> {
         let q = &self.hypervisor.qemu;
         let (max_vcpus, max_memory_mib) = self.ceilings(host);
+        // Kata's debug kernel parameter wins over the default `quiet` (it comes later);
+        // the configured parameters come after it and win over both.
         let mut kernel_params: Vec<String> = q
-            .kernel_params
-            .split_whitespace()
-            .map(str::to_owned)
+            .enable_debug
+            .then(|| "debug".to_owned())
+            .into_iter()
+            .chain(q.kernel_params.split_whitespace().map(str::to_owned))
             .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
@@ -664,6 +670,29 @@ mod tests {
             .unwrap();
         assert_eq!((vm.max_vcpus, vm.max_memory_mib), (1, 4096));
         assert_eq!(vm.seccomp_sandbox, DEFAULT_SECCOMP_SANDBOX);
+    }
+
+    #[test]
+    fn debug_switches_reach_the_guest_command_line() {
+        let host = HostLimits {
+            cpus: 2,
+            memory_mib: 4096,
+        };
+        let vm = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+                .unwrap()
+                .kernel_params
+        };
+        assert!(vm("").is_empty());
+        assert_eq!(
+            vm("[hypervisor.qemu]\nenable_debug = true\nkernel_params = \"loglevel=3\""),
+            ["debug", "loglevel=3"]
+        );
+        assert_eq!(vm("[agent.kata]\nenable_debug = true"), ["agent.log=debug"]);
+        let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
+        assert!(c.runtime.enable_debug);
     }
 
     #[test]

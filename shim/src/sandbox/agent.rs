@@ -14,11 +14,12 @@ use tokio::sync::watch;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, OnlineResourcesRequest,
-    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StatsContainerRequest, StatsContainerResponse,
-    Stdio, Storage, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, Metrics,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StatsContainerRequest,
+    StatsContainerResponse, Stdio, Storage, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
@@ -112,6 +113,8 @@ pub struct AgentClient {
     timeout: Duration,
     /// Set when the sandbox goes down: pending and later calls fail at once with it.
     down: Option<DownReason>,
+    /// Latency of every call, by method (`kata_shim_agent_rpc_durations_*`).
+    durations: kata_metrics::RpcDurations,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -198,6 +201,7 @@ impl AgentClient {
             containers: ContainerServiceClient::new(client),
             timeout,
             down: None,
+            durations: kata_metrics::RpcDurations::agent_rpc(),
         }
     }
 
@@ -256,8 +260,16 @@ impl AgentClient {
         method: &'static str,
         rpc: impl Future<Output = ttrpc::Result<T>>,
     ) -> Result<T, AgentError> {
+        // Latency as Kata labels it (`grpc.<Method>Request`).
+        let started = Instant::now();
+        let timed = async {
+            let result = rpc.await;
+            self.durations
+                .observe(&format!("grpc.{method}Request"), started.elapsed());
+            result
+        };
         let Some(down) = &self.down else {
-            return rpc
+            return timed
                 .await
                 .map_err(|source| AgentError::Rpc { method, source });
         };
@@ -270,7 +282,7 @@ impl AgentClient {
             return Err(gone(reason));
         }
         tokio::select! {
-            result = rpc => result.map_err(|source| AgentError::Rpc { method, source }),
+            result = timed => result.map_err(|source| AgentError::Rpc { method, source }),
             reason = down.wait_for(Option::is_some) => match reason {
                 Ok(reason) => Err(gone(reason.as_ref().expect("waited for Some"))),
                 // The sandbox is gone altogether.
@@ -379,6 +391,25 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+}
+
+/// Metrics.
+impl AgentClient {
+    /// Latency of this client's calls, by method.
+    pub fn rpc_durations(&self) -> &kata_metrics::RpcDurations {
+        &self.durations
+    }
+
+    /// The agent's and the guest's metrics (Prometheus text) and the containers' usage,
+    /// within `timeout`.
+    pub async fn get_metrics(&self, timeout: Duration) -> Result<Metrics, AgentError> {
+        self.call(
+            "GetMetrics",
+            self.agent
+                .get_metrics(Self::ctx(timeout), &GetMetricsRequest::new()),
+        )
+        .await
     }
 }
 

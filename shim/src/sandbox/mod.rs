@@ -429,6 +429,21 @@ impl Sandbox {
         self.fencer.fence(fault).await;
     }
 
+    /// The VM's helper daemons (virtiofsd, the hybrid vsock daemon) as (name, pid).
+    pub fn daemon_pids(&self) -> Vec<(String, u32)> {
+        self.vm.daemon_pids()
+    }
+
+    /// The pod's network namespace (CNI's), when the sandbox has one.
+    pub fn netns(&self) -> Option<&Path> {
+        self.network.as_ref().map(|n| n.netns.as_path())
+    }
+
+    /// Where the host reaches the guest's vsock ports (the agent's URL).
+    pub fn vsock_endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Whether [`Sandbox::teardown`] has begun (a VM exit is then expected).
     pub fn is_stopping(&self) -> bool {
         self.fencer.is_stopping()

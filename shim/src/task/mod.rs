@@ -26,6 +26,7 @@ pub mod service;
 pub mod spec;
 
 use crate::config::options;
+use crate::monitor::ShimMonitor;
 use crate::sandbox::health::Fault;
 use crate::sandbox::mounts;
 use crate::sandbox::{self, Sandbox};
@@ -53,6 +54,8 @@ pub struct TaskService {
     vm_pid: AtomicU32,
     /// `[runtime] disable_guest_seccomp` of the sandbox's configuration.
     disable_guest_seccomp: AtomicBool,
+    /// The management server the sandbox is registered with once it runs.
+    monitor: Option<Arc<ShimMonitor>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -104,7 +107,14 @@ impl TaskService {
             containers: Mutex::new(HashMap::new()),
             vm_pid: AtomicU32::new(0),
             disable_guest_seccomp: AtomicBool::new(false),
+            monitor: None,
         }
+    }
+
+    /// Registers each new sandbox with `monitor` (its management server).
+    pub fn with_monitor(mut self, monitor: Arc<ShimMonitor>) -> Self {
+        self.monitor = Some(monitor);
+        self
     }
 
     /// The pid containerd sees for every task (QEMU's, as in Kata).
@@ -250,6 +260,10 @@ impl TaskService {
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
         self.disable_guest_seccomp
             .store(config.runtime.disable_guest_seccomp, Ordering::SeqCst);
+        crate::logging::set_debug_switches(
+            config.runtime.enable_debug,
+            config.hypervisor.qemu.enable_debug,
+        );
         let netns = spec::network_namespace(spec);
         let host = sandbox::HostPlacement {
             cgroups_path: spec
@@ -264,6 +278,15 @@ impl TaskService {
             Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref(), &host).await?);
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
+        if let Some(monitor) = &self.monitor {
+            // Metrics are not worth failing a pod for.
+            if let Err(error) = monitor
+                .register(sandbox.clone(), Path::new(&req.bundle))
+                .await
+            {
+                tracing::warn!(error = %crate::report::chain(&error), "management server not started");
+            }
+        }
         let this = Arc::downgrade(self);
         exits::watch_sandbox(sandbox.clone(), self.events.clone(), move || {
             this.upgrade().map(|s| s.containers()).unwrap_or_default()
@@ -542,6 +565,9 @@ impl TaskService {
         let sandbox = lock(&self.sandbox).clone();
         if let Some(sandbox) = sandbox {
             sandbox.teardown().await;
+            if let Some(monitor) = &self.monitor {
+                monitor.unregister().await;
+            }
         }
     }
 }
