@@ -164,13 +164,46 @@ impl AgentClient {
         dial_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Self, AgentError> {
-        let port = kata_proto::AGENT_VSOCK_PORT;
         let deadline = Instant::now() + dial_timeout;
         wait_for_ready_marker(vm, deadline).await;
+        let dial = |port, remaining| vm.connect(port, remaining);
+        Self::dial_until_serving(dial, deadline, dial_timeout, request_timeout).await
+    }
+
+    /// Dials the agent at `endpoint` (a remote VM's agent socket: no console to watch, no
+    /// daemons to race) and waits until it reports SERVING.
+    pub async fn connect_endpoint(
+        endpoint: &kata_hypervisor::vsock::Endpoint,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let deadline = Instant::now() + dial_timeout;
+        let dial = |port, remaining| async move {
+            endpoint.connect(port, remaining).await.map_err(|source| {
+                kata_hypervisor::Error::Connect {
+                    port,
+                    source,
+                    console_tail: Vec::new(),
+                }
+            })
+        };
+        Self::dial_until_serving(dial, deadline, dial_timeout, request_timeout).await
+    }
+
+    async fn dial_until_serving<D, F>(
+        dial: D,
+        deadline: Instant,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, AgentError>
+    where
+        D: Fn(u32, Duration) -> F,
+        F: Future<Output = Result<kata_hypervisor::VsockStream, kata_hypervisor::Error>>,
+    {
+        let port = kata_proto::AGENT_VSOCK_PORT;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let stream = vm
-                .connect(port, remaining)
+            let stream = dial(port, remaining)
                 .await
                 .map_err(|source| AgentError::Dial { port, source })?;
             let client = Client::new(Socket::new(stream));
@@ -232,14 +265,21 @@ impl AgentClient {
     /// main connection never hides (or fakes) the agent's liveness.
     pub async fn probe_connection(
         &self,
-        vm: &Vm,
+        endpoint: &kata_hypervisor::vsock::Endpoint,
         dial_timeout: Duration,
     ) -> Result<Self, AgentError> {
         let port = kata_proto::AGENT_VSOCK_PORT;
-        let stream = vm
+        let stream = endpoint
             .connect(port, dial_timeout)
             .await
-            .map_err(|source| AgentError::Dial { port, source })?;
+            .map_err(|source| AgentError::Dial {
+                port,
+                source: kata_hypervisor::Error::Connect {
+                    port,
+                    source,
+                    console_tail: Vec::new(),
+                },
+            })?;
         Ok(Self::over(Client::new(Socket::new(stream)), self.timeout))
     }
 

@@ -143,7 +143,9 @@ fn gone() -> ResourceError {
 
 impl Resources {
     /// Starts the task for `vm`, whose agent is `agent`; it ends with the last handle.
-    pub fn start(ledger: Ledger, vm: Arc<Vm>, agent: AgentClient) -> Self {
+    /// Without a local VM (peer pods) nothing can be hot-added: a container must fit in
+    /// the VM as it was sized.
+    pub fn start(ledger: Ledger, vm: Option<Arc<Vm>>, agent: AgentClient) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(ledger, vm, agent, rx));
         Self { tx }
@@ -197,18 +199,32 @@ impl Resources {
 /// The task: answers requests one at a time.
 async fn run(
     mut ledger: Ledger,
-    vm: Arc<Vm>,
+    vm: Option<Arc<Vm>>,
     agent: AgentClient,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) {
     while let Some(request) = rx.recv().await {
         match request {
             Request::Reserve { id, change, reply } => {
-                let limits = match change {
-                    Change::Set(limits) => limits,
-                    Change::Update(r) => resources::updated(ledger.reserved(&id), &r),
+                let old = ledger.reserved(&id);
+                let (limits, update) = match change {
+                    Change::Set(limits) => (limits, false),
+                    Change::Update(r) => (resources::updated(old, &r), true),
                 };
-                let result = reserve(&mut ledger, &vm, &agent, &id, limits).await;
+                // A VM that cannot be hot-plugged was sized for the pod: an Update may
+                // not ask for more than the container had.
+                let result = if update
+                    && vm.is_none()
+                    && (limits.memory_bytes > old.memory_bytes || limits.vcpus > old.vcpus)
+                {
+                    Err(ResourceError::NoHotplug {
+                        container: id.clone(),
+                        memory_mib: limits.memory_bytes.saturating_sub(old.memory_bytes) >> 20,
+                        vcpus: limits.vcpus.saturating_sub(old.vcpus),
+                    })
+                } else {
+                    reserve(&mut ledger, vm.as_deref(), &agent, &id, limits).await
+                };
                 let _ = reply.send(result);
             }
             Request::Reserved { id, reply } => {
@@ -221,13 +237,20 @@ async fn run(
 
 async fn reserve(
     ledger: &mut Ledger,
-    vm: &Vm,
+    vm: Option<&Vm>,
     agent: &AgentClient,
     id: &str,
     limits: Limits,
 ) -> Result<(), ResourceError> {
     let plan = ledger.plan(id, limits)?;
     if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 || ledger.unconfirmed() {
+        let Some(vm) = vm else {
+            return Err(ResourceError::NoHotplug {
+                container: id.to_owned(),
+                memory_mib: plan.add_memory_bytes >> 20,
+                vcpus: plan.add_vcpus,
+            });
+        };
         let started = std::time::Instant::now();
         if plan.add_memory_bytes > 0 {
             plug_memory(vm, ledger.dimms, plan.add_memory_bytes).await?;

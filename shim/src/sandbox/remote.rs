@@ -71,6 +71,8 @@ pub struct RemoteVm {
     pub socket: PathBuf,
     /// Where the VM's agent is reached (hybrid-vsock handshake).
     pub agent_socket: PathBuf,
+    /// True once StopVM succeeded.
+    stopped: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for RemoteVm {
@@ -131,6 +133,7 @@ impl RemoteVm {
             id: id.to_owned(),
             socket: socket.to_path_buf(),
             agent_socket: PathBuf::from(&created.agentSocketPath),
+            stopped: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
         };
         let req = StartVMRequest {
             id: id.to_owned(),
@@ -155,7 +158,14 @@ impl RemoteVm {
 
     /// StopVM: the adaptor deletes the instance and everything it made for the pod.
     pub async fn stop(&self) -> Result<(), RemoteError> {
-        stop_vm(&self.client, &self.id).await
+        stop_vm(&self.client, &self.id).await?;
+        self.stopped.send_replace(true);
+        Ok(())
+    }
+
+    /// Turns true once StopVM succeeded.
+    pub fn stopped_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopped.subscribe()
     }
 }
 

@@ -249,12 +249,20 @@ impl TaskService {
         let config = sandbox::load_config(config_path).await?;
         let no_annotations = std::collections::HashMap::new();
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
-        let config = crate::config::annotations::apply(
-            &config,
-            annotations,
-            crate::config::HostLimits::detect(),
-        )
-        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        // A remote VM's sizing goes to the adaptor; a local one is sized here.
+        let (config, vm_annotations) = if config.hypervisor.remote.is_some() {
+            let vm = crate::config::annotations::remote_vm_annotations(&config, annotations)
+                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            (config, vm)
+        } else {
+            let config = crate::config::annotations::apply(
+                &config,
+                annotations,
+                crate::config::HostLimits::detect(),
+            )
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            (config, std::collections::HashMap::new())
+        };
         config
             .validate()
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
@@ -274,8 +282,9 @@ impl TaskService {
                 .filter(|p| !p.is_empty()),
             oom_score_adj: spec.process().as_ref().and_then(|p| p.oom_score_adj()),
         };
-        let sandbox =
-            Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref(), &host).await?);
+        let sandbox = Arc::new(
+            Sandbox::create(sandbox_id, &config, netns.as_deref(), &host, vm_annotations).await?,
+        );
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
         if let Some(monitor) = &self.monitor {
