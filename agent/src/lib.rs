@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod copy;
 pub mod files;
 pub mod guest;
 pub mod init;

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kata_proto::agent::{
-    AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest,
-    GuestDetailsResponse, ListPidsRequest, ListPidsResponse, Metrics, OnlineResourcesRequest,
-    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, ReadFileResponse,
-    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StartProcessResponse,
-    StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CopyFileRequest,
+    CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest, GetMetricsRequest,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, ListPidsResponse, Metrics,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
+    StartProcessResponse, StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -58,6 +58,9 @@ pub enum ServiceError {
     /// GetMetrics failed.
     #[error("metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// CopyFile failed.
+    #[error("copy file")]
+    Copy(#[from] crate::copy::CopyError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -74,6 +77,7 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             Code::INVALID_ARGUMENT
         }
         ServiceError::File(FileError::NotFound(_)) => Code::NOT_FOUND,
+        ServiceError::Copy(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
         ServiceError::Container(e) => match e {
             ContainerError::Spec(_)
             | ContainerError::BadId { .. }
@@ -98,6 +102,7 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
         | ServiceError::Metrics(_)
+        | ServiceError::Copy(_)
         | ServiceError::Join(_) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain(err)))
@@ -297,6 +302,31 @@ impl AgentService for Agent {
         let mut resp = ReadFileResponse::new();
         resp.data = data;
         Ok(resp)
+    }
+
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<Empty> {
+        use kata_proto::agent::FileKind;
+        let kind = match req.kind.enum_value_or_default() {
+            FileKind::REGULAR => crate::copy::Kind::File,
+            FileKind::DIRECTORY => crate::copy::Kind::Dir,
+            FileKind::SYMLINK => crate::copy::Kind::Symlink,
+        };
+        let copy = crate::copy::Copy {
+            path: req.path,
+            kind,
+            mode: req.mode,
+            uid: req.uid,
+            gid: req.gid,
+            data: req.data,
+            offset: req.offset,
+            last: req.last,
+            target: req.symlink_target,
+        };
+        let base = self.opts.base_dir.join("shared/containers");
+        crate::copy::copy_file(&base, copy)
+            .await
+            .map_err(|e| log_failure("CopyFile", e.into()))?;
+        Ok(Empty::new())
     }
 
     async fn get_guest_details(

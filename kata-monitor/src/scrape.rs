@@ -216,6 +216,14 @@ mod tests {
         fake_shim(&root, "pod-b", Some(body));
         fake_shim(&root, "pod-c", Some("not metrics at all\n"));
         fake_shim(&root, "pod-d", None);
+        // A killed shim's socket before the cleanup removes it: connections are refused.
+        std::fs::create_dir_all(root.join("pod-dead")).unwrap();
+        drop(
+            std::os::unix::net::UnixListener::bind(
+                root.join("pod-dead").join(names::MANAGEMENT_SOCKET),
+            )
+            .unwrap(),
+        );
         std::fs::create_dir_all(root.join("pod-no-socket")).unwrap();
         let sandboxes = Sandboxes::new(vec![root]);
         sandboxes.scan().await;
@@ -228,13 +236,13 @@ mod tests {
         let mut text = String::new();
         kata_metrics::encode_into(&families, &mut text).unwrap();
         assert!(
-            text.contains("kata_monitor_running_shim_count 4\n"),
+            text.contains("kata_monitor_running_shim_count 5\n"),
             "{text}"
         );
         assert!(text.contains("kata_monitor_scrape_count 1\n"), "{text}");
-        // pod-c answered garbage, pod-d nothing within the deadline.
+        // pod-c answered garbage, pod-d nothing within the deadline, pod-dead refused.
         assert!(
-            text.contains("kata_monitor_scrape_failed_count 2\n"),
+            text.contains("kata_monitor_scrape_failed_count 3\n"),
             "{text}"
         );
         assert!(text.contains(
