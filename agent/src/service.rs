@@ -8,12 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
-    ListPidsRequest, ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse,
-    PauseContainerRequest, ReadFileRequest, ReadFileResponse, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StartProcessResponse, StatsContainerRequest,
-    StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    CreateContainerResponse, Empty, ExecProcessRequest, GetOOMEventsRequest, GetOOMEventsResponse,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, ListPidsResponse,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
+    StartProcessResponse, StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -54,6 +55,9 @@ pub enum ServiceError {
     /// A container or process request failed.
     #[error(transparent)]
     Container(#[from] ContainerError),
+    /// GetOOMEvents was refused.
+    #[error("OOM events")]
+    Oom(#[from] crate::oom::OomError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -90,6 +94,8 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
         ServiceError::Network(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
         ServiceError::Network(crate::network::NetworkError::NoNic { .. }) => Code::NOT_FOUND,
         ServiceError::Network(_) => Code::INTERNAL,
+        ServiceError::Oom(crate::oom::OomError::Cursor { .. }) => Code::INVALID_ARGUMENT,
+        ServiceError::Oom(_) => Code::INTERNAL,
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
@@ -420,6 +426,7 @@ impl ContainerService for Agent {
         Ok(WaitProcessResponse {
             status: f.status,
             oom_killed: f.oom_killed,
+            oom_kills: f.oom_kills,
             ..Default::default()
         })
     }
@@ -515,6 +522,31 @@ impl ContainerService for Agent {
             .stats(&req.container_id)
             .await
             .map_err(|e| container_failure("StatsContainer", e))
+    }
+
+    async fn get_oom_events(
+        &self,
+        _ctx: &TtrpcContext,
+        req: GetOOMEventsRequest,
+    ) -> ttrpc::Result<GetOOMEventsResponse> {
+        let (seq, changed) = self
+            .containers
+            .oom()
+            .changes_after(req.after)
+            .await
+            .map_err(|e| log_failure("GetOOMEvents", e.into()))?;
+        Ok(GetOOMEventsResponse {
+            events: changed
+                .into_iter()
+                .map(|(container_id, oom_kills)| kata_proto::agent::OOMEvent {
+                    container_id,
+                    oom_kills,
+                    ..Default::default()
+                })
+                .collect(),
+            seq,
+            ..Default::default()
+        })
     }
 }
 
