@@ -8,13 +8,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, GetOOMEventsRequest, GetOOMEventsResponse,
-    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, ListPidsResponse,
-    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
-    ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
-    StartProcessResponse, StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    CreateContainerResponse, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ListPidsRequest, ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse,
+    PauseContainerRequest, ReadFileRequest, ReadFileResponse, RemoveContainerRequest,
+    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StartProcessRequest, StartProcessResponse, StatsContainerRequest,
+    StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -527,15 +526,15 @@ impl ContainerService for Agent {
     async fn get_oom_events(
         &self,
         _ctx: &TtrpcContext,
-        req: GetOOMEventsRequest,
-    ) -> ttrpc::Result<GetOOMEventsResponse> {
+        req: kata_proto::agent::GetOOMEventsRequest,
+    ) -> ttrpc::Result<kata_proto::agent::GetOOMEventsResponse> {
         let (seq, changed) = self
             .containers
             .oom()
             .changes_after(req.after)
             .await
             .map_err(|e| log_failure("GetOOMEvents", e.into()))?;
-        Ok(GetOOMEventsResponse {
+        Ok(kata_proto::agent::GetOOMEventsResponse {
             events: changed
                 .into_iter()
                 .map(|(container_id, oom_kills)| kata_proto::agent::OOMEvent {
@@ -578,6 +577,11 @@ mod tests {
         );
         let io = std::io::Error::other("boom");
         assert_eq!(code(StorageError::MountInfo(io).into()), Code::INTERNAL);
+        let cursor = crate::oom::OomError::Cursor {
+            after: 5,
+            current: 0,
+        };
+        assert_eq!(code(cursor.into()), Code::INVALID_ARGUMENT);
     }
 
     #[test]

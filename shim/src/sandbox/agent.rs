@@ -15,12 +15,11 @@ use tokio::sync::watch;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GetOOMEventsRequest, GetOOMEventsResponse, GuestDetailsRequest, GuestDetailsResponse,
-    ListPidsRequest, OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest,
-    ReadFileRequest, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
-    StatsContainerRequest, StatsContainerResponse, Stdio, Storage, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, OnlineResourcesRequest,
+    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, RemoveContainerRequest,
+    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StartProcessRequest, StatsContainerRequest, StatsContainerResponse,
+    Stdio, Storage, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
@@ -741,8 +740,11 @@ impl AgentClient {
     /// Waits, without a timeout, until some container's cgroup counted an OOM kill after
     /// the answer numbered `after` (0 at first); returns the containers whose count grew,
     /// with their count now, and the number to pass next.
-    pub async fn get_oom_events(&self, after: u64) -> Result<GetOOMEventsResponse, AgentError> {
-        let req = GetOOMEventsRequest {
+    pub async fn get_oom_events(
+        &self,
+        after: u64,
+    ) -> Result<kata_proto::agent::GetOOMEventsResponse, AgentError> {
+        let req = kata_proto::agent::GetOOMEventsRequest {
             after,
             ..Default::default()
         };
