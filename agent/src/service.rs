@@ -61,6 +61,9 @@ pub enum ServiceError {
     /// CopyFile failed.
     #[error("copy file")]
     Copy(#[from] crate::copy::CopyError),
+    /// GetOOMEvents was refused.
+    #[error("OOM events")]
+    Oom(#[from] crate::oom::OomError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -98,6 +101,8 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
         ServiceError::Network(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
         ServiceError::Network(crate::network::NetworkError::NoNic { .. }) => Code::NOT_FOUND,
         ServiceError::Network(_) => Code::INTERNAL,
+        ServiceError::Oom(crate::oom::OomError::Cursor { .. }) => Code::INVALID_ARGUMENT,
+        ServiceError::Oom(_) => Code::INTERNAL,
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
@@ -466,6 +471,7 @@ impl ContainerService for Agent {
         Ok(WaitProcessResponse {
             status: f.status,
             oom_killed: f.oom_killed,
+            oom_kills: f.oom_kills,
             ..Default::default()
         })
     }
@@ -562,6 +568,31 @@ impl ContainerService for Agent {
             .await
             .map_err(|e| container_failure("StatsContainer", e))
     }
+
+    async fn get_oom_events(
+        &self,
+        _ctx: &TtrpcContext,
+        req: kata_proto::agent::GetOOMEventsRequest,
+    ) -> ttrpc::Result<kata_proto::agent::GetOOMEventsResponse> {
+        let (seq, changed) = self
+            .containers
+            .oom()
+            .changes_after(req.after)
+            .await
+            .map_err(|e| log_failure("GetOOMEvents", e.into()))?;
+        Ok(kata_proto::agent::GetOOMEventsResponse {
+            events: changed
+                .into_iter()
+                .map(|(container_id, oom_kills)| kata_proto::agent::OOMEvent {
+                    container_id,
+                    oom_kills,
+                    ..Default::default()
+                })
+                .collect(),
+            seq,
+            ..Default::default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -592,6 +623,11 @@ mod tests {
         );
         let io = std::io::Error::other("boom");
         assert_eq!(code(StorageError::MountInfo(io).into()), Code::INTERNAL);
+        let cursor = crate::oom::OomError::Cursor {
+            after: 5,
+            current: 0,
+        };
+        assert_eq!(code(cursor.into()), Code::INVALID_ARGUMENT);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! [`AgentClient::connect`] dials the agent's vsock port through the VM (vhost-vsock or
 //! hybrid vsock, hidden by [`kata_hypervisor::Vm::connect`]) and waits until the agent
 //! answers a health check. Every later call carries a timeout, so a wedged guest turns into
-//! an error instead of a hung shim; only [`AgentClient::wait_process`] has none, because a
-//! process may run for as long as it likes.
+//! an error instead of a hung shim; only [`AgentClient::wait_process`] and
+//! [`AgentClient::get_oom_events`] have none, because a process may run (and a container
+//! go without an OOM kill) for as long as it likes.
 
 use std::time::{Duration, Instant};
 
@@ -805,6 +806,45 @@ impl AgentClient {
             self.containers.stats_container(self.ctx_default(), &req),
         )
         .await
+    }
+
+    /// Waits, without a timeout, until some container's cgroup counted an OOM kill after
+    /// the answer numbered `after` (0 at first); returns the containers whose count grew,
+    /// with their count now, and the number to pass next.
+    pub async fn get_oom_events(
+        &self,
+        after: u64,
+    ) -> Result<kata_proto::agent::GetOOMEventsResponse, AgentError> {
+        let req = kata_proto::agent::GetOOMEventsRequest {
+            after,
+            ..Default::default()
+        };
+        const METHOD: &str = "GetOOMEvents";
+        // A ttrpc timeout of 0 means none.
+        let resp = self
+            .call(
+                METHOD,
+                self.containers
+                    .get_oom_events(ttrpc::context::with_timeout(0), &req),
+            )
+            .await?;
+        let malformed = |what: String| AgentError::Malformed {
+            method: METHOD,
+            what,
+        };
+        if resp.seq <= after {
+            return Err(malformed(format!(
+                "sequence number {} (expected more than {after})",
+                resp.seq
+            )));
+        }
+        if resp.events.is_empty() {
+            return Err(malformed("no event".into()));
+        }
+        if resp.events.iter().any(|e| e.container_id.is_empty()) {
+            return Err(malformed("an event without a container id".into()));
+        }
+        Ok(resp)
     }
 }
 

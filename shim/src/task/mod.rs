@@ -22,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod exits;
 pub mod io;
+pub mod oom;
 pub mod service;
 pub mod spec;
 
@@ -299,6 +300,10 @@ impl TaskService {
         let this = Arc::downgrade(self);
         exits::watch_sandbox(sandbox.clone(), self.events.clone(), move || {
             this.upgrade().map(|s| s.containers()).unwrap_or_default()
+        });
+        let this = Arc::downgrade(self);
+        oom::watch(sandbox.clone(), self.events.clone(), move |id| {
+            this.upgrade().and_then(|s| s.container(id).ok())
         });
         Ok(sandbox)
     }
