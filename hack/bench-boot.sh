@@ -30,7 +30,7 @@ hack/build-guest.sh >/dev/null
 if [[ -n $need_debian ]]; then
   GUEST_BUILD_DIR=$repo/build/guest-debian hack/build-guest.sh --kernel debian >/dev/null
 fi
-cargo build --quiet --release -p kata-shim --bin kata-ctl
+cargo build --quiet --release -p kata-ctl
 bench=build/bench
 mkdir -p "$bench"
 

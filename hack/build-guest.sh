@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the guest: a kernel and the root filesystem whose /init is kata-agent.
 #
-# Usage: hack/build-guest.sh [--kernel kata|debian] [--install] [--force]
+# Usage: hack/build-guest.sh [--kernel kata|debian] [--install] [--force] [--root DIR] [--no-build]
 #   --kernel kata    (the default) our kernel, built from Debian's linux-source-6.1:
 #                    tinyconfig plus hack/guest/kernel.fragment, no modules, no debug info,
 #                    booted directly as an uncompressed vmlinux (PVH). Root filesystem:
@@ -12,9 +12,13 @@
 #                    the agent loads at boot; kept for comparison.
 #   --install        also copy to /usr/share/kata-containers (kata: vmlinux.container,
 #                    kata-containers.img, kata-containers-initrd.img; debian:
-#                    vmlinuz.container, kata-containers-initrd.img)
+#                    vmlinuz.container, kata-containers-initrd.img; hack/uninstall.sh
+#                    removes them)
 #   --force          rebuild the image even if its inputs did not change (a cached kernel
 #                    is reused: remove its directory under KERNEL_CACHE_DIR to rebuild it)
+#   --root DIR       install under DIR as if it were / (a staging or test root)
+#   --no-build       install the guest already built in the output directory, without
+#                    building (the flavour recorded there unless --kernel says otherwise)
 # Environment:
 #   GUEST_BUILD_DIR   output directory (default <repo>/build/guest)
 #   GUEST_KERNEL      kata | debian: the default of --kernel
@@ -31,23 +35,30 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${GUEST_BUILD_DIR:-$repo/build/guest}
-flavour=${GUEST_KERNEL:-kata}
+flavour=${GUEST_KERNEL:-}
 meta_pkg=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
 cache=${KERNEL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kata-rs/guest-kernel}
 fragment=$repo/hack/guest/kernel.fragment
 src_pkg=linux-source-6.1
 # Bump when the kernel recipe below changes in a way the key does not see.
 KERNEL_RECIPE=1
-install=0 force=0
+install=0 force=0 build=1 dest_root=''
 while [[ $# -gt 0 ]]; do
   case $1 in
     --kernel) flavour=${2:-}; shift 2 || { echo "build-guest: --kernel needs kata or debian" >&2; exit 2; } ;;
     --kernel=*) flavour=${1#--kernel=}; shift ;;
     --install) install=1; shift ;;
     --force) force=1; shift ;;
-    *) echo "build-guest: unknown argument '$1' (expected --kernel kata|debian, --install or --force)" >&2; exit 2 ;;
+    --no-build) build=0; shift ;;
+    --root) dest_root=${2:?--root needs a directory}; dest_root=${dest_root%/}; shift 2 ;;
+    *) echo "build-guest: unknown argument '$1' (expected --kernel kata|debian, --install, --force, --root DIR or --no-build)" >&2; exit 2 ;;
   esac
 done
+if [[ -z $flavour ]]; then
+  flavour=kata
+  # --no-build installs what the output directory holds.
+  if [[ $build == 0 && -f $out/kernel-flavour ]]; then flavour=$(cat "$out/kernel-flavour"); fi
+fi
 case $flavour in
   kata | debian) ;;
   *) echo "build-guest: unknown kernel '$flavour' (expected kata or debian)" >&2; exit 2 ;;
@@ -60,12 +71,42 @@ need() {
     command -v "$tool" >/dev/null || { log "missing tool '$tool': run hack/install-deps.sh"; exit 1; }
   done
 }
-need cpio zstd cargo readelf
-mkdir -p "$out"
 
 # The modules the agent loads from Debian's kernel, by name; their dependencies are added
 # from modules.dep. Our kernel has all of this built in.
-DEBIAN_MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk)
+DEBIAN_MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio)
+
+# The files of each flavour in the output directory.
+outputs=(initrd.img)
+if [[ $flavour == kata ]]; then outputs+=(vmlinux rootfs.img); else outputs+=(vmlinuz); fi
+
+install_image() {
+  local dest=$dest_root/usr/share/kata-containers
+  mkdir -p "$dest"
+  # put FILE MODE NAME: a new file renamed over the old one, never rewritten in place
+  # (running VMs map the image and would see it change under them).
+  put() {
+    install -m "$2" "$1" "$dest/.$3.tmp"
+    mv -f "$dest/.$3.tmp" "$dest/$3"
+  }
+  if [[ $flavour == kata ]]; then
+    put "$out/vmlinux" 0644 vmlinux.container
+    put "$out/rootfs.img" 0444 kata-containers.img
+  else
+    put "$out/vmlinuz" 0644 vmlinuz.container
+  fi
+  put "$out/initrd.img" 0644 kata-containers-initrd.img
+  log "installed the $flavour guest to $dest"
+}
+if [[ $build == 0 ]]; then
+  for f in "${outputs[@]}"; do
+    [[ -f $out/$f ]] || { log "no $flavour guest in $out ($f missing): run hack/build-guest.sh --kernel $flavour"; exit 1; }
+  done
+  [[ $install == 1 ]] && install_image
+  exit 0
+fi
+need cpio zstd cargo readelf
+mkdir -p "$out"
 
 # --- Debian's kernel package ------------------------------------------------------------
 # The metapackage names the versioned image package; with stale or missing package lists,
@@ -179,7 +220,6 @@ fi
 if [[ $flavour == kata ]]; then
   need mkfs.erofs
   build_kernel
-  kernel_file=vmlinux
   kernel_input=$kdir/vmlinux
 else
   need apt-get dpkg-deb depmod
@@ -187,14 +227,11 @@ else
     apt-get update -qq
     fetch_debian_kernel || { log "cannot download the kernel package behind '$meta_pkg'"; exit 1; }
   fi
-  kernel_file=vmlinuz
   kernel_input=$deb
 fi
 
 # Skip the rest when neither the kernel, the agent nor this script changed.
 stamp=$({ echo "$flavour"; sha256sum "$kernel_input" "$agent" "$0"; } | sha256sum | cut -d' ' -f1)
-outputs=("$kernel_file" initrd.img)
-if [[ $flavour == kata ]]; then outputs+=(rootfs.img); fi
 up_to_date=0
 if [[ $force == 0 && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp" ]]; then
   up_to_date=1
@@ -294,20 +331,5 @@ else
 fi
 
 if [[ $install == 1 ]]; then
-  dest=/usr/share/kata-containers
-  mkdir -p "$dest"
-  # put FILE MODE NAME: a new file renamed over the old one, never rewritten in place
-  # (running VMs map the image and would see it change under them).
-  put() {
-    install -m "$2" "$1" "$dest/.$3.tmp"
-    mv -f "$dest/.$3.tmp" "$dest/$3"
-  }
-  if [[ $flavour == kata ]]; then
-    put "$out/vmlinux" 0644 vmlinux.container
-    put "$out/rootfs.img" 0444 kata-containers.img
-  else
-    put "$out/vmlinuz" 0644 vmlinuz.container
-  fi
-  put "$out/initrd.img" 0644 kata-containers-initrd.img
-  log "installed the $flavour guest to $dest"
+  install_image
 fi

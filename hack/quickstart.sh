@@ -8,8 +8,8 @@
 # Steps (each skips work already done, so a rerun only repeats the container run):
 #   1. hack/install-deps.sh           Debian packages, virtiofsd, vhost-device-vsock
 #   2. hack/build-guest.sh --install  guest kernel + initrd (kata-agent as /init)
-#   3. cargo build --release -p kata-shim, then hack/install-shim.sh:
-#                                     /usr/local/bin/containerd-shim-kata-v2 and
+#   3. hack/install-shim.sh (builds the release binaries):
+#                                     /usr/local/bin/containerd-shim-kata-v2, kata-ctl and
 #                                     /etc/kata-containers/configuration.toml
 #   4. hack/build-test-images.sh      the offline image build/images/busybox.tar
 #   5. a private containerd 1.6 (hack/lib/containerd.sh: own root, state and socket in a
@@ -30,7 +30,6 @@ hack/install-deps.sh
 step "[2/5] guest image"
 hack/build-guest.sh --install
 step "[3/5] containerd-shim-kata-v2 and kata-ctl (release), installed with its configuration"
-cargo build --quiet --release -p kata-shim
 hack/install-shim.sh
 step "[4/5] offline busybox image"
 hack/build-test-images.sh
@@ -60,7 +59,7 @@ if ((status != 0)) || [[ -z $guest ]]; then
   fi
   step "checking the VM and agent alone (kata-ctl boot-check):"
   shared=$(mktemp -d /tmp/kata-quickstart.XXXXXX)
-  if target/release/kata-ctl boot-check --shared-dir "$shared" >&2; then
+  if /usr/local/bin/kata-ctl boot-check --shared-dir "$shared" >&2; then
     step "the VM boots and the agent answers: the failure is in the container path"
   else
     step "the VM or the agent fails: see above; RUST_LOG=info shows the guest console"

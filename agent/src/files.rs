@@ -1,11 +1,12 @@
 //! `ReadFile`: reading a small file below the base directory.
 //!
-//! The path is checked lexically ([`check_under`]) and again after resolving symlinks,
-//! so a symlink in the shared directory cannot lead out of the base directory.
+//! The path is checked lexically ([`check_under`]), then opened with `openat2` relative to
+//! the base directory with `RESOLVE_BENEATH`: a symlink may lead elsewhere below the base,
+//! never out of it, and nothing is resolved twice (no check-then-open race).
 
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-
-use tokio::io::AsyncReadExt;
 
 use crate::paths::{check_under, PathError};
 
@@ -72,29 +73,32 @@ pub async fn read_file(base: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8
             cap: MAX_READ_BYTES,
         });
     }
-    let real_base = tokio::fs::canonicalize(base)
+    let base = base.to_owned();
+    tokio::task::spawn_blocking(move || read_beneath(&base, path, max_bytes))
         .await
-        .map_err(|e| io_err(base, e))?;
-    let real = tokio::fs::canonicalize(&path)
-        .await
-        .map_err(|e| io_err(&path, e))?;
-    if !real.starts_with(&real_base) {
-        return Err(FileError::Escapes(path));
-    }
-    // Refuse non-regular files before opening: opening a FIFO would block forever.
-    let meta = tokio::fs::symlink_metadata(&real)
-        .await
-        .map_err(|e| io_err(&path, e))?;
-    if !meta.is_file() {
-        return Err(FileError::NotRegular(path));
-    }
-    let file = tokio::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
-        .open(&real)
-        .await
-        .map_err(|e| io_err(&path, e))?;
-    let meta = file.metadata().await.map_err(|e| io_err(&path, e))?;
+        .map_err(|e| FileError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+fn read_beneath(base: &Path, path: PathBuf, max_bytes: u64) -> Result<Vec<u8>, FileError> {
+    let base_fd = crate::resolve::open_dir(base).map_err(|e| io_err(base, e))?;
+    let rel = path.strip_prefix(base).unwrap_or(&path);
+    // O_NONBLOCK: opening a FIFO must not block; it is refused below.
+    let fd = crate::resolve::openat2(
+        base_fd.as_raw_fd(),
+        rel,
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::EXDEV | libc::ELOOP) => FileError::Escapes(path.clone()),
+        _ => io_err(&path, e),
+    })?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| io_err(&path, e))?;
     if !meta.is_file() {
         return Err(FileError::NotRegular(path));
     }
@@ -108,7 +112,6 @@ pub async fn read_file(base: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8
     let mut data = Vec::with_capacity(meta.len() as usize);
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut data)
-        .await
         .map_err(|e| io_err(&path, e))?;
     // The file may have grown since the size check.
     if data.len() as u64 > max_bytes {
@@ -132,6 +135,8 @@ mod tests {
         std::fs::write(base.join("a.txt"), b"hello").unwrap();
         std::fs::create_dir(base.join("sub")).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", base.join("link")).unwrap();
+        std::os::unix::fs::symlink("../../..", base.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink("../a.txt", base.join("sub/inside")).unwrap();
         let p = |name: &str| format!("{}/{name}", base.display());
 
         assert_eq!(read_file(base, &p("a.txt"), 5).await.unwrap(), b"hello");
@@ -157,6 +162,15 @@ mod tests {
             read_file(base, &p("link"), 1 << 20).await,
             Err(FileError::Escapes(_))
         ));
+        assert!(matches!(
+            read_file(base, &p("sub/up/etc/hostname"), 1 << 20).await,
+            Err(FileError::Escapes(_))
+        ));
+        // A symlink that stays below the base is followed.
+        assert_eq!(
+            read_file(base, &p("sub/inside"), 5).await.unwrap(),
+            b"hello"
+        );
         assert!(matches!(
             read_file(base, &p("../x"), 9).await,
             Err(FileError::Path(_))

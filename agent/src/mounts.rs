@@ -50,8 +50,26 @@ pub trait Mounter: Send + Sync {
     fn umount_lazy(&self, target: &Path) -> Result<(), Errno>;
     /// Creates a directory and its parents.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Creates directory `path` (below `base`) and its parents without following any
+    /// symlink, and holds it open: mounting on [`MountPoint::path`] mounts on exactly that
+    /// directory, never on what a symlink swapped in later points to.
+    fn open_mount_point(&self, base: &Path, path: &Path) -> io::Result<MountPoint>;
     /// The text of `/proc/self/mountinfo`.
     fn mountinfo(&self) -> io::Result<String>;
+}
+
+/// A directory held open for mounting on it.
+#[derive(Debug)]
+pub struct MountPoint {
+    path: PathBuf,
+    _fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl MountPoint {
+    /// What to pass to mount(2): `/proc/self/fd/N` for a real one.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// The real [`Mounter`].
@@ -77,6 +95,20 @@ impl Mounter for SyscallMounter {
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
+    }
+
+    fn open_mount_point(&self, base: &Path, path: &Path) -> io::Result<MountPoint> {
+        // The base is the agent's own directory.
+        std::fs::create_dir_all(base)?;
+        let base_fd = crate::resolve::open_dir(base)?;
+        let rel = path
+            .strip_prefix(base)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
+        let fd = crate::resolve::mkdir_all(&base_fd, rel, 0o755, crate::resolve::BENEATH)?;
+        Ok(MountPoint {
+            path: crate::resolve::fd_path(&fd),
+            _fd: Some(fd),
+        })
     }
 
     fn mountinfo(&self) -> io::Result<String> {
@@ -289,6 +321,13 @@ pub(crate) mod fake {
                 .unwrap()
                 .push(format!("mkdir {}", path.display()));
             Ok(())
+        }
+        fn open_mount_point(&self, _base: &Path, path: &Path) -> io::Result<MountPoint> {
+            self.create_dir_all(path)?;
+            Ok(MountPoint {
+                path: path.to_owned(),
+                _fd: None,
+            })
         }
         fn mountinfo(&self) -> io::Result<String> {
             Ok(self.mountinfo.clone())

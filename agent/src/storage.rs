@@ -56,6 +56,12 @@ pub enum StorageError {
     /// `/proc/self/mountinfo` could not be read.
     #[error("read mountinfo")]
     MountInfo(#[source] std::io::Error),
+    /// A symlink on the way to the mount point (the agent follows none there).
+    #[error("mount point {path:?} goes through a symlink")]
+    Symlink {
+        /// The mount point.
+        path: PathBuf,
+    },
     /// The mount point could not be created.
     #[error("create mount point {path:?}")]
     CreateDir {
@@ -99,6 +105,8 @@ pub struct MountSpec {
     pub source: String,
     /// Absolute, normalized mount point below the base directory.
     pub mount_point: PathBuf,
+    /// The base directory (created and resolved beneath without symlinks).
+    pub base: PathBuf,
     /// Filesystem type.
     pub fstype: &'static str,
     /// mount(2) flags.
@@ -137,6 +145,7 @@ pub fn validate(storage: &Storage, base: &Path) -> Result<MountSpec, StorageErro
     Ok(MountSpec {
         source: tag.clone(),
         mount_point,
+        base: base.to_owned(),
         fstype: VIRTIOFS_FSTYPE,
         flags,
         data,
@@ -223,16 +232,21 @@ pub fn mount_storage(mounter: &dyn Mounter, spec: &MountSpec) -> Result<Outcome,
             source_name: e.source.clone(),
         });
     }
-    mounter
-        .create_dir_all(&spec.mount_point)
-        .map_err(|source| StorageError::CreateDir {
-            path: spec.mount_point.clone(),
-            source,
+    let target = mounter
+        .open_mount_point(&spec.base, &spec.mount_point)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP | libc::EXDEV) => StorageError::Symlink {
+                path: spec.mount_point.clone(),
+            },
+            _ => StorageError::CreateDir {
+                path: spec.mount_point.clone(),
+                source,
+            },
         })?;
     mounter
         .mount(
             &spec.source,
-            &spec.mount_point,
+            target.path(),
             spec.fstype,
             spec.flags,
             &spec.data,

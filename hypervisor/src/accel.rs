@@ -1,21 +1,141 @@
 //! Accelerator detection: KVM when it really works, TCG otherwise.
 //!
 //! `/dev/kvm` can exist on hosts where KVM is useless (nested paravirtual KVM without
-//! vmx/svm: guests barely move). [`Accel::Auto`] therefore picks KVM only when `/dev/kvm`
-//! answers `KVM_GET_API_VERSION` with 12, `KVM_CREATE_VM` succeeds, and the CPU flags in
-//! `/proc/cpuinfo` contain `vmx` or `svm`. The decision itself ([`choose`]) is pure.
+//! vmx/svm: guests barely move). [`Accel::Auto`] therefore picks KVM only when
+//! [`KvmProbe`] finds `/dev/kvm` usable (API version 12, `KVM_CREATE_VM` succeeds, the
+//! capabilities QEMU needs are present) and the CPU flags in `/proc/cpuinfo` contain `vmx`
+//! or `svm`. The probe talks to KVM through the `kvm-ioctls` crate; the decision itself
+//! ([`choose`]) is pure. `kata-ctl check` reports the same probe step by step.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use kvm_ioctls::{Cap, Kvm};
+
+/// The errno a failed KVM ioctl or open returns.
+pub use kvm_ioctls::Error as KvmOsError;
 
 use crate::config::Accel;
 
 /// The KVM API version every usable kernel reports.
-const KVM_API_VERSION: libc::c_int = 12;
-/// `_IO(KVMIO, 0x00)`.
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-/// `_IO(KVMIO, 0x01)`.
-const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+pub const KVM_API_VERSION: i32 = 12;
+
+/// The KVM capabilities QEMU needs on x86_64, as (capability, name, what QEMU uses it for).
+const REQUIRED_CAPABILITIES: [(Cap, &str, &str); 4] = [
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY", "guest memory slots"),
+    (
+        Cap::SetTssAddr,
+        "KVM_CAP_SET_TSS_ADDR",
+        "the TSS address of x86 guests",
+    ),
+    (
+        Cap::ExtCpuid,
+        "KVM_CAP_EXT_CPUID",
+        "extended CPUID for vCPUs",
+    ),
+    (
+        Cap::Irqchip,
+        "KVM_CAP_IRQCHIP",
+        "the in-kernel interrupt controller",
+    ),
+];
+
+/// Why KVM is not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KvmError {
+    #[error("cannot open /dev/kvm")]
+    Open(#[source] KvmOsError),
+    #[error("KVM_GET_API_VERSION returned {0}, expected {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] KvmOsError),
+    #[error("KVM lacks {name} ({what})")]
+    MissingCapability {
+        name: &'static str,
+        what: &'static str,
+    },
+}
+
+/// One KVM capability QEMU needs, and whether `/dev/kvm` offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmCapability {
+    /// The kernel's name, e.g. `KVM_CAP_USER_MEMORY`.
+    pub name: &'static str,
+    /// What QEMU needs it for.
+    pub what: &'static str,
+    pub present: bool,
+}
+
+/// What `/dev/kvm` answered, step by step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmProbe {
+    /// `/dev/kvm` cannot be opened or speaks another API version.
+    Unavailable(KvmError),
+    /// `/dev/kvm` opened with API version [`KVM_API_VERSION`].
+    Opened {
+        /// The result of `KVM_CREATE_VM` (the VM is closed again at once).
+        create_vm: Result<(), KvmError>,
+        /// `KVM_CHECK_EXTENSION` for each capability QEMU needs.
+        capabilities: Vec<KvmCapability>,
+    },
+}
+
+impl KvmProbe {
+    /// Asks this host's `/dev/kvm`. Blocking (a few ioctls): call it from a blocking context.
+    pub fn run() -> KvmProbe {
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => return KvmProbe::Unavailable(KvmError::Open(e)),
+        };
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return KvmProbe::Unavailable(KvmError::ApiVersion(version));
+        }
+        // The VM fd is dropped (closed) at once: creating it is the test.
+        let create_vm = kvm.create_vm().map(drop).map_err(KvmError::CreateVm);
+        let capabilities = REQUIRED_CAPABILITIES
+            .iter()
+            .map(|&(cap, name, what)| KvmCapability {
+                name,
+                what,
+                present: kvm.check_extension(cap),
+            })
+            .collect();
+        KvmProbe::Opened {
+            create_vm,
+            capabilities,
+        }
+    }
+
+    /// `Ok` when QEMU can use KVM; else the first failed step.
+    pub fn usable(&self) -> Result<(), KvmError> {
+        match self {
+            KvmProbe::Unavailable(e) => Err(*e),
+            KvmProbe::Opened {
+                create_vm,
+                capabilities,
+            } => {
+                create_vm.as_ref().map_err(|e| *e)?;
+                match capabilities.iter().find(|c| !c.present) {
+                    Some(c) => Err(KvmError::MissingCapability {
+                        name: c.name,
+                        what: c.what,
+                    }),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line (`a: b: c`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 
 /// Errors resolving the accelerator.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +148,7 @@ pub enum AccelError {
 /// What the host offers, as far as the accelerator choice goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCaps {
-    /// `/dev/kvm` answered the API version and VM creation ioctls; `Err` says why not.
+    /// [`KvmProbe::usable`]; `Err` says why not.
     pub kvm: Result<(), String>,
     /// The CPU flags contain `vmx` or `svm`.
     pub hw_virt: bool,
@@ -40,7 +160,7 @@ impl HostCaps {
     pub fn probe() -> HostCaps {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         HostCaps {
-            kvm: probe_kvm(),
+            kvm: KvmProbe::run().usable().map_err(|e| chain(&e)),
             hw_virt: cpuinfo_has_hw_virt(&cpuinfo),
         }
     }
@@ -82,35 +202,6 @@ pub fn cpuinfo_has_hw_virt(cpuinfo: &str) -> bool {
         .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
-/// Opens `/dev/kvm`, checks the API version and creates (and drops) a VM.
-fn probe_kvm() -> Result<(), String> {
-    let kvm = File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int; the fd is a
-    // valid open /dev/kvm descriptor for the duration of the call.
-    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
-    if version != KVM_API_VERSION {
-        return Err(format!(
-            "KVM_GET_API_VERSION returned {version}, expected {KVM_API_VERSION}"
-        ));
-    }
-    // SAFETY: KVM_CREATE_VM takes the machine type by value (0 = default) and returns a
-    // new fd or -1; no memory is passed to the kernel.
-    let vm_fd = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
-    if vm_fd < 0 {
-        return Err(format!(
-            "KVM_CREATE_VM failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: vm_fd was just returned by the kernel and is owned by nobody else.
-    unsafe { libc::close(vm_fd) };
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +240,50 @@ mod tests {
         assert_eq!(
             choose(Accel::Auto, &caps(false, INTEL)).unwrap(),
             Accel::Tcg
+        );
+    }
+
+    fn opened(create_vm: Result<(), KvmError>, missing: Option<&str>) -> KvmProbe {
+        KvmProbe::Opened {
+            create_vm,
+            capabilities: REQUIRED_CAPABILITIES
+                .iter()
+                .map(|&(_, name, what)| KvmCapability {
+                    name,
+                    what,
+                    present: Some(name) != missing,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn kvm_is_usable_only_when_every_step_passed() {
+        assert_eq!(opened(Ok(()), None).usable(), Ok(()));
+        let enoent = kvm_ioctls::Error::new(libc::ENOENT);
+        let err = KvmProbe::Unavailable(KvmError::Open(enoent))
+            .usable()
+            .unwrap_err();
+        assert_eq!(
+            chain(&err),
+            format!("cannot open /dev/kvm: {enoent}"),
+            "the cause is kept"
+        );
+        assert_eq!(
+            KvmProbe::Unavailable(KvmError::ApiVersion(11)).usable(),
+            Err(KvmError::ApiVersion(11))
+        );
+        let eperm = kvm_ioctls::Error::new(libc::EPERM);
+        assert_eq!(
+            opened(Err(KvmError::CreateVm(eperm)), None).usable(),
+            Err(KvmError::CreateVm(eperm))
+        );
+        let err = opened(Ok(()), Some("KVM_CAP_IRQCHIP"))
+            .usable()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "KVM lacks KVM_CAP_IRQCHIP (the in-kernel interrupt controller)"
         );
     }
 

@@ -80,8 +80,10 @@ pub struct QemuArgs<'a> {
     pub config: &'a VmConfig,
     /// The resolved accelerator, [`Accel::Kvm`] or [`Accel::Tcg`].
     pub accel: Accel,
-    /// Where QEMU listens for QMP.
+    /// Where QEMU listens for QMP (the owner's session).
     pub qmp_socket: &'a Path,
+    /// A second QMP monitor for operators and diagnostics.
+    pub qmp_debug_socket: &'a Path,
     /// The vsock device.
     pub vsock: &'a VsockDevice,
     /// The virtiofsd vhost-user socket, when a share is configured.
@@ -135,14 +137,26 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
         format!("{},maxcpus={}", c.vcpus, c.max_vcpus.max(c.vcpus)),
     );
 
+    // Named threads ("CPU 0/TCG", "CPU 0/KVM"), so operators and the host cgroup code can
+    // tell vCPU threads apart.
+    args.pair("-name", format!("{},debug-threads=on", c.id));
     for flag in ["-nodefaults", "-no-reboot", "-nographic", "-no-user-config"] {
         args.flag(flag);
     }
     args.pair("-vga", "none");
-    args.pair(
-        "-qmp",
-        format!("unix:{},server=on,wait=off", opt_path(a.qmp_socket)),
-    );
+    for socket in [a.qmp_socket, a.qmp_debug_socket] {
+        args.pair(
+            "-qmp",
+            format!("unix:{},server=on,wait=off", opt_path(socket)),
+        );
+    }
+    // A guest kernel panic raises QMP GUEST_PANICKED through pvpanic; the guest is then
+    // paused (not rebooted) so its owner can fence it and keep the console.
+    args.pair("-device", "pvpanic");
+    args.pair("-action", "panic=pause");
+    if !c.seccomp_sandbox.is_empty() {
+        args.pair("-sandbox", &c.seccomp_sandbox);
+    }
     args.pair("-chardev", "stdio,id=console,signal=off");
     args.pair("-serial", "chardev:console");
     if let Some(firmware) = &c.firmware {
@@ -264,6 +278,7 @@ mod tests {
             config: c,
             accel,
             qmp_socket: Path::new("/run/vm1/qmp.sock"),
+            qmp_debug_socket: Path::new("/run/vm1/qmp-debug.sock"),
             vsock,
             virtiofs_socket: fs,
         };
@@ -305,8 +320,14 @@ mod tests {
         assert_eq!(value(&args, "-vga"), ["none"]);
         assert_eq!(
             value(&args, "-qmp"),
-            ["unix:/run/vm1/qmp.sock,server=on,wait=off"]
+            [
+                "unix:/run/vm1/qmp.sock,server=on,wait=off",
+                "unix:/run/vm1/qmp-debug.sock,server=on,wait=off"
+            ]
         );
+        assert_eq!(value(&args, "-action"), ["panic=pause"]);
+        assert_eq!(value(&args, "-name"), ["vm1,debug-threads=on"]);
+        assert!(value(&args, "-sandbox").is_empty(), "off unless configured");
         assert_eq!(
             value(&args, "-chardev"),
             [
@@ -318,6 +339,7 @@ mod tests {
         assert_eq!(
             value(&args, "-device"),
             [
+                "pvpanic",
                 "virtio-rng-pci",
                 "virtio-balloon-pci,free-page-reporting=on",
                 "vhost-user-vsock-pci,chardev=vsock"
@@ -350,6 +372,7 @@ mod tests {
         assert_eq!(
             value(&args, "-device"),
             [
+                "pvpanic",
                 "virtio-rng-pci",
                 "virtio-balloon-pci,free-page-reporting=on",
                 "vhost-vsock-pci,vhostfd=7,guest-cid=42"
@@ -369,6 +392,14 @@ mod tests {
             devices[3],
             "vhost-user-fs-pci,chardev=fs0,tag=kataShared,queue-size=1024"
         );
+    }
+
+    #[test]
+    fn seccomp_sandbox_when_configured() {
+        let mut c = config();
+        c.seccomp_sandbox = "on,obsolete=deny,spawn=deny".into();
+        let args = build(&c, Accel::Tcg, &hybrid(), None);
+        assert_eq!(value(&args, "-sandbox"), ["on,obsolete=deny,spawn=deny"]);
     }
 
     #[test]

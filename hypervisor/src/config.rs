@@ -290,6 +290,22 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// How long QEMU and the daemons may take to become ready.
     pub start_timeout: Duration,
+    /// QEMU's `-sandbox` value (seccomp filter), e.g. `on,obsolete=deny,spawn=deny`;
+    /// empty leaves it off.
+    pub seccomp_sandbox: String,
+    /// Where the children start: cgroups to join before exec, and QEMU's oom_score_adj.
+    pub placement: Placement,
+}
+
+/// Host cgroups and OOM priority of the VM's processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// `cgroup.procs` files QEMU joins before it execs.
+    pub qemu_cgroup_procs: Vec<PathBuf>,
+    /// `cgroup.procs` files the daemons (virtiofsd, vsock) join before they exec.
+    pub daemon_cgroup_procs: Vec<PathBuf>,
+    /// QEMU's `oom_score_adj`, where the host allows it.
+    pub qemu_oom_score_adj: Option<i32>,
 }
 
 impl VmConfig {
@@ -316,6 +332,8 @@ impl VmConfig {
             shared_fs: None,
             run_dir,
             start_timeout: Duration::from_secs(10),
+            seccomp_sandbox: String::new(),
+            placement: Placement::default(),
         }
     }
 

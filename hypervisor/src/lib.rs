@@ -16,7 +16,9 @@ pub mod virtiofsd;
 pub mod vm;
 pub mod vsock;
 
-pub use config::{Accel, ConfigError, GuestRoot, NetDevice, SharedFsConfig, VmConfig, VsockMode};
+pub use config::{
+    Accel, ConfigError, GuestRoot, NetDevice, Placement, SharedFsConfig, VmConfig, VsockMode,
+};
 pub use process::ExitReport;
 pub use qmp::{Qmp, QmpError};
 pub use vm::{Error, Vm};

@@ -4,10 +4,14 @@
 //! handshake. Every step has a timeout and races the children's exit, and a failed start
 //! leaves nothing behind. [`Vm::stop`] asks QEMU to quit over QMP, then escalates to
 //! SIGTERM and SIGKILL, stops the daemons, reaps everything and removes the run directory;
-//! dropping a [`Vm`] terminates (SIGTERM, then SIGKILL) and reaps whatever is still alive.
+//! [`Vm::kill`] SIGKILLs QEMU and every daemon at once and reaps them (fencing a sick VM);
+//! [`Vm::wait_child_death`] tells which child died first. Dropping a [`Vm`] terminates
+//! (SIGTERM, then SIGKILL) and reaps whatever is still alive. Every method takes `&self`,
+//! so a VM can be shared by its sandbox's tasks; stop and kill are idempotent.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::UnixStream;
@@ -19,7 +23,7 @@ use crate::accel::{self, AccelError, HostCaps};
 use crate::cmdline::{qemu_args, QemuArgs, VsockDevice};
 use crate::config::{Accel, ConfigError, VmConfig, VsockMode};
 use crate::console::{LineRing, LogAs};
-use crate::process::{ChildProcess, ExitReport, ProcessError, Stdout};
+use crate::process::{place_on_exec, ChildProcess, ExitReport, ProcessError, Stdout};
 use crate::qmp::{Qmp, QmpError};
 use crate::virtiofsd::{self, VirtiofsdError};
 use crate::vsock::{self, Endpoint, VhostVsock, VsockError, VsockStream};
@@ -30,12 +34,16 @@ pub const CONSOLE_LINES: usize = 200;
 const CONSOLE_LINES_IN_ERRORS: usize = 15;
 
 const QMP_SOCKET: &str = "qmp.sock";
+/// A second QMP monitor for operators and diagnostics (the shim holds the first).
+pub const QMP_DEBUG_SOCKET: &str = "qmp-debug.sock";
 const VHOST_USER_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 
 /// How long a failed start waits for QEMU to finish exiting before blaming something else.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long [`Vm::kill`] waits for each child to be reaped after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(3);
 
 /// Name under which the hybrid vsock daemon runs (logs, errors).
 const VSOCK_DAEMON_NAME: &str = "vhost-device-vsock";
@@ -128,7 +136,31 @@ pub struct Vm {
     console: LineRing,
     endpoint: Endpoint,
     /// False once [`Vm::stop`] has cleaned up.
-    owns_run_dir: bool,
+    owns_run_dir: AtomicBool,
+    /// Set by the first [`Vm::stop`]; later callers wait for `stopped`.
+    stop_started: AtomicBool,
+    stopped: watch::Sender<bool>,
+}
+
+/// A child of the VM that died: QEMU or one of its daemons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildDeath {
+    /// `qemu`, `virtiofsd` or the vsock daemon's name.
+    pub name: String,
+    /// The child's pid.
+    pub pid: u32,
+    /// How it ended.
+    pub status: ExitReport,
+}
+
+impl std::fmt::Display for ChildDeath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) exited ({})",
+            self.name, self.pid, self.status
+        )
+    }
 }
 
 /// Resources of a start in progress; dropping it kills the children and removes the run
@@ -188,7 +220,9 @@ impl Vm {
                     qmp,
                     console,
                     endpoint,
-                    owns_run_dir: true,
+                    owns_run_dir: AtomicBool::new(true),
+                    stop_started: AtomicBool::new(false),
+                    stopped: watch::channel(false).0,
                 })
             }
             Err(error) => {
@@ -236,6 +270,14 @@ impl Vm {
         self.qemu.pid()
     }
 
+    /// The helper daemons (virtiofsd, the hybrid vsock daemon) as (name, pid).
+    pub fn daemon_pids(&self) -> Vec<(String, u32)> {
+        self.daemons
+            .iter()
+            .map(|d| (d.name().to_owned(), d.pid()))
+            .collect()
+    }
+
     /// The accelerator in use ([`Accel::Kvm`] or [`Accel::Tcg`]).
     pub fn accel(&self) -> Accel {
         self.accel
@@ -266,15 +308,88 @@ impl Vm {
         self.qemu.exit_watch()
     }
 
+    /// A watch that turns true once [`Vm::stop`] has finished.
+    pub fn stopped_watch(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
     /// Waits until QEMU exits (guest poweroff, panic with `-no-reboot`, crash, ...).
     pub async fn wait_exit(&self) -> ExitReport {
         self.qemu.wait().await
     }
 
+    /// Pids of QEMU and its daemons, by name (for metrics and diagnostics).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        std::iter::once(&self.qemu)
+            .chain(&self.daemons)
+            .map(|c| (c.name().to_owned(), c.pid()))
+            .collect()
+    }
+
+    /// Waits until QEMU or any daemon exits and says which (the first seen). Driven by the
+    /// children's reapers (SIGCHLD), not by polling.
+    pub async fn wait_child_death(&self) -> ChildDeath {
+        use std::future::Future;
+        use std::pin::Pin;
+        type Death<'a> = Pin<Box<dyn Future<Output = ChildDeath> + Send + 'a>>;
+        let deaths: Vec<Death<'_>> = std::iter::once(&self.qemu)
+            .chain(&self.daemons)
+            .map(|child| {
+                Box::pin(async move {
+                    let status = child.wait().await;
+                    ChildDeath {
+                        name: child.name().to_owned(),
+                        pid: child.pid(),
+                        status,
+                    }
+                }) as Death<'_>
+            })
+            .collect();
+        futures::future::select_all(deaths).await.0
+    }
+
+    /// Fences the VM: SIGKILL to QEMU and every daemon at once, then waits until each is
+    /// reaped. Nothing of the guest runs or writes to host files afterwards (virtiofsd
+    /// carries the guest's queued writes, so it dies with QEMU). Idempotent; the run
+    /// directory stays for [`Vm::stop`].
+    pub async fn kill(&self) {
+        let children: Vec<&ChildProcess> =
+            std::iter::once(&self.qemu).chain(&self.daemons).collect();
+        for child in &children {
+            if child.exit_status().is_none() {
+                child.signal(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        for child in children {
+            match child.wait_timeout(KILL_WAIT).await {
+                Some(status) => {
+                    tracing::debug!(vm = %self.config.id, name = child.name(), %status, "fenced")
+                }
+                None => {
+                    tracing::error!(vm = %self.config.id, name = child.name(), pid = child.pid(), "did not exit after SIGKILL")
+                }
+            }
+        }
+    }
+
     /// Stops the VM: QMP `quit`, then SIGTERM, then SIGKILL, each given `timeout`; then
     /// the daemons (SIGTERM, then SIGKILL); all reaped; the run directory removed.
-    /// Returns how QEMU exited.
-    pub async fn stop(mut self, timeout: Duration) -> Result<ExitReport, Error> {
+    /// Returns how QEMU exited. A second call waits for the first to finish.
+    pub async fn stop(&self, timeout: Duration) -> Result<ExitReport, Error> {
+        if self.stop_started.swap(true, Ordering::SeqCst) {
+            let mut stopped = self.stopped.subscribe();
+            let _ = stopped.wait_for(|s| *s).await;
+            return Ok(self.qemu.exit_status().unwrap_or(ExitReport {
+                code: None,
+                signal: None,
+            }));
+        }
+        let result = self.stop_once(timeout).await;
+        self.stopped.send_replace(true);
+        result
+    }
+
+    async fn stop_once(&self, timeout: Duration) -> Result<ExitReport, Error> {
         let report = self.stop_qemu(timeout).await;
         for daemon in self.daemons.iter().rev() {
             // They often exit by themselves once QEMU disconnects.
@@ -287,7 +402,7 @@ impl Vm {
                 Err(error) => tracing::warn!(%error, "stopping daemon"),
             }
         }
-        self.owns_run_dir = false;
+        self.owns_run_dir.store(false, Ordering::SeqCst);
         let run_dir = self.config.run_dir.clone();
         match tokio::fs::remove_dir_all(&run_dir).await {
             Ok(()) => {}
@@ -324,7 +439,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         // The children's handles drop after this: their supervisors terminate and reap them.
-        if self.owns_run_dir {
+        if *self.owns_run_dir.get_mut() {
             tracing::warn!(vm = %self.config.id, "VM dropped without stop, killing it");
             remove_dir_logged(&self.config.run_dir);
         }
@@ -379,6 +494,7 @@ async fn start_children(
             let uds = run_dir.join(HYBRID_VSOCK_SOCKET);
             let mut cmd = Command::new(&config.vsock_daemon);
             cmd.args(vsock::hybrid_daemon_args(&socket, &uds));
+            place_on_exec(&mut cmd, &config.placement.daemon_cgroup_procs, None)?;
             let daemon = ChildProcess::spawn(VSOCK_DAEMON_NAME, &config.id, cmd, Stdout::Null)?;
             starting.children.push(daemon);
             let daemon = starting.children.last().expect("just pushed");
@@ -393,6 +509,7 @@ async fn start_children(
             let socket = run_dir.join(VIRTIOFSD_SOCKET);
             let mut cmd = Command::new(&fs.daemon);
             cmd.args(virtiofsd::daemon_args(flavor, &socket, fs));
+            place_on_exec(&mut cmd, &config.placement.daemon_cgroup_procs, None)?;
             let daemon = ChildProcess::spawn("virtiofsd", &config.id, cmd, Stdout::Null)?;
             starting.children.push(daemon);
             let daemon = starting.children.last().expect("just pushed");
@@ -407,12 +524,18 @@ async fn start_children(
         config,
         accel,
         qmp_socket: &qmp_socket,
+        qmp_debug_socket: &run_dir.join(QMP_DEBUG_SOCKET),
         vsock: &device,
         virtiofs_socket: virtiofs_socket.as_deref(),
     });
     tracing::debug!(vm = %config.id, ?args, "QEMU command line");
     let mut cmd = Command::new(&config.qemu_path);
     cmd.args(&args);
+    place_on_exec(
+        &mut cmd,
+        &config.placement.qemu_cgroup_procs,
+        config.placement.qemu_oom_score_adj,
+    )?;
     if let VsockDevice::Vhost { fd, .. } = device {
         inherit_fd(&mut cmd, fd);
     }
@@ -459,7 +582,10 @@ async fn start_children(
         }
     };
     match qmp.await {
-        Ok(qmp) => Ok((qmp, console, endpoint)),
+        Ok(qmp) => {
+            restrict_sockets(run_dir).await?;
+            Ok((qmp, console, endpoint))
+        }
         // Whatever failed, a dead QEMU is the real cause; its stderr says why. QEMU may be
         // still on its way out (it closed QMP while exiting), so give it a moment.
         Err(error) => match qemu.wait_timeout(EXIT_GRACE).await {
@@ -470,6 +596,26 @@ async fn start_children(
             None => Err(error),
         },
     }
+}
+
+/// Makes every socket in the run directory owner-only (0600); the directory itself is
+/// 0700 already, this keeps the sockets private if it is ever loosened.
+async fn restrict_sockets(run_dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| Error::RunDir {
+        path: run_dir.to_path_buf(),
+        source,
+    };
+    let mut entries = tokio::fs::read_dir(run_dir).await.map_err(err)?;
+    while let Some(entry) = entries.next_entry().await.map_err(err)? {
+        if entry.file_type().await.map_err(err)?.is_socket() {
+            let perms = std::fs::Permissions::from_mode(0o600);
+            tokio::fs::set_permissions(entry.path(), perms)
+                .await
+                .map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Lets the child inherit `fd` (close-on-exec in the parent) under the same number.
@@ -486,8 +632,10 @@ fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
     }
 }
 
-/// Creates `path` (and its parents); an existing directory must be empty.
+/// Creates `path` (and its parents) owner-only (0700); an existing directory must be
+/// empty.
 async fn create_run_dir(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| Error::RunDir {
         path: path.to_path_buf(),
         source,
@@ -495,8 +643,11 @@ async fn create_run_dir(path: &Path) -> Result<(), Error> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(err)?;
     }
+    let private = || std::fs::Permissions::from_mode(0o700);
     match tokio::fs::create_dir(path).await {
-        Ok(()) => Ok(()),
+        Ok(()) => tokio::fs::set_permissions(path, private())
+            .await
+            .map_err(err),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let mut entries = tokio::fs::read_dir(path).await.map_err(err)?;
             if entries.next_entry().await.map_err(err)?.is_some() {
@@ -504,7 +655,9 @@ async fn create_run_dir(path: &Path) -> Result<(), Error> {
                     path: path.to_path_buf(),
                 });
             }
-            Ok(())
+            tokio::fs::set_permissions(path, private())
+                .await
+                .map_err(err)
         }
         Err(e) => Err(err(e)),
     }
@@ -567,6 +720,9 @@ mod tests {
         let run = dir.path().join("a/b");
         create_run_dir(&run).await.unwrap();
         create_run_dir(&run).await.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&run).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "run directories are owner-only");
         std::fs::write(run.join("x"), b"").unwrap();
         let err = create_run_dir(&run).await.unwrap_err();
         assert!(matches!(err, Error::RunDirNotEmpty { .. }), "{err}");

@@ -7,10 +7,11 @@
 //!
 //! - `start` (cwd = bundle): groups by the CRI sandbox id, prints the address of the pod's
 //!   live shim or spawns a new server and prints its address once it serves.
-//! - `delete`: cleans up after a dead shim ([`crate::cleanup`]) and prints a DeleteResponse.
-//! - server (`-socket <address>`): subreaper, logging to the bundle's `log` fifo, optional
-//!   event publisher, the Task service; runs until Shutdown or SIGTERM/SIGINT, then tears
-//!   the sandbox down.
+//! - `delete`: cleans up after a dead shim ([`crate::sandbox::cleanup`]) and prints a DeleteResponse.
+//! - server (`-socket <address>`): subreaper, logging ([`crate::logging`]: the bundle's
+//!   `log` fifo and the journal), optional event publisher, the Task service (timed for
+//!   metrics) and the management server ([`crate::monitor`]); runs until Shutdown or
+//!   SIGTERM/SIGINT, then tears the sandbox down.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -21,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use containerd_shim::api::DeleteResponse;
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::publisher::RemotePublisher;
@@ -28,13 +30,19 @@ use containerd_shim::{ExitSignal, Flags};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::events;
-use crate::service::Service;
-use crate::spec;
+use crate::monitor::rpc::Timed;
+use crate::monitor::ShimMonitor;
+use crate::sandbox::cleanup;
+use crate::task::container::{to_timestamp, ExitInfo};
+use crate::task::events;
+use crate::task::service::Service;
+use crate::task::spec;
 use crate::task::TaskService;
 
 /// The name containerd knows us by.
 pub const BINARY_NAME: &str = "containerd-shim-kata-v2";
+/// How long queued log lines get to be written before the process exits.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long queued events get to go out before the server exits.
 const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -100,12 +108,12 @@ pub fn main() -> i32 {
                 other => Err(BootstrapError::UnknownAction(other.to_owned())),
             }
         });
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             // In `start` stderr goes to containerd as the error text. A server that fails
             // before it is ready still has the `start` process's pipe as stdout.
-            let message = crate::error::chain(&e);
+            let message = crate::report::chain(&e);
             tracing::error!(error = %message, "shim failed");
             if server_mode {
                 println!("{message}");
@@ -114,7 +122,10 @@ pub fn main() -> i32 {
             }
             1
         }
-    }
+    };
+    // The log threads get a moment to write what is queued (not forever: a stalled reader).
+    crate::logging::flush(LOG_FLUSH_TIMEOUT);
+    code
 }
 
 /// The filesystem path of a `unix://` address.
@@ -204,17 +215,14 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> Result<u32, Boot
 
 /// `delete`: clean up after a dead shim, print the DeleteResponse.
 fn delete(flags: &Flags) -> Result<(), BootstrapError> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .try_init();
     let bundle = if flags.bundle.is_empty() {
         std::env::current_dir().map_err(io_err("cannot read the bundle directory"))?
     } else {
         PathBuf::from(&flags.bundle)
     };
-    let response = crate::cleanup::delete_action(&bundle, &flags.id);
+    // containerd shows our stderr when delete fails; the journal keeps it either way.
+    init_logging(&bundle, &flags.id, flags.debug, None);
+    let response = delete_action(&bundle, &flags.id);
     let bytes = response.write_to_bytes().map_err(|e| BootstrapError::Io {
         what: "cannot encode the delete response".into(),
         source: std::io::Error::other(e),
@@ -225,37 +233,59 @@ fn delete(flags: &Flags) -> Result<(), BootstrapError> {
         .map_err(io_err("cannot print the delete response"))
 }
 
-/// Logs to the bundle's `log` fifo (containerd or CRI-O hold its reader), else to stderr.
-fn init_logging(debug: bool) {
-    let level = if debug || std::env::var_os("KATA_SHIM_DEBUG").is_some() {
-        "debug"
+/// What `delete` reports: killed by SIGKILL.
+pub const DELETED_EXIT_STATUS: u32 = 128 + 9;
+
+/// The `delete` command for container `container_id` with bundle `bundle`: kills and
+/// removes what a dead shim left behind and returns the response to print.
+pub fn delete_action(bundle: &Path, container_id: &str) -> DeleteResponse {
+    let spec = spec::load_sync(bundle).ok();
+    let sandbox_id = spec::sandbox_id(spec.as_ref(), container_id);
+    let paths = crate::sandbox::SandboxPaths::new(&sandbox_id);
+    if sandbox_id == container_id {
+        cleanup::cleanup_sandbox(&paths);
     } else {
-        "info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let fifo = std::fs::OpenOptions::new()
+        cleanup::cleanup_container(&paths, container_id);
+    }
+    if let Err(error) = crate::sandbox::mounts::unmount_under(&bundle.join("rootfs")) {
+        tracing::warn!(error = %crate::report::chain(&error), "unmounting bundle rootfs");
+    }
+    let exit = ExitInfo::now(DELETED_EXIT_STATUS);
+    DeleteResponse {
+        pid: 0,
+        exit_status: exit.status,
+        exited_at: Some(to_timestamp(exit.at)).into(),
+        ..Default::default()
+    }
+}
+
+/// Logs to `fifo` (else stderr) and the journal, as sandbox `id`'s shim (the pod's id
+/// from the bundle's spec, else `id`).
+fn init_logging(bundle: &Path, id: &str, debug: bool, fifo: Option<std::fs::File>) {
+    let spec = spec::load_sync(bundle).ok();
+    crate::logging::init(crate::logging::Settings {
+        sandbox_id: spec::sandbox_id(spec.as_ref(), id),
+        debug: debug || std::env::var_os("KATA_SHIM_DEBUG").is_some(),
+        fifo,
+        journal_socket: crate::logging::journal::JOURNAL_SOCKET.into(),
+    });
+}
+
+/// The bundle's `log` fifo (containerd or CRI-O hold its reader), opened for writing
+/// without waiting for a reader; `None` when there is none. The writes themselves may
+/// block: a logging thread of its own does them ([`crate::logging`]).
+fn open_log_fifo() -> Option<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("log")
-        .ok()
-        .and_then(|f| {
-            // Writes must block rather than drop lines when the reader is slow.
-            nix::fcntl::fcntl(
-                f.as_raw_fd(),
-                nix::fcntl::F_SETFL(nix::fcntl::OFlag::empty()),
-            )
-            .ok()
-            .map(|_| f)
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_target(false);
-    let _ = match fifo {
-        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
-    };
+        .ok()?;
+    nix::fcntl::fcntl(
+        f.as_raw_fd(),
+        nix::fcntl::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .ok()?;
+    Some(f)
 }
 
 /// Server mode.
@@ -264,7 +294,8 @@ fn serve(flags: &Flags) -> Result<(), BootstrapError> {
         return Err(BootstrapError::NoSocket);
     }
     nix::sys::prctl::set_child_subreaper(true).map_err(BootstrapError::Subreaper)?;
-    init_logging(flags.debug);
+    let bundle = std::env::current_dir().map_err(io_err("cannot read the bundle directory"))?;
+    init_logging(&bundle, &flags.id, flags.debug, open_log_fifo());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -334,12 +365,15 @@ async fn serve_async(flags: &Flags) -> Result<(), BootstrapError> {
     };
     let exit = Arc::new(ExitSignal::default());
     let (events, _forwarder) = events::start(publisher, flags.namespace.clone());
-    let tasks = Arc::new(TaskService::new(
-        flags.namespace.clone(),
-        events.clone(),
-        exit.clone(),
-    ));
-    let service = create_task(Arc::new(Service(tasks.clone())));
+    let monitor = ShimMonitor::new();
+    let tasks = Arc::new(
+        TaskService::new(flags.namespace.clone(), events.clone(), exit.clone())
+            .with_monitor(monitor.clone()),
+    );
+    let service = create_task(Arc::new(Timed::new(
+        Service(tasks.clone()),
+        monitor.rpc_durations().clone(),
+    )));
     let mut server = ttrpc::asynchronous::Server::new()
         .add_listener(ttrpc::asynchronous::transport::Listener::from(listener))
         .register_service(service);

@@ -1,26 +1,23 @@
 //! The host side of the runtime: `containerd-shim-kata-v2`, one per pod.
 //!
-//! [`bootstrap`] is the process (flags, `start`, `delete`, server mode); [`service`] serves
-//! containerd's Task API on top of [`task`] (containers and processes, [`container`]),
-//! which runs a [`sandbox`] (the VM and the agent, [`agent`]) with rootfs [`mounts`], a
-//! guest-ready [`spec`], the stdio proxy [`io`], [`exits`] and ordered [`events`].
-//! Errors map to ttrpc codes in [`error`]; [`cleanup`] handles a dead shim's leftovers.
+//! Modules by job, dependencies pointing down the list only:
+//! - [`bootstrap`]: the process (flags, `start`, `delete`, server mode);
+//! - [`task`]: containerd's Task API — the ttrpc service, containers and processes, stdio,
+//!   exits and ordered events, the guest-ready spec, and the one error-to-code mapping;
+//! - [`sandbox`]: one VM per pod and everything of it on the host — the VM, the agent
+//!   client, its health and fencing, resources, pod network, host mounts, state record and
+//!   the cleanup after a dead shim;
+//! - [`monitor`]: the management server (`/metrics`, `/agent-url` on the sandbox's
+//!   socket), Task RPC timing and the pod overhead; it reads the sandbox, and the Task
+//!   service only registers the sandbox with it;
+//! - [`config`]: `configuration.toml`, pod annotations and runtime options;
+//! - [`logging`]: Kata's log lines to containerd's fifo and the journal, never blocking;
+//! - [`report`]: error chains as one line of text.
 
-pub mod agent;
-pub mod annotations;
 pub mod bootstrap;
-pub mod cleanup;
 pub mod config;
-pub mod container;
-pub mod error;
-pub mod events;
-pub mod exits;
-pub mod io;
-pub mod mounts;
-pub mod network;
-pub mod options;
-pub mod resources;
+pub mod logging;
+pub mod monitor;
+pub mod report;
 pub mod sandbox;
-pub mod service;
-pub mod spec;
 pub mod task;

@@ -11,8 +11,8 @@ use containerd_shim::api::{
 };
 use containerd_shim::protos::shim_async::{create_task, TaskClient};
 use containerd_shim::ExitSignal;
-use kata_shim::events::EventSender;
-use kata_shim::service::Service;
+use kata_shim::task::events::EventSender;
+use kata_shim::task::service::Service;
 use kata_shim::task::TaskService;
 use ttrpc::asynchronous::transport::Listener;
 use ttrpc::Code;

@@ -24,6 +24,9 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
+    /// How the daemon was started (PATH and environment), for [`Containerd::restart`].
+    path: String,
+    env: Vec<(String, PathBuf)>,
     /// containerd was killed and reaped already.
     killed: bool,
     /// Namespaces whose leftover tasks and containers Drop deletes.
@@ -107,17 +110,7 @@ state = "{state}"
             bin_dir.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .envs(options.env.iter().map(|(k, v)| (k, v.as_os_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("containerd starts (run hack/install-deps.sh)");
+        let child = spawn_daemon(d, &path, &options.env);
         let mut namespaces = vec![NAMESPACE.to_owned()];
         for (ns, _) in &options.imports {
             if !namespaces.contains(ns) {
@@ -130,22 +123,12 @@ state = "{state}"
         let this = Self {
             dir,
             child,
+            path,
+            env: options.env.clone(),
             killed: false,
             namespaces,
         };
-        let sock = this.socket();
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                sock.exists()
-                    && Command::new("ctr")
-                        .args(["-a", &sock.to_string_lossy(), "version"])
-                        .output()
-                        .map(|o| o.status.success())
-                        .unwrap_or(false)
-            }),
-            "containerd did not come up: {}",
-            this.log()
-        );
+        this.wait_ready();
         for (ns, file) in &options.imports {
             let images = repo_root().join("build/images").join(file);
             assert!(
@@ -161,6 +144,11 @@ state = "{state}"
             );
         }
         this
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// containerd's gRPC socket.
@@ -211,7 +199,51 @@ state = "{state}"
     }
 }
 
+/// Starts the containerd process of the test directory `d` (appending to its log).
+fn spawn_daemon(d: &Path, path: &str, env: &[(String, PathBuf)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join("containerd.log"))
+        .expect("containerd log");
+    Command::new("containerd")
+        .arg("--config")
+        .arg(d.join("config.toml"))
+        .env("PATH", path)
+        .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("containerd starts (run hack/install-deps.sh)")
+}
+
 impl Containerd {
+    fn wait_ready(&self) {
+        let sock = self.socket();
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                sock.exists()
+                    && Command::new("ctr")
+                        .args(["-a", &sock.to_string_lossy(), "version"])
+                        .output()
+                        .map(|o| o.status.success())
+                        .unwrap_or(false)
+            }),
+            "containerd did not come up: {}",
+            self.log()
+        );
+    }
+
+    /// SIGKILLs containerd (not its shims), as a crash would, and starts it again on the
+    /// same root, state and sockets; it reconnects to the running shims.
+    pub fn restart(&mut self) {
+        self.kill_daemon();
+        self.child = spawn_daemon(self.dir.path(), &self.path, &self.env);
+        self.killed = false;
+        self.wait_ready();
+    }
+
     /// SIGKILLs containerd now (not its shims), as a crash would.
     pub fn kill_daemon(&mut self) {
         let _ = self.child.kill();
@@ -327,6 +359,49 @@ dial_timeout = 60
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("configuration.toml")
+    }
+
+    /// Appends `toml` to the configuration; keys without a table header land in
+    /// `[agent.kata]`, the last table.
+    pub fn append_config(&self, toml: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config_path())
+            .expect("open shim configuration");
+        writeln!(f, "{toml}").expect("append to shim configuration");
+    }
+
+    /// Sets `line` (`key = value`) in table `[table]` of the configuration, replacing the
+    /// key's line if the table has it, adding the table when it is missing.
+    pub fn set_config(&self, table: &str, line: &str) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let header = format!("[{table}]");
+        let mut out: Vec<String> = Vec::new();
+        let (mut in_table, mut done) = (false, false);
+        for l in text.lines() {
+            if l.trim_start().starts_with('[') {
+                if in_table && !done {
+                    out.push(line.to_owned());
+                    done = true;
+                }
+                in_table = l.trim() == header;
+            } else if in_table && l.split('=').next().unwrap_or_default().trim() == key {
+                out.push(line.to_owned());
+                done = true;
+                continue;
+            }
+            out.push(l.to_owned());
+        }
+        if !done {
+            if !in_table {
+                out.push(header);
+            }
+            out.push(line.to_owned());
+        }
+        std::fs::write(&path, out.join("\n") + "\n").expect("write config");
     }
 }
 

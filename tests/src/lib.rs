@@ -7,13 +7,18 @@
 //!   line names the VM's run directory, no mount under it, and no directory left.
 //!
 //! [`containerd`] runs a test-owned containerd (for `ctr`), and [`cri`] one with its CRI
-//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim.
+//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim. [`journal`]
+//! reads the systemd journal; [`metrics`] reaches the shims' management sockets and runs
+//! kata-monitor and a private Prometheus.
 //!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
 pub mod containerd;
 pub mod cri;
 pub mod crio;
+pub mod journal;
+pub mod metrics;
+pub mod tool;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -160,6 +165,8 @@ impl TestVm {
             net: Vec::new(),
             run_dir: scratch.path().join("run"),
             start_timeout: Duration::from_secs(20),
+            seccomp_sandbox: String::new(),
+            placement: Default::default(),
         };
         Self { scratch, config }
     }
@@ -226,7 +233,37 @@ pub fn assert_no_runtime_leaks(ids: &[&str]) {
         ] {
             assert!(!Path::new(&dir).exists(), "{dir} left behind");
         }
+        let cgroups = host_cgroups_named(id);
+        assert!(
+            cgroups.is_empty(),
+            "host cgroups left for {id}: {cgroups:?}"
+        );
     }
+}
+
+/// Host cgroup directories named `name` (a container's or sandbox's id), in every
+/// hierarchy under /sys/fs/cgroup, down to a depth of 6.
+pub fn host_cgroups_named(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: u32, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let path = e.path();
+            if e.file_name() == name {
+                out.push(path.clone());
+            }
+            if depth > 0 {
+                walk(&path, name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 6, &mut out);
+    out
 }
 
 /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns its last answer.

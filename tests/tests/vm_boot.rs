@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use kata_hypervisor::{Accel, GuestRoot, Vm, VsockMode};
-use kata_shim::agent::{shared_fs_storage, AgentClient, GUEST_SHARED_DIR};
+use kata_shim::sandbox::agent::{shared_fs_storage, AgentClient, GUEST_SHARED_DIR};
 use kata_tests::{init_logging, wait_until, GuestImage, KernelFlavour, TestVm};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,7 +2,9 @@
 //! socketpair carrying one JSON message per packet, and a pty master fd with the `Tty`
 //! message (`SCM_RIGHTS`).
 //!
-//! Agent -> helper: the [`Plan`](super::child::Plan) first, later [`ToChild::Start`].
+//! Agent -> helper: the [`Plan`](super::child::Plan) first, later [`ToChild::Start`]. The
+//! plan carries the spec, whose environment alone may take megabytes: it travels in a
+//! sealed memfd ([`send_large`]), and the packet only carries its size and the fd.
 //! Helper -> agent: `Pid` of the process it forked; then, from that process, `Tty` (when it
 //! has a terminal), `Ready` (set up, waiting for Start) or `Error`. After Start the channel
 //! closes when `execve` succeeds (close-on-exec) or carries an `Error`.
@@ -18,8 +20,17 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
-/// Largest message: the plan carries the spec.
-pub const MAX_MESSAGE: usize = 192 * 1024;
+/// Largest packet. Only small messages travel as packets; the plan goes through a memfd.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest message sent through a memfd (the agent protocol's own messages are smaller).
+pub const MAX_LARGE: usize = 64 << 20;
+
+/// The packet announcing a message in a memfd (the fd comes with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct InMemfd {
+    /// Bytes of JSON in the memfd.
+    bytes: usize,
+}
 
 /// Agent -> helper, after the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,9 +61,17 @@ pub enum ChannelError {
     /// A message does not parse.
     #[error("malformed control message: {0}")]
     Malformed(String),
-    /// A message is larger than [`MAX_MESSAGE`].
-    #[error("control message of {0} bytes is larger than {MAX_MESSAGE}")]
-    TooLarge(usize),
+    /// A message is larger than [`MAX_MESSAGE`] (or, in a memfd, [`MAX_LARGE`]).
+    #[error("control message of {size} bytes is larger than {limit}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit it broke.
+        limit: usize,
+    },
+    /// The memfd carrying a large message could not be made, written or read.
+    #[error("control message memfd")]
+    Memfd(#[source] std::io::Error),
 }
 
 /// A socketpair for one helper: (agent end, helper end). Both close-on-exec.
@@ -69,7 +88,10 @@ pub fn pair() -> Result<(OwnedFd, OwnedFd), ChannelError> {
 pub fn send<T: Serialize>(sock: RawFd, msg: &T, fd: Option<RawFd>) -> Result<(), ChannelError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE {
-        return Err(ChannelError::TooLarge(bytes.len()));
+        return Err(ChannelError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE,
+        });
     }
     let fds: Vec<RawFd> = fd.into_iter().collect();
     let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
@@ -90,6 +112,64 @@ pub fn send<T: Serialize>(sock: RawFd, msg: &T, fd: Option<RawFd>) -> Result<(),
             Ok(_) => return Ok(()),
         }
     }
+}
+
+/// Sends a message of any size up to [`MAX_LARGE`]: its JSON goes into a memfd, sealed
+/// against any change, and the packet carries the size and the fd.
+pub fn send_large<T: Serialize>(sock: RawFd, msg: &T) -> Result<(), ChannelError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::Write;
+    let bytes = serde_json::to_vec(msg).map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_LARGE {
+        return Err(ChannelError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_LARGE,
+        });
+    }
+    let memfd = memfd_create(
+        c"kata-plan",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| ChannelError::Memfd(e.into()))?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(&bytes).map_err(ChannelError::Memfd)?;
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| ChannelError::Memfd(e.into()))?;
+    send(
+        sock,
+        &InMemfd { bytes: bytes.len() },
+        Some(file.as_raw_fd()),
+    )
+}
+
+/// Blocking receive of a [`send_large`] message (helper side). `None` when the agent closed
+/// its end.
+pub fn recv_large<T: for<'de> Deserialize<'de>>(sock: RawFd) -> Result<Option<T>, ChannelError> {
+    use std::os::unix::fs::FileExt;
+    let Some((head, fd)) = recv::<InMemfd>(sock)? else {
+        return Ok(None);
+    };
+    let fd =
+        fd.ok_or_else(|| ChannelError::Malformed("a large message without its memfd".into()))?;
+    if head.bytes > MAX_LARGE {
+        return Err(ChannelError::TooLarge {
+            size: head.bytes,
+            limit: MAX_LARGE,
+        });
+    }
+    let file = std::fs::File::from(fd);
+    let mut bytes = vec![0u8; head.bytes];
+    // The agent's writes left the shared offset at the end: read from 0.
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(ChannelError::Memfd)?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ChannelError::Malformed(e.to_string()))
 }
 
 /// One received packet: `None` at end of stream.
@@ -174,6 +254,11 @@ impl AgentEnd {
         send(self.fd.as_fd().as_raw_fd(), msg, None)
     }
 
+    /// Sends a message of any size through a memfd (see [`send_large`]).
+    pub fn send_large<T: Serialize>(&self, msg: &T) -> Result<(), ChannelError> {
+        send_large(self.fd.as_fd().as_raw_fd(), msg)
+    }
+
     /// Receives the next message from the helper; `None` once it closed its end.
     pub async fn recv(&self) -> Result<Option<(FromChild, Option<OwnedFd>)>, ChannelError> {
         loop {
@@ -226,7 +311,34 @@ mod tests {
         let big = FromChild::Error("x".repeat(MAX_MESSAGE + 1));
         assert!(matches!(
             send(a.as_raw_fd(), &big, None),
-            Err(ChannelError::TooLarge(_))
+            Err(ChannelError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn large_messages_cross_in_a_sealed_memfd() {
+        let (a, b) = pair().unwrap();
+        // Far beyond a packet and the socket buffer: 4 MiB of environment.
+        let env: Vec<String> = (0..4096)
+            .map(|i| format!("V{i}={}", "x".repeat(1024)))
+            .collect();
+        send_large(a.as_raw_fd(), &env).unwrap();
+        send(a.as_raw_fd(), &ToChild::Start, None).unwrap();
+        let got: Vec<String> = recv_large(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(got, env);
+        let next: Option<(ToChild, _)> = recv(b.as_raw_fd()).unwrap();
+        assert_eq!(next.unwrap().0, ToChild::Start);
+        drop(a);
+        assert!(recv_large::<Vec<String>>(b.as_raw_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_large_message_without_its_memfd_is_malformed() {
+        let (a, b) = pair().unwrap();
+        send(a.as_raw_fd(), &InMemfd { bytes: 10 }, None).unwrap();
+        assert!(matches!(
+            recv_large::<Vec<String>>(b.as_raw_fd()),
+            Err(ChannelError::Malformed(_))
         ));
     }
 }

@@ -25,12 +25,18 @@ use serde::{Deserialize, Serialize};
 use super::caps;
 use super::channel::{self, FromChild, ToChild};
 use super::fs::{default_devices, device_node, make_node, parse_options, propagation, secure_join};
+use super::mountfd;
+use super::seccomp::Compiled;
 use super::spec::{namespace_file, namespace_flag, rlimit_resource, Process, Spec};
+use crate::resolve::IN_ROOT;
 
 /// The argument that turns the agent binary into the helper.
 pub const HELPER_ARG: &str = "__kata-container-init";
 /// The control channel's fd in the helper.
 pub const CHANNEL_FD: RawFd = 3;
+/// Longest error message sent to the agent (JSON escaping may grow it; a packet holds
+/// [`channel::MAX_MESSAGE`]).
+const MAX_ERROR: usize = 8 * 1024;
 /// `PATH` when the process sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -43,6 +49,9 @@ pub struct Plan {
     pub cgroup: PathBuf,
     /// The process to run.
     pub process: Process,
+    /// The container's seccomp filters, installed before `execve` (see [`child`]'s order).
+    #[serde(default)]
+    pub seccomp: Option<Compiled>,
     /// Init or exec.
     pub mode: Mode,
 }
@@ -72,8 +81,8 @@ pub fn helper_main() -> ! {
     // SAFETY: the agent put the channel at fd 3 for us and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
     set_cloexec(sock.as_raw_fd());
-    let plan: Plan = match channel::recv::<Plan>(sock.as_raw_fd()) {
-        Ok(Some((p, _))) => p,
+    let plan: Plan = match channel::recv_large::<Plan>(sock.as_raw_fd()) {
+        Ok(Some(p)) => p,
         Ok(None) => std::process::exit(1),
         Err(e) => fail(&sock, format!("read plan: {e}")),
     };
@@ -117,7 +126,16 @@ pub fn helper_main() -> ! {
     }
 }
 
-fn fail(sock: &OwnedFd, message: String) -> ! {
+fn fail(sock: &OwnedFd, mut message: String) -> ! {
+    // A message naming a huge argument must still fit one packet.
+    if message.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
     let _ = channel::send(sock.as_raw_fd(), &FromChild::Error(message), None);
     std::process::exit(1)
 }
@@ -129,8 +147,16 @@ fn set_cloexec(fd: RawFd) {
     );
 }
 
-/// Cgroup and namespaces, in the helper before forking.
+/// OOM priority, cgroup and namespaces, in the helper before forking.
 fn prepare(plan: &Plan) -> Result<()> {
+    // While the helper is still root with every capability (lowering it takes
+    // CAP_SYS_RESOURCE) and /proc is the guest's; the forked child and its program inherit it.
+    if let Some(adj) = plan.process.oom_score_adj {
+        ctx(
+            fs::write("/proc/self/oom_score_adj", adj.to_string()),
+            || format!("set oom_score_adj {adj}"),
+        )?;
+    }
     let procs = plan.cgroup.join("cgroup.procs");
     ctx(fs::write(&procs, "0"), || {
         format!("join cgroup {}", plan.cgroup.display())
@@ -268,6 +294,18 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
             ));
         }
     }
+    // Installing a filter takes no_new_privs or CAP_SYS_ADMIN. With either at exec time it
+    // goes in last, just before execve; otherwise, as runc does, before the identity change
+    // drops CAP_SYS_ADMIN (the profile then also applies to the remaining setup calls).
+    let seccomp_last = p.no_new_privileges
+        || p.capabilities
+            .as_ref()
+            .is_some_and(|c| c.effective.iter().any(|n| n == "CAP_SYS_ADMIN"));
+    if let (Some(filters), false) = (&plan.seccomp, seccomp_last) {
+        ctx(super::seccomp::install(filters), || {
+            "install the seccomp profile".into()
+        })?;
+    }
     let env = identity(p)?;
     if p.no_new_privileges {
         // SAFETY: prctl with integer arguments only.
@@ -285,6 +323,7 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
     let cwd = if p.cwd.is_empty() { "/" } else { &p.cwd };
     ctx(chdir(cwd), || format!("chdir to cwd {cwd:?}"))?;
     let program = find_program(&p.args[0], &env)?;
+    let (argv, envp) = exec_strings(&p.args, &env)?;
     reset_signals();
     channel::send(sock.as_raw_fd(), &FromChild::Ready, None).map_err(|e| e.to_string())?;
     match channel::recv::<ToChild>(sock.as_raw_fd()) {
@@ -292,7 +331,13 @@ fn child(plan: &Plan, sock: &OwnedFd) -> Result<std::convert::Infallible> {
         // The agent gave up on this process.
         _ => std::process::exit(1),
     }
-    exec(&program, &p.args, &env)
+    if let (Some(filters), true) = (&plan.seccomp, seccomp_last) {
+        ctx(super::seccomp::install(filters), || {
+            "install the seccomp profile".into()
+        })?;
+    }
+    let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
+    Err(format!("exec {program:?}: {e}"))
 }
 
 fn set_domainname(name: &str) -> Result<()> {
@@ -328,9 +373,13 @@ fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()
         ),
         || format!("bind rootfs {}", root.display()),
     )?;
+    // Everything below is resolved from this fd: symlinks in the rootfs resolve inside it.
+    let root_fd = ctx(crate::resolve::open_dir(root), || {
+        format!("open rootfs {}", root.display())
+    })?;
     let mut dev_mounted = false;
     for m in &spec.mounts {
-        mount_one(m, root, cgroup)?;
+        mount_one(m, root, &root_fd, cgroup)?;
         dev_mounted |= Path::new(&m.destination) == Path::new("/dev");
     }
     if dev_mounted {
@@ -338,47 +387,85 @@ fn setup_rootfs(spec: &Spec, root: &Path, cgroup: &Path, cwd: &str) -> Result<()
             .into_iter()
             .chain(spec.linux.devices.iter().filter_map(device_node));
         for d in devices {
-            let target = ctx(secure_join(root, Path::new(&d.path)), || d.path.clone())?;
-            if let Some(parent) = target.parent() {
-                ctx(fs::create_dir_all(parent), || {
-                    format!("create {}", parent.display())
-                })?;
-            }
-            ctx(make_node(&target, &d), || format!("mknod {}", d.path))?;
+            let (dir, name) = parent_in_root(root, &root_fd, &d.path)?;
+            ctx(make_node(&dir, &name, &d), || format!("mknod {}", d.path))?;
         }
+        let dev = ctx(
+            crate::resolve::mkdir_all(&root_fd, Path::new("dev"), 0o755, IN_ROOT),
+            || "open /dev in the container".into(),
+        )?;
         for (link, target) in [
-            ("/dev/fd", "/proc/self/fd"),
-            ("/dev/stdin", "/proc/self/fd/0"),
-            ("/dev/stdout", "/proc/self/fd/1"),
-            ("/dev/stderr", "/proc/self/fd/2"),
-            ("/dev/ptmx", "pts/ptmx"),
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("ptmx", "pts/ptmx"),
         ] {
-            let at = root.join(link.trim_start_matches('/'));
-            if fs::symlink_metadata(&at).is_err() {
-                ctx(std::os::unix::fs::symlink(target, &at), || {
-                    format!("symlink {link}")
-                })?;
-            }
+            ctx(symlink_at(target, &dev, link), || {
+                format!("symlink /dev/{link}")
+            })?;
         }
     }
     if !cwd.is_empty() {
-        let dir = ctx(secure_join(root, Path::new(cwd)), || cwd.to_owned())?;
-        if !dir.exists() {
-            ctx(fs::create_dir_all(&dir), || format!("create cwd {cwd:?}"))?;
+        let rel = in_root(root, cwd)?;
+        ctx(
+            crate::resolve::mkdir_all(&root_fd, &rel, 0o755, IN_ROOT),
+            || format!("create cwd {cwd:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `path` (absolute in the container) resolved as runc's securejoin does, relative to the
+/// root: the directories to open or create with [`crate::resolve::mkdir_all`].
+fn in_root(root: &Path, path: &str) -> Result<PathBuf> {
+    let joined = ctx(secure_join(root, Path::new(path)), || {
+        format!("resolve {path:?} in the container")
+    })?;
+    Ok(joined
+        .strip_prefix(root)
+        .unwrap_or(Path::new(""))
+        .to_owned())
+}
+
+/// The directory holding `path` (created if missing), open, and the last component.
+fn parent_in_root(root: &Path, root_fd: &OwnedFd, path: &str) -> Result<(OwnedFd, PathBuf)> {
+    let rel = in_root(root, path)?;
+    let name = PathBuf::from(
+        rel.file_name()
+            .ok_or_else(|| format!("{path:?} names no file"))?,
+    );
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let dir = ctx(
+        crate::resolve::mkdir_all(root_fd, parent, 0o755, IN_ROOT),
+        || format!("create the directory of {path:?}"),
+    )?;
+    Ok((dir, name))
+}
+
+/// `symlinkat(target, dir, name)`; an existing entry is left alone.
+fn symlink_at(target: &str, dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+    let t = CString::new(target).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let n = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C strings and an open directory fd.
+    if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
         }
     }
     Ok(())
 }
 
-fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
+/// One spec mount, built detached and attached onto the destination's fd (see
+/// [`super::mountfd`]): neither a symlink in the rootfs nor one swapped in meanwhile can
+/// move it out of the root.
+fn mount_one(m: &super::spec::Mount, root: &Path, root_fd: &OwnedFd, cgroup: &Path) -> Result<()> {
     let opts = parse_options(&m.options);
     let typ = m
         .typ
         .clone()
         .unwrap_or_else(|| if opts.is_bind() { "bind" } else { "none" }.to_owned());
-    let dest = ctx(secure_join(root, Path::new(&m.destination)), || {
-        format!("resolve mount destination {:?}", m.destination)
-    })?;
     let what = || {
         format!(
             "mount {typ} {:?} on {} with {:?}",
@@ -396,68 +483,51 @@ fn mount_one(m: &super::spec::Mount, root: &Path, cgroup: &Path) -> Result<()> {
     } else {
         None
     };
-    match bind_source {
+    let mnt = match bind_source {
         Some(src) => {
             let is_dir = ctx(fs::metadata(&src), || {
                 format!("bind source {} for {}", src.display(), m.destination)
             })?
             .is_dir();
-            if is_dir {
-                ctx(fs::create_dir_all(&dest), what)?;
+            let target = if is_dir {
+                let rel = in_root(root, &m.destination)?;
+                ctx(
+                    crate::resolve::mkdir_all(root_fd, &rel, 0o755, IN_ROOT),
+                    what,
+                )?
             } else {
-                if let Some(parent) = dest.parent() {
-                    ctx(fs::create_dir_all(parent), what)?;
-                }
-                if !dest.exists() {
-                    ctx(fs::File::create(&dest), what)?;
-                }
-            }
-            let rec = opts.flags & MsFlags::MS_REC;
-            ctx(
-                mount(
-                    Some(&src),
-                    &dest,
-                    None::<&str>,
-                    MsFlags::MS_BIND | rec,
-                    None::<&str>,
-                ),
+                let (dir, name) = parent_in_root(root, root_fd, &m.destination)?;
+                ctx(crate::resolve::touch(&dir, &name, 0o644), what)?
+            };
+            let mnt = ctx(
+                mountfd::bind(&src, opts.flags.contains(MsFlags::MS_REC)),
                 what,
             )?;
-            let extra = opts.remount_flags();
-            if !extra.is_empty() {
-                ctx(
-                    mount(
-                        None::<&str>,
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                        None::<&str>,
-                    ),
-                    || format!("remount {} with {:?}", m.destination, m.options),
-                )?;
-            }
+            ctx(mnt.set_flags(opts.remount_flags()), || {
+                format!("set {:?} on the bind for {}", m.options, m.destination)
+            })?;
+            ctx(mnt.attach(&target), what)?;
+            mnt
         }
         None => {
-            ctx(fs::create_dir_all(&dest), what)?;
-            let source = m.source.clone().unwrap_or_else(|| typ.clone());
-            let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
-            ctx(
-                mount(
-                    Some(source.as_str()),
-                    &dest,
-                    Some(typ.as_str()),
-                    opts.flags - MsFlags::MS_REMOUNT,
-                    data,
-                ),
+            let rel = in_root(root, &m.destination)?;
+            let target = ctx(
+                crate::resolve::mkdir_all(root_fd, &rel, 0o755, IN_ROOT),
                 what,
             )?;
+            let source = m.source.clone().unwrap_or_else(|| typ.clone());
+            let mnt = ctx(
+                mountfd::filesystem(&typ, &source, &opts.data, opts.flags - MsFlags::MS_REMOUNT),
+                what,
+            )?;
+            ctx(mnt.attach(&target), what)?;
+            mnt
         }
-    }
+    };
     for p in &opts.propagation {
-        ctx(
-            mount(None::<&str>, &dest, None::<&str>, *p, None::<&str>),
-            || format!("propagation of {}", m.destination),
-        )?;
+        ctx(mnt.set_propagation(*p), || {
+            format!("propagation of {}", m.destination)
+        })?;
     }
     Ok(())
 }
@@ -708,7 +778,8 @@ fn reset_signals() {
     );
 }
 
-fn exec(program: &CString, args: &[String], env: &[String]) -> Result<std::convert::Infallible> {
+/// `argv` and `envp` for execve, made before the seccomp profile may forbid allocating.
+fn exec_strings(args: &[String], env: &[String]) -> Result<(Vec<CString>, Vec<CString>)> {
     let argv: Vec<CString> = args
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -719,8 +790,7 @@ fn exec(program: &CString, args: &[String], env: &[String]) -> Result<std::conve
         .map(|a| CString::new(a.as_bytes()))
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| "process.env contains a NUL byte".to_owned())?;
-    let e = nix::unistd::execve(program, &argv, &envp).unwrap_err();
-    Err(format!("exec {:?}: {e}", program))
+    Ok((argv, envp))
 }
 
 /// Whether a path is an executable regular file (used by tests of the lookup).
@@ -767,6 +837,7 @@ mod tests {
                 args: vec!["sh".into()],
                 ..Default::default()
             },
+            seccomp: None,
             mode: Mode::Exec {
                 init_pid: 7,
                 namespaces: vec!["pid".into(), "mount".into()],

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::MsFlags;
@@ -194,30 +195,46 @@ pub fn device_node(d: &super::spec::Device) -> Option<DeviceNode> {
     })
 }
 
-/// Creates `node` at `target` (replacing nothing that exists).
-pub fn make_node(target: &Path, node: &DeviceNode) -> io::Result<()> {
+/// Creates `node` as `name` in directory `dir` (an existing entry is kept), then sets its
+/// exact mode and owner without following a symlink.
+pub fn make_node(dir: &OwnedFd, name: &Path, node: &DeviceNode) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(target.as_os_str().as_bytes())
+    let c = std::ffi::CString::new(name.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let dev = libc::makedev(node.major as u32, node.minor as u32);
-    // SAFETY: `c` is a valid NUL-terminated path.
-    let rc = unsafe { libc::mknod(c.as_ptr(), node.kind | node.mode, dev) };
+    // SAFETY: `dir` is an open directory and `c` a valid NUL-terminated name.
+    let rc = unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), node.kind | node.mode, dev) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EEXIST) {
             return Err(e);
         }
     }
-    // mknod applies the umask; set the exact mode.
-    // SAFETY: as above.
-    if unsafe { libc::chmod(c.as_ptr(), node.mode) } != 0 {
+    // SAFETY: as above; AT_SYMLINK_NOFOLLOW keeps a symlink's target untouched.
+    if unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            node.uid,
+            node.gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: as above.
-    if unsafe { libc::chown(c.as_ptr(), node.uid, node.gid) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // mknod applies the umask; set the exact mode on the node itself (never a symlink).
+    let fd = crate::resolve::openat2(
+        dir.as_raw_fd(),
+        name,
+        libc::O_PATH,
+        0,
+        crate::resolve::BENEATH,
+    )?;
+    std::fs::set_permissions(
+        crate::resolve::fd_path(&fd),
+        std::os::unix::fs::PermissionsExt::from_mode(node.mode),
+    )
 }
 
 #[cfg(test)]

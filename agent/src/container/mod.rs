@@ -7,9 +7,13 @@
 //! for `WaitProcess` once it has exited and all its output has been copied.
 
 pub mod caps;
+pub mod cgroups;
 pub mod channel;
 pub mod child;
+pub mod devices;
 pub mod fs;
+pub mod mountfd;
+pub mod seccomp;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -25,16 +29,16 @@ use nix::unistd::Pid;
 use tokio::sync::{oneshot, watch};
 
 use crate::cgroup;
+use crate::oom::OomWatch;
 use crate::reaper::{Exit, Exits};
 use crate::stdio::{Registry, StreamKey, StreamKind};
+use cgroups::{is_frozen, kill_cgroup, oom_kills, read_procs, remove_cgroup};
 use channel::{AgentEnd, ChannelError, FromChild, ToChild};
 use child::{Mode, Plan, HELPER_ARG};
 use spec::SpecError;
 
 /// Where container cgroups live.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/kata";
-/// Controllers enabled for containers.
-const CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
 /// How long a helper may take to set a process up (virtio-fs under TCG is slow). Below the
 /// shim's 30 s request deadline, so our own message reaches it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -72,6 +76,9 @@ pub enum ContainerError {
     /// The resources document is unusable.
     #[error("linux.resources")]
     Resources(#[from] cgroup::ResourcesError),
+    /// The device rules cannot be applied.
+    #[error("device cgroup")]
+    Devices(#[from] devices::DeviceError),
     /// A cgroup file operation failed.
     #[error("cgroup {}", .path.display())]
     Cgroup {
@@ -123,6 +130,8 @@ pub struct Finished {
     pub status: i32,
     /// The cgroup's OOM killer ended it.
     pub oom_killed: bool,
+    /// The container cgroup's OOM kill count once the process finished.
+    pub oom_kills: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +177,10 @@ struct Container {
     removing: std::sync::atomic::AtomicBool,
     cgroup: PathBuf,
     namespaces: Vec<String>,
+    /// The compiled seccomp profile, for the init and every exec.
+    seccomp: Option<seccomp::Compiled>,
+    /// The init's `process.oomScoreAdj`: an exec's when its own process has none.
+    oom_score_adj: Option<i32>,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -184,6 +197,8 @@ pub struct Containers {
     pod_shm_mounted: tokio::sync::Mutex<bool>,
     cgroup_root: PathBuf,
     table: Mutex<HashMap<String, Arc<Container>>>,
+    /// The containers' OOM kill counts.
+    oom: Arc<OomWatch>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,7 +241,13 @@ impl Containers {
             pod_shm_mounted: tokio::sync::Mutex::new(false),
             cgroup_root: PathBuf::from(CGROUP_ROOT),
             table: Mutex::default(),
+            oom: Arc::default(),
         }
+    }
+
+    /// The containers' OOM kill counts (`GetOOMEvents`).
+    pub fn oom(&self) -> &OomWatch {
+        &self.oom
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
@@ -298,6 +319,10 @@ impl Containers {
             }
         }
         let spec = spec::parse_spec(spec_json, &self.shared_base, &self.pod_ns_dir)?;
+        let seccomp = match &spec.linux.seccomp {
+            Some(profile) => Some(seccomp::compile(profile).map_err(SpecError::from)?),
+            None => None,
+        };
         let shm = self.pod_shm.to_string_lossy();
         if sandbox
             || spec
@@ -327,17 +352,19 @@ impl Containers {
                 })
             }
         }
-        let cgroup = self.make_cgroup(id, spec.linux.resources.as_ref())?;
+        let cgroup = cgroups::create(&self.cgroup_root, id, spec.linux.resources.as_ref())?;
         let namespaces: Vec<String> = spec
             .linux
             .namespaces
             .iter()
             .map(|n| n.typ.clone())
             .collect();
+        let oom_score_adj = spec.process.as_ref().and_then(|p| p.oom_score_adj);
         let plan = Plan {
             container_id: id.to_owned(),
             cgroup: cgroup.clone(),
             process: spec.process.clone().unwrap_or_default(),
+            seccomp: seccomp.clone(),
             mode: Mode::Init(Box::new(spec)),
         };
         let init = match self.launch(id, "", plan, stdio).await {
@@ -374,9 +401,16 @@ impl Containers {
             removing: std::sync::atomic::AtomicBool::new(false),
             cgroup,
             namespaces,
+            seccomp,
+            oom_score_adj,
             init,
             execs: Mutex::default(),
         });
+        // Before the init can run (it waits for Start): no kill goes unseen.
+        if let Err(e) = self.oom.watch(id, &container.cgroup) {
+            tracing::error!(container = id, error = %crate::logging::chain(&e),
+                "cannot follow the container's OOM kills; only those ending its init or an exec are reported");
+        }
         lock(&self.table).insert(id.to_owned(), container);
         tracing::info!(container = id, pid, "container created");
         Ok(pid)
@@ -448,37 +482,6 @@ impl Containers {
         Ok(bound)
     }
 
-    /// Creates the container's cgroup with its limits.
-    fn make_cgroup(&self, id: &str, resources: Option<&serde_json::Value>) -> Result<PathBuf> {
-        let files = match resources {
-            Some(r) => cgroup::resource_files(r.to_string().as_bytes())?,
-            None => Vec::new(),
-        };
-        let top = self.cgroup_root.parent().unwrap_or(Path::new("/"));
-        enable_controllers(top);
-        std::fs::create_dir_all(&self.cgroup_root).map_err(cg_err(&self.cgroup_root))?;
-        enable_controllers(&self.cgroup_root);
-        let dir = self.cgroup_root.join(id);
-        if dir.exists() {
-            // A leftover of a container that failed half way: it must be empty.
-            if let Err(e) = std::fs::remove_dir(&dir) {
-                return Err(ContainerError::Cgroup {
-                    path: dir,
-                    source: e,
-                });
-            }
-        }
-        std::fs::create_dir(&dir).map_err(cg_err(&dir))?;
-        for (name, value) in files {
-            let path = dir.join(name);
-            if let Err(e) = std::fs::write(&path, &value) {
-                let _ = std::fs::remove_dir(&dir);
-                return Err(ContainerError::Cgroup { path, source: e });
-            }
-        }
-        Ok(dir)
-    }
-
     /// Spawns a helper for `plan` and drives it to Ready.
     async fn launch(
         &self,
@@ -544,7 +547,7 @@ impl Containers {
         drop(cmd);
         drop(helper_end);
         let end = AgentEnd::new(agent_end).map_err(ContainerError::Spawn)?;
-        end.send(&plan)?;
+        end.send_large(&plan)?;
 
         let mut pid = None;
         let mut exit_rx = None;
@@ -654,10 +657,14 @@ impl Containers {
             for rx in outputs {
                 let _ = rx.await;
             }
-            let oom_killed = status == 137 && oom_kills(&cgroup).await > 0;
+            let kills = oom_kills(&cgroup).await;
+            let oom_killed = status == 137 && kills > 0;
             tracing::info!(container = %id, exec = %proc.exec_id, pid = %proc.pid, status, oom_killed, "process finished");
-            proc.phase
-                .send_replace(Phase::Done(Finished { status, oom_killed }));
+            proc.phase.send_replace(Phase::Done(Finished {
+                status,
+                oom_killed,
+                oom_kills: kills,
+            }));
         });
     }
 
@@ -759,11 +766,14 @@ impl Containers {
                 )));
             }
         }
-        let process = spec::parse_process(process)?;
+        let mut process = spec::parse_process(process)?;
+        // As runc: the container's value unless the exec names its own.
+        process.oom_score_adj = process.oom_score_adj.or(c.oom_score_adj);
         let plan = Plan {
             container_id: id.to_owned(),
             cgroup: c.cgroup.clone(),
             process,
+            seccomp: c.seccomp.clone(),
             mode: Mode::Exec {
                 init_pid: c.init.pid.as_raw(),
                 namespaces: c.namespaces.clone(),
@@ -844,6 +854,7 @@ impl Containers {
             let _ = std::fs::remove_file(f);
         }
         self.stdio.forget_container(id);
+        self.oom.forget(id);
         lock(&self.table).remove(id);
         tracing::info!(container = id, "container removed");
         Ok(())
@@ -973,7 +984,7 @@ fn process_name(id: &str, exec_id: &str) -> String {
     }
 }
 
-fn send_signal(pid: i32, sig: i32) -> Result<()> {
+pub(crate) fn send_signal(pid: i32, sig: i32) -> Result<()> {
     // SAFETY: kill with plain integers.
     let rc = unsafe { libc::kill(pid, sig) };
     if rc != 0 {
@@ -988,94 +999,6 @@ fn send_signal(pid: i32, sig: i32) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Enables the container controllers for the children of `dir` (each on its own, so one
-/// missing controller does not block the others).
-fn enable_controllers(dir: &Path) {
-    let file = dir.join("cgroup.subtree_control");
-    for c in CONTROLLERS {
-        if let Err(e) = std::fs::write(&file, format!("+{c}")) {
-            tracing::debug!(controller = c, dir = %dir.display(), error = %e, "enable controller");
-        }
-    }
-}
-
-async fn read_procs(cgroup: &Path) -> Vec<u32> {
-    tokio::fs::read_to_string(cgroup.join("cgroup.procs"))
-        .await
-        .map(|t| cgroup::parse_procs(&t))
-        .unwrap_or_default()
-}
-
-async fn oom_kills(cgroup: &Path) -> u64 {
-    let text = tokio::fs::read_to_string(cgroup.join("memory.events"))
-        .await
-        .unwrap_or_default();
-    cgroup::parse_flat_keyed(&text)
-        .get("oom_kill")
-        .copied()
-        .unwrap_or(0)
-}
-
-/// SIGKILLs everything in the cgroup (`cgroup.kill`, or pid by pid on old kernels).
-async fn kill_cgroup(cgroup: &Path) {
-    if tokio::fs::write(cgroup.join("cgroup.kill"), "1")
-        .await
-        .is_ok()
-    {
-        return;
-    }
-    // A frozen cgroup must be thawed for the kill to be acted on.
-    let _ = tokio::fs::write(cgroup.join("cgroup.freeze"), "0").await;
-    for pid in read_procs(cgroup).await {
-        let _ = send_signal(pid as i32, libc::SIGKILL);
-    }
-}
-
-/// Removes a cgroup and the child cgroups the container made, deepest first, retrying
-/// while the kernel still counts dying tasks.
-async fn remove_cgroup(cgroup: &Path) {
-    let mut dirs = Vec::new();
-    let mut stack = vec![cgroup.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        if let Ok(mut rd) = tokio::fs::read_dir(&d).await {
-            while let Ok(Some(e)) = rd.next_entry().await {
-                if e.file_type().await.map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(e.path());
-                }
-            }
-        }
-        dirs.push(d);
-    }
-    // Children after their parent in `dirs`: remove in reverse.
-    for dir in dirs.iter().rev() {
-        let mut removed = false;
-        for _ in 0..100 {
-            match tokio::fs::remove_dir(dir).await {
-                Ok(()) => {
-                    removed = true;
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    removed = true;
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        if !removed {
-            tracing::warn!(cgroup = %dir.display(), "cannot remove cgroup");
-        }
-    }
-}
-
-/// Whether the container's cgroup is frozen (paused).
-async fn is_frozen(cgroup: &Path) -> bool {
-    tokio::fs::read_to_string(cgroup.join("cgroup.freeze"))
-        .await
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

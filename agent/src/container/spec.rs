@@ -10,7 +10,7 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Reads `null` as the type's default (Go marshals nil slices and maps as `null`).
-fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+pub(crate) fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,
@@ -73,6 +73,9 @@ pub struct Process {
     /// `PR_SET_NO_NEW_PRIVS`.
     #[serde(default, deserialize_with = "null_default")]
     pub no_new_privileges: bool,
+    /// `/proc/<pid>/oom_score_adj` (-1000 to 1000); `None` keeps the agent's.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A pty size.
@@ -189,6 +192,9 @@ pub struct Linux {
     /// Cgroup resources (OCI `LinuxResources`), applied by the agent.
     #[serde(default)]
     pub resources: Option<serde_json::Value>,
+    /// The seccomp profile, compiled by [`super::seccomp`].
+    #[serde(default)]
+    pub seccomp: Option<super::seccomp::Profile>,
 }
 
 /// A namespace of the container.
@@ -282,6 +288,9 @@ pub enum SpecError {
     /// An unknown rlimit.
     #[error("unknown rlimit {0:?} (expected RLIMIT_NOFILE, RLIMIT_NPROC, ...)")]
     Rlimit(String),
+    /// `process.oomScoreAdj` out of the kernel's range.
+    #[error("process.oomScoreAdj {0} is out of range (expected -1000 to 1000)")]
+    OomScoreAdj(i32),
     /// An unknown capability name.
     #[error("unknown capability {0:?} (expected CAP_CHOWN, CAP_NET_ADMIN, ...)")]
     Capability(String),
@@ -299,6 +308,12 @@ pub enum SpecError {
     /// An `env` entry without `=`.
     #[error("process.env entry {0:?} is not KEY=value")]
     Env(String),
+    /// A seccomp profile the guest cannot apply.
+    #[error(transparent)]
+    Seccomp(#[from] super::seccomp::SeccompError),
+    /// `args` or `env` beyond Linux's `execve` limits.
+    #[error(transparent)]
+    Limit(#[from] kata_proto::limits::LimitError),
 }
 
 /// Parses and validates a container's spec; `shared_base` is where roots must live,
@@ -380,11 +395,22 @@ fn validate_process(p: &Process) -> Result<(), SpecError> {
     }
     for e in &p.env {
         if !e.contains('=') {
-            return Err(SpecError::Env(e.clone()));
+            // Named by its key only: the value may be huge (or secret).
+            let key: String = e.chars().take(64).collect();
+            return Err(SpecError::Env(key));
         }
     }
+    let stack = p
+        .rlimits
+        .iter()
+        .find(|r| r.typ == "RLIMIT_STACK")
+        .map(|r| r.soft);
+    kata_proto::limits::check_process(&p.args, &p.env, stack)?;
     for r in &p.rlimits {
         rlimit_resource(&r.typ)?;
+    }
+    if let Some(adj) = p.oom_score_adj.filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(SpecError::OomScoreAdj(adj));
     }
     if let Some(c) = &p.capabilities {
         for name in c
@@ -603,6 +629,26 @@ mod tests {
         assert_eq!(
             parse_process(br#"{"args":["x"],"env":["NOEQ"]}"#).unwrap_err(),
             SpecError::Env("NOEQ".into())
+        );
+    }
+
+    #[test]
+    fn oom_score_adj_is_kept_within_the_kernel_range() {
+        for adj in [-1000, -997, 0, 1000] {
+            let json = format!(r#"{{"args":["x"],"oomScoreAdj":{adj}}}"#);
+            assert_eq!(
+                parse_process(json.as_bytes()).unwrap().oom_score_adj,
+                Some(adj)
+            );
+        }
+        assert_eq!(
+            parse_process(br#"{"args":["x"]}"#).unwrap().oom_score_adj,
+            None
+        );
+        let e = parse_process(br#"{"args":["x"],"oomScoreAdj":1001}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "process.oomScoreAdj 1001 is out of range (expected -1000 to 1000)"
         );
     }
 }

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 mod types;
 
 pub use types::{
-    Command, CpuInstanceProperties, Event, Greeting, HotpluggableCpu, MemoryDeviceData,
-    MemoryDeviceInfo, QemuVersion, StatusInfo,
+    Command, CpuInfoFast, CpuInstanceProperties, Event, Greeting, HotpluggableCpu,
+    MemoryDeviceData, MemoryDeviceInfo, QemuVersion, StatusInfo,
 };
 
 /// Errors talking QMP.
@@ -267,6 +267,12 @@ impl Qmp {
     /// `query-hotpluggable-cpus`.
     pub async fn query_hotpluggable_cpus(&self) -> Result<Vec<HotpluggableCpu>, QmpError> {
         self.execute(&Command::QueryHotpluggableCpus).await
+    }
+
+    /// Host thread ids of the vCPUs (`query-cpus-fast`).
+    pub async fn vcpu_thread_ids(&self) -> Result<Vec<u32>, QmpError> {
+        let cpus: Vec<CpuInfoFast> = self.execute(&Command::QueryCpusFast).await?;
+        Ok(cpus.into_iter().map(|c| c.thread_id).collect())
     }
 
     /// `query-memory-devices`.

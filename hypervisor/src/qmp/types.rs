@@ -46,6 +46,18 @@ pub enum Command {
     QueryHotpluggableCpus,
     /// Plugged memory devices (DIMMs, virtio-mem).
     QueryMemoryDevices,
+    /// The vCPUs and their host threads.
+    QueryCpusFast,
+}
+
+/// One vCPU of `query-cpus-fast`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInfoFast {
+    /// The vCPU's index.
+    pub cpu_index: u32,
+    /// The host thread running it.
+    pub thread_id: u32,
 }
 
 impl Command {

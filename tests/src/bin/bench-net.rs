@@ -19,7 +19,6 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,45 +26,9 @@ use kata_tests::cri::{
     api, pod_config, with_network_mode, CniNetwork, CriContainerd, BUSYBOX, KATA_HANDLER,
     RUNC_HANDLER,
 };
+use kata_tests::tool::{check_stop, env_num, handle_signals};
 
 const PORT: u16 = 5001;
-
-/// Set by SIGINT/SIGTERM: stop after the current step (so the pods and containerd are
-/// removed as at the end).
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn handle_signals() -> Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &action) }.context("sigaction")?;
-    }
-    Ok(())
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
