@@ -180,8 +180,15 @@ impl EnvReport {
         runtime.static_sandbox_resource_mgmt = Some(config.runtime.static_sandbox_resource_mgmt);
         let q = &config.hypervisor.qemu;
         let limits = HostLimits::detect();
-        // Sizes as a sandbox would get them (0 = host CPUs / memory resolved here).
-        let sized = config.vm_config(
+        // Sizes as a sandbox would get them (0 = host CPUs / memory resolved here). They do
+        // not depend on the root image, whose presence `guest` reports: sized with an
+        // initrd so that a guest not installed yet is not a configuration error.
+        let mut sizing = config.clone();
+        if let Ok(RootChoice::Image(_)) = q.root() {
+            sizing.hypervisor.qemu.image = None;
+            sizing.hypervisor.qemu.initrd = Some(PathBuf::from("/dev/null"));
+        }
+        let sized = sizing.vm_config(
             "env",
             PathBuf::from("/run/kata/env/vm"),
             PathBuf::from("/run/kata-containers/shared/sandboxes/env"),

@@ -389,7 +389,7 @@ mod tests {
         assert_eq!(chardevs[2], "socket,id=fs0,path=/run/vm1/virtiofsd.sock");
         let devices = value(&args, "-device");
         assert_eq!(
-            devices[3],
+            devices[4],
             "vhost-user-fs-pci,chardev=fs0,tag=kataShared,queue-size=1024"
         );
     }

@@ -874,8 +874,11 @@ mod tests {
         };
         let c = Config::parse("").unwrap();
         assert_eq!(c.ceilings(host), (2, 24000), "0 = the host's size");
-        let c = Config::parse("[hypervisor.qemu]\ndefault_maxvcpus = 1\ndefault_maxmemory = 4096")
-            .unwrap();
+        // An initrd: vm_config reads the size of an image, which is not installed here.
+        let c = Config::parse(
+            "[hypervisor.qemu]\ndefault_maxvcpus = 1\ndefault_maxmemory = 4096\ninitrd = \"/x/initrd.img\"",
+        )
+        .unwrap();
         assert_eq!(c.ceilings(host), (1, 4096));
         let vm = c
             .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
@@ -890,19 +893,25 @@ mod tests {
             cpus: 2,
             memory_mib: 4096,
         };
-        let vm = |text: &str| {
-            Config::parse(text)
-                .unwrap()
-                .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
-                .unwrap()
-                .kernel_params
+        // An initrd: vm_config reads the size of an image, which is not installed here.
+        let vm = |qemu: &str, rest: &str| {
+            Config::parse(&format!(
+                "[hypervisor.qemu]\ninitrd = \"/x/initrd.img\"\n{qemu}\n{rest}"
+            ))
+            .unwrap()
+            .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+            .unwrap()
+            .kernel_params
         };
-        assert!(vm("").is_empty());
+        assert!(vm("", "").is_empty());
         assert_eq!(
-            vm("[hypervisor.qemu]\nenable_debug = true\nkernel_params = \"loglevel=3\""),
+            vm("enable_debug = true\nkernel_params = \"loglevel=3\"", ""),
             ["debug", "loglevel=3"]
         );
-        assert_eq!(vm("[agent.kata]\nenable_debug = true"), ["agent.log=debug"]);
+        assert_eq!(
+            vm("", "[agent.kata]\nenable_debug = true"),
+            ["agent.log=debug"]
+        );
         let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
         assert!(c.runtime.enable_debug);
     }
