@@ -6,10 +6,10 @@
 //! Each connection gets its own shell (`/bin/sh`, busybox in the guest image) on a fresh
 //! pty, started in a session of its own in the agent's namespaces (the guest's root
 //! namespaces: the containers have their own). Bytes are copied both ways between the
-//! connection and the pty master. When the client stops sending (end of its input) the
-//! shell gets an end-of-file (`^D` on the pty) and its output still flows until it exits;
-//! when the shell exits the connection is closed; when the client goes away for good the
-//! shell's session is killed. Exits are collected by the agent's reaper ([`Exits`]).
+//! connection and the pty master. When the shell exits the connection is closed; when the
+//! connection ends (even half-closed) the shell's session is hung up (SIGHUP, SIGKILL
+//! after a grace period): clients end a session by making the shell exit (`exit`, `^D`).
+//! Exits are collected by the agent's reaper ([`Exits`]).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -28,9 +28,8 @@ pub const SHELL: &str = "/bin/sh";
 const ENABLE_WORD: &str = "agent.debug_console";
 /// The kernel command line parameter naming the port.
 const PORT_PARAM: &str = "agent.debug_console_vport=";
-/// End of transmission: end-of-file for a pty in canonical mode and for busybox's line
-/// editing.
-const EOT: u8 = 0x04;
+/// How long a hung-up shell gets to end before its session is killed.
+const HANGUP_GRACE: Duration = Duration::from_secs(5);
 
 /// A debug console request on the kernel command line that cannot be honoured.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,7 +126,7 @@ where
     let (mut conn_rd, mut conn_wr) = tokio::io::split(conn);
 
     // pty -> client: ends when the shell and everything holding the pty are gone (EIO).
-    let to_client = tokio::spawn(async move {
+    let mut to_client = tokio::spawn(async move {
         let mut master_out = master_out;
         let mut buf = vec![0u8; 4096];
         loop {
@@ -143,38 +142,34 @@ where
         let _ = conn_wr.shutdown().await;
         true
     });
-    // client -> pty: the end of the client's input is an end-of-file for the shell.
-    let from_client = tokio::spawn(async move {
+    // client -> pty, until the connection ends.
+    let mut from_client = tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
-        let mut at_line_start = true;
-        loop {
-            match conn_rd.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    at_line_start = matches!(buf[n - 1], b'\n' | b'\r');
-                    if master_in.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                    let _ = master_in.flush().await;
-                }
-                Err(_) => break,
+        while let Ok(n) = conn_rd.read(&mut buf).await {
+            if n == 0 || master_in.write_all(&buf[..n]).await.is_err() {
+                break;
             }
+            let _ = master_in.flush().await;
         }
-        let eof: &[u8] = if at_line_start { &[EOT] } else { &[b'\n', EOT] };
-        let _ = master_in.write_all(eof).await;
-        let _ = master_in.flush().await;
-        // Keep the master open: the shell may still print.
-        std::future::pending::<()>().await;
     });
 
-    let client_alive = to_client.await.unwrap_or(false);
-    from_client.abort();
-    if !client_alive {
-        tracing::info!(
-            pid = pid.as_raw(),
-            "debug console client gone; killing its shell"
-        );
-        let _ = killpg(pid, Signal::SIGKILL);
+    tokio::select! {
+        alive = &mut to_client => {
+            from_client.abort();
+            if !alive.unwrap_or(false) {
+                tracing::info!(pid = pid.as_raw(), "debug console client gone; killing its shell");
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+        }
+        _ = &mut from_client => {
+            // The connection ended: hang up the shell's session as a terminal would, and
+            // let its last output through.
+            let _ = killpg(pid, Signal::SIGHUP);
+            if tokio::time::timeout(HANGUP_GRACE, &mut to_client).await.is_err() {
+                let _ = killpg(pid, Signal::SIGKILL);
+                to_client.abort();
+            }
+        }
     }
     match tokio::time::timeout(Duration::from_secs(10), exited).await {
         Ok(Ok(exit)) => tracing::info!(code = exit.code(), "debug console shell exited"),

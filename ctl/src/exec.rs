@@ -9,8 +9,7 @@
 //!
 //! With a terminal on stdin it is put in raw mode (restored on the way out) so keys reach
 //! the guest's shell as typed; otherwise stdin is copied as it is (tests feed commands
-//! through a pipe), and its end is passed on as the terminal's end-of-file (`^D`), which
-//! ends the shell.
+//! through a pipe), and its end becomes an `exit` command, which ends the shell.
 //! The session ends when the guest closes the connection (the shell exited).
 
 use std::os::fd::AsFd;
@@ -172,10 +171,12 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut from_guest, mut to_guest) = tokio::io::split(stream);
-    // stdin -> guest. The end of stdin is passed on as the terminal's end-of-file (^D,
-    // after a newline when the last line had none), not as a half-closed connection (not
-    // every vsock transport carries one): the shell exits, and its last output still comes
-    // back. Reading stdin blocks a thread; it is abandoned when the guest side ends.
+    // stdin -> guest. The end of stdin becomes an `exit` command (after a newline when the
+    // last line had none), not a closed connection (the agent hangs the shell up when the
+    // connection ends, and not every vsock transport carries a half-close): the shell
+    // finishes what it was given and its last output still comes back. A `^D` would not
+    // do: typed ahead before the shell's line editing starts, the pty drops it. Reading
+    // stdin blocks a thread; it is abandoned when the guest side ends.
     let input = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 4096];
@@ -191,7 +192,11 @@ where
                 }
             }
         }
-        let eof: &[u8] = if at_line_start { b"\x04" } else { b"\n\x04" };
+        let eof: &[u8] = if at_line_start {
+            b"exit\n"
+        } else {
+            b"\nexit\n"
+        };
         let _ = to_guest.write_all(eof).await;
         let _ = to_guest.flush().await;
         std::future::pending::<()>().await;

@@ -1,0 +1,410 @@
+//! `kata-ctl collect` and `kata-ctl exec` (the debug console), end to end: kata containers
+//! started by a test-owned containerd through `ctr` (one QEMU VM each), the real
+//! `kata-ctl` binary run as an operator runs it.
+//!
+//! - collect with two running sandboxes, one with a secret in an annotation and in an
+//!   environment variable: every sandbox has its files (metrics, QEMU command line,
+//!   console, agent URL, processes, journal or a recorded error), the allowed keys keep
+//!   their values, and the secret values appear in no file of the archive;
+//! - exec with `[agent.kata] debug_console_enabled = true`: a shell in the guest, outside
+//!   the container (PID 1 is the agent), fed through a pipe;
+//! - exec without it (the default): a clear error naming the key; an unknown id: a clear
+//!   error naming it.
+//!
+//! Each test ends with a leak check. The debug console and collect are kata's own: there
+//! is nothing to compare with runc.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use kata_tests::containerd::{
+    target_bin_dir, text, Containerd, ShimInstall, BUSYBOX, KATA_RUNTIME,
+};
+use kata_tests::{assert_no_runtime_leaks, wait_until};
+
+fn kata_ctl() -> PathBuf {
+    let bin = target_bin_dir().join("kata-ctl");
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build -p kata-ctl",
+        bin.display()
+    );
+    bin
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// A containerd whose kata runtime reads the test configuration.
+struct Env {
+    // Field order: containerd stops before the shim directory goes away.
+    ctd: Containerd,
+    shim: ShimInstall,
+}
+
+impl Env {
+    fn new(configure: impl FnOnce(&ShimInstall)) -> Self {
+        let shim = ShimInstall::new();
+        configure(&shim);
+        let ctd = Containerd::start_with_env(
+            shim.bin_dir(),
+            &[("KATA_CONF_FILE", shim.config_path().as_path())],
+        );
+        Self { ctd, shim }
+    }
+
+    /// `ctr run -d` of busybox `sleep 600` with `extra` flags; waits until RUNNING.
+    fn run_detached(&self, id: &str, extra: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", KATA_RUNTIME];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[BUSYBOX, id, "sleep", "600"]);
+        let out = self.ctd.ctr(&args);
+        assert!(out.status.success(), "ctr run -d {id}: {}", text(&out));
+        assert!(
+            wait_until(Duration::from_secs(90), || self.task_status(id)
+                == "RUNNING"),
+            "{id} never RUNNING: {:?}",
+            self.task_status(id)
+        );
+    }
+
+    fn task_status(&self, id: &str) -> String {
+        let out = self.ctd.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Kills and deletes the task and the container.
+    fn remove(&self, id: &str) {
+        let _ = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(Duration::from_secs(30), || {
+            let s = self.task_status(id);
+            s == "STOPPED" || s.is_empty()
+        });
+        let _ = self.ctd.ctr(&["task", "delete", id]);
+        let out = self.ctd.ctr(&["container", "delete", id]);
+        assert!(
+            out.status.success(),
+            "container delete {id}: {}",
+            text(&out)
+        );
+    }
+}
+
+/// Runs `kata-ctl args` with `input` on a pipe as stdin; killed (by pid) after 120 s.
+fn kata_ctl_with_input(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(kata_ctl())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kata-ctl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .expect("write kata-ctl's stdin");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(out) => out.expect("wait for kata-ctl"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let out = rx.recv().expect("kata-ctl waited for").expect("wait");
+            panic!("kata-ctl {args:?} did not finish in 120 s: {}", text(&out));
+        }
+    }
+}
+
+/// Every regular file under `dir`, with its text.
+fn files_under(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let data = std::fs::read(&p).unwrap();
+                out.push((p, String::from_utf8_lossy(&data).into_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn collect_gathers_every_sandbox_and_redacts_secrets() {
+    let env = Env::new(|_| {});
+    let (a, b) = (unique("collect-a"), unique("collect-b"));
+    let secret_annotation = format!("ann-secret-{}-zq81", std::process::id());
+    let secret_env = format!("env-secret-{}-xv27", std::process::id());
+    let annotation = format!("example.com/api-token={secret_annotation}");
+    let env_var = format!("DB_PASSWORD={secret_env}");
+    env.run_detached(
+        &a,
+        &[
+            "--annotation",
+            &annotation,
+            "--annotation",
+            "io.kubernetes.pod.name=visible-pod-name",
+            "--env",
+            &env_var,
+            "--env",
+            "LANG=C.visible-lang",
+        ],
+    );
+    env.run_detached(&b, &[]);
+    // The secrets are really there on the host before the collection.
+    let bundle = env.ctd.task_state_dir().join(&a);
+    let spec = std::fs::read_to_string(bundle.join("config.json")).expect("bundle config.json");
+    assert!(spec.contains(&secret_annotation) && spec.contains(&secret_env));
+
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("out.tar.gz");
+    let config = env.shim.config_path();
+    let out = Command::new(kata_ctl())
+        .args(["collect", "--output"])
+        .arg(&archive)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run kata-ctl collect");
+    assert!(out.status.success(), "collect: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("wrote"),
+        "{}",
+        text(&out)
+    );
+    // Never overwritten; a bad output is named.
+    let again = Command::new(kata_ctl())
+        .args(["collect", "--output"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again)
+    );
+    let bad = Command::new(kata_ctl())
+        .args(["collect", "--output", "/nonexistent-dir/x.tar.gz"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("/nonexistent-dir does not exist"),
+        "{}",
+        text(&bad)
+    );
+
+    let extracted = work.path().join("x");
+    std::fs::create_dir(&extracted).unwrap();
+    let tar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&extracted)
+        .output()
+        .unwrap();
+    assert!(tar.status.success(), "tar: {}", text(&tar));
+    let top = std::fs::read_dir(&extracted)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("a top directory")
+        .path();
+    assert!(top
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("kata-collect-"));
+    let read =
+        |rel: &str| std::fs::read_to_string(top.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let errors = read("errors.txt");
+
+    // The node.
+    let versions = read("versions.txt");
+    for want in [
+        "kata-ctl ",
+        "shim: ",
+        "qemu: ",
+        "host kernel: ",
+        "containerd: ",
+    ] {
+        assert!(
+            versions.contains(want),
+            "{want} in versions.txt:\n{versions}"
+        );
+    }
+    assert!(
+        versions.contains(&format!("agent of sandbox {a}: agent ")),
+        "{versions}"
+    );
+    let check: serde_json::Value = serde_json::from_str(&read("host/check.json")).unwrap();
+    assert!(check["capable"].is_boolean(), "{check}");
+    let env_json: serde_json::Value = serde_json::from_str(&read("env.json")).unwrap();
+    assert_eq!(
+        env_json["runtime"]["config_path"],
+        config.display().to_string()
+    );
+    assert!(read("config/configuration.toml").contains("[hypervisor.qemu]"));
+    let listing = read("sandboxes.txt");
+
+    // Every sandbox.
+    for id in [&a, &b] {
+        assert!(
+            listing.contains(&format!("{id} running")),
+            "{id} in sandboxes.txt:\n{listing}"
+        );
+        let dir = format!("sandboxes/{id}");
+        let metrics = read(&format!("{dir}/metrics.txt"));
+        assert!(
+            metrics.contains("kata_hypervisor_threads") && metrics.contains("kata_guest_meminfo"),
+            "{id} metrics:\n{}",
+            &metrics[..metrics.len().min(2000)]
+        );
+        let cmdline = read(&format!("{dir}/qemu-cmdline.txt"));
+        assert!(
+            cmdline
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .contains("qemu-system"),
+            "{cmdline}"
+        );
+        assert!(cmdline.lines().any(|l| l == "-append"), "{cmdline}");
+        let url = read(&format!("{dir}/agent-url.txt"));
+        assert!(
+            url.starts_with("vsock://") || url.starts_with("hvsock://"),
+            "{url}"
+        );
+        let console = read(&format!("{dir}/console.txt"));
+        assert!(
+            console.contains(kata_proto::AGENT_READY_MARKER),
+            "{id} console:\n{console}"
+        );
+        let processes = read(&format!("{dir}/processes.txt"));
+        assert!(
+            processes.contains("containerd-shim") && processes.contains("qemu"),
+            "{processes}"
+        );
+        assert!(read(&format!("{dir}/state.json")).contains(id.as_str()));
+        let journal = top.join(format!("{dir}/journal.txt"));
+        if journal.exists() {
+            let j = std::fs::read_to_string(&journal).unwrap();
+            assert!(j.contains(id.as_str()), "{id} journal:\n{j}");
+        } else {
+            assert!(
+                errors.contains(&format!("{dir}/journal.txt: ")),
+                "no journal and no recorded error for {id}:\n{errors}"
+            );
+        }
+        assert!(
+            top.join(format!("{dir}/bundles/{id}/config.json"))
+                .is_file(),
+            "{id}'s bundle"
+        );
+    }
+
+    // Redaction: keys kept, allowed values kept, secrets nowhere.
+    let spec: serde_json::Value =
+        serde_json::from_str(&read(&format!("sandboxes/{a}/bundles/{a}/config.json"))).unwrap();
+    assert_eq!(spec["annotations"]["example.com/api-token"], "<redacted>");
+    assert_eq!(
+        spec["annotations"]["io.kubernetes.pod.name"],
+        "visible-pod-name"
+    );
+    let envs: Vec<&str> = spec["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(envs.contains(&"DB_PASSWORD=<redacted>"), "{envs:?}");
+    assert!(envs.contains(&"LANG=C.visible-lang"), "{envs:?}");
+    assert!(envs.iter().any(|e| e.starts_with("PATH=/")), "{envs:?}");
+    for (path, text) in files_under(&top) {
+        for secret in [&secret_annotation, &secret_env] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{secret} leaked into {}",
+                path.display()
+            );
+        }
+    }
+
+    env.remove(&a);
+    env.remove(&b);
+    drop(env);
+    assert_no_runtime_leaks(&[&a, &b]);
+}
+
+#[test]
+fn exec_opens_a_shell_in_the_guest_when_the_console_is_enabled() {
+    let env = Env::new(|shim| shim.set_config("agent.kata", "debug_console_enabled = true"));
+    let id = unique("console-on");
+    env.run_detached(&id, &[]);
+
+    let out = kata_ctl_with_input(&["exec", &id], "cat /proc/1/comm; echo marker-$((6*7))\n");
+    assert!(out.status.success(), "exec: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // PID 1 of the shell's PID namespace is the agent (/init): the guest's root
+    // namespaces, not the container's (whose PID 1 is sleep).
+    assert!(
+        stdout.lines().any(|l| l.trim() == "init"),
+        "the agent's comm expected:\n{stdout}"
+    );
+    assert!(stdout.contains("marker-42"), "{stdout}");
+
+    env.remove(&id);
+    drop(env);
+    assert_no_runtime_leaks(&[&id]);
+}
+
+#[test]
+fn exec_without_the_console_or_with_an_unknown_id_is_a_clear_error() {
+    let env = Env::new(|_| {});
+    let id = unique("console-off");
+    env.run_detached(&id, &[]);
+
+    let out = kata_ctl_with_input(&["exec", &id], "echo marker-$((6*7))\n");
+    assert!(!out.status.success(), "exec: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the debug console of sandbox {id} is off"))
+            && stderr.contains("[agent.kata] debug_console_enabled = true"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("marker-42"));
+
+    let unknown = unique("no-such-sandbox");
+    let out = kata_ctl_with_input(&["exec", &unknown], "");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no sandbox {unknown:?} on this node")),
+        "{stderr}"
+    );
+
+    env.remove(&id);
+    drop(env);
+    assert_no_runtime_leaks(&[&id]);
+}
