@@ -36,6 +36,16 @@ pub const ENV_ALLOW: &[&str] = &[
     "container",
 ];
 
+/// Upper-case names in free text that are not environment variables and keep their values:
+/// the journal fields the shim writes and that `journalctl` filters by.
+pub const TEXT_NAME_ALLOW: &[&str] = &[
+    "SANDBOX_ID",
+    "CONTAINER",
+    "SOURCE",
+    "PRIORITY",
+    "SYSLOG_IDENTIFIER",
+];
+
 /// Annotation key prefixes whose values are kept: the CRI plugin's identity and sizing
 /// annotations and Kata's configuration annotations.
 pub const ANNOTATION_ALLOW_PREFIXES: &[&str] = &["io.kubernetes.cri.", "io.katacontainers."];
@@ -190,7 +200,11 @@ fn redact_assignments(text: &str) -> String {
                     k += 1;
                 }
                 let value: String = chars[j + 1..k].iter().collect();
-                if env_like(&name) && !env_allowed(&name) && !value.is_empty() && value != REDACTED
+                if env_like(&name)
+                    && !env_allowed(&name)
+                    && !TEXT_NAME_ALLOW.contains(&name.as_str())
+                    && !value.is_empty()
+                    && value != REDACTED
                 {
                     out.push_str(&name);
                     out.push('=');
@@ -299,5 +313,10 @@ mod tests {
         // Not at a token start, or not env-like: untouched.
         assert_eq!(s.scrub("aFOO=bar 1A=b Mixed=x"), "aFOO=bar 1A=b Mixed=x");
         assert_eq!(s.scrub("FOO= FOO=<redacted>"), "FOO= FOO=<redacted>");
+        // Journal fields are not environment variables.
+        assert_eq!(
+            s.scrub("journalctl SANDBOX_ID=abc"),
+            "journalctl SANDBOX_ID=abc"
+        );
     }
 }

@@ -239,6 +239,22 @@ fn collect_gathers_every_sandbox_and_redacts_secrets() {
     let read =
         |rel: &str| std::fs::read_to_string(top.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
     let errors = read("errors.txt");
+    for (path, text) in files_under(&top) {
+        println!(
+            "{} ({} bytes)",
+            path.strip_prefix(&top).unwrap().display(),
+            text.len()
+        );
+    }
+    println!("errors.txt:\n{errors}");
+    for (path, text) in files_under(&top) {
+        for line in text.lines().filter(|l| l.contains("<redacted>")) {
+            println!(
+                "redacted in {}: {line}",
+                path.file_name().unwrap().display()
+            );
+        }
+    }
 
     // The node.
     let versions = read("versions.txt");

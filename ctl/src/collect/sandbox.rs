@@ -137,10 +137,12 @@ pub async fn collect(c: &mut Collection, sandbox: &SandboxDir) -> Option<String>
 
 /// The journal lines of `id`, or why there are none.
 async fn journal(id: &str) -> Result<String, std::io::Error> {
-    if !Path::new(JOURNAL_SOCKET).exists() {
+    // A journal that is not running leaves its socket behind: connect to know.
+    let probe = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(JOURNAL_SOCKET));
+    if let Err(e) = probe {
         return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("no systemd journal on this host ({JOURNAL_SOCKET} is missing)"),
+            e.kind(),
+            format!("no systemd journal answers on {JOURNAL_SOCKET}: {e}"),
         ));
     }
     let filter = format!("SANDBOX_ID={id}");
@@ -149,7 +151,17 @@ async fn journal(id: &str) -> Result<String, std::io::Error> {
         args.extend(["-t", ident]);
     }
     args.push(&filter);
-    command_output("journalctl", &args).await
+    let lines = command_output("journalctl", &args).await?;
+    if lines.trim().is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "the journal has no lines with {filter} (journalctl {})",
+                args.join(" ")
+            ),
+        ));
+    }
+    Ok(lines)
 }
 
 /// Adds a bundle's `config.json`, redacted, with its values marked for scrubbing.
