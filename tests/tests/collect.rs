@@ -131,6 +131,42 @@ fn kata_ctl_with_input(args: &[&str], input: &str) -> Output {
     }
 }
 
+/// Runs `command` under `script` (a pty as its terminal) with `input` typed on it; killed
+/// (by pid) after 120 s.
+fn kata_ctl_script(command: &str, input: &str) -> Output {
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run script (util-linux)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).expect("type into script");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let result = rx.recv_timeout(Duration::from_secs(120));
+    // Kept open until the session ended: `script` ends its session at its input's end.
+    drop(stdin);
+    match result {
+        Ok(out) => out.expect("wait for script"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let out = rx.recv().expect("script waited for").expect("wait");
+            panic!(
+                "{command} under script did not finish in 120 s: {}",
+                text(&out)
+            );
+        }
+    }
+}
+
 /// Every regular file under `dir`, with its text.
 fn files_under(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
@@ -389,6 +425,14 @@ fn exec_opens_a_shell_in_the_guest_when_the_console_is_enabled() {
         "the agent's comm expected:\n{stdout}"
     );
     assert!(stdout.contains("marker-42"), "{stdout}");
+
+    // On a terminal (util-linux `script` gives kata-ctl a pty): raw mode, the keys go to
+    // the guest's shell as typed, and `exit` ends the session.
+    let command = format!("{} exec {id}", kata_ctl().display());
+    let out = kata_ctl_script(&command, "echo tty-$((7*6)); exit\n");
+    assert!(out.status.success(), "exec on a tty: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tty-42"), "{stdout}");
 
     env.remove(&id);
     drop(env);
