@@ -22,6 +22,9 @@ use std::time::Duration;
 use kata_tests::containerd::{
     target_bin_dir, text, Containerd, ShimInstall, BUSYBOX, KATA_RUNTIME,
 };
+use kata_tests::cri::{
+    api, container_config, with_pod_namespaces, CriContainerd, OrPanic, KATA_HANDLER,
+};
 use kata_tests::{assert_no_runtime_leaks, wait_until};
 
 fn kata_ctl() -> PathBuf {
@@ -165,6 +168,37 @@ fn kata_ctl_script(command: &str, input: &str) -> Output {
             );
         }
     }
+}
+
+/// `kata-ctl collect --output <tmp>/out.tar.gz [--config config]`, extracted; returns the
+/// scratch directory and the archive's top directory in it.
+fn collect_and_extract(config: Option<&Path>) -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("out.tar.gz");
+    let mut cmd = Command::new(kata_ctl());
+    cmd.args(["collect", "--output"]).arg(&archive);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let out = cmd.output().expect("run kata-ctl collect");
+    assert!(out.status.success(), "collect: {}", text(&out));
+    let extracted = work.path().join("x");
+    std::fs::create_dir(&extracted).unwrap();
+    let tar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&extracted)
+        .output()
+        .unwrap();
+    assert!(tar.status.success(), "tar: {}", text(&tar));
+    let top = std::fs::read_dir(&extracted)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("a top directory")
+        .path();
+    (work, top)
 }
 
 /// Every regular file under `dir`, with its text.
@@ -467,4 +501,63 @@ fn exec_without_the_console_or_with_an_unknown_id_is_a_clear_error() {
     env.remove(&id);
     drop(env);
     assert_no_runtime_leaks(&[&id]);
+}
+
+/// Through containerd's CRI: the pod's own bundle and its container's (beside it, naming the
+/// pod as its sandbox) are both in the archive, the container's environment redacted.
+#[test]
+fn collect_finds_a_pods_containers_and_redacts_their_environment() {
+    let env = CriContainerd::start(Some(ShimInstall::new()));
+    let pod = env
+        .client
+        .run_pod(&unique("collect-pod"), KATA_HANDLER)
+        .or_panic(&env);
+    let secret = format!("cri-secret-{}-qq19", std::process::id());
+    let mut config = with_pod_namespaces(
+        container_config("main", BUSYBOX, &["sleep", "600"], Vec::new()),
+        &pod,
+    );
+    config.envs = vec![api::KeyValue {
+        key: "API_KEY".into(),
+        value: secret.clone(),
+    }];
+    let cid = env
+        .client
+        .create_container_with(&pod, config)
+        .or_panic(&env);
+    env.client.start_container(&cid).or_panic(&env);
+
+    let (_work, top) = collect_and_extract(None);
+    let dir = top.join("sandboxes").join(&pod.id);
+    assert!(dir.join("metrics.txt").is_file(), "{}", dir.display());
+    assert!(
+        dir.join("bundles")
+            .join(&pod.id)
+            .join("config.json")
+            .is_file(),
+        "the pod's own bundle"
+    );
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("bundles").join(&cid).join("config.json"))
+            .expect("the container's bundle"),
+    )
+    .unwrap();
+    assert_eq!(spec["annotations"]["io.kubernetes.cri.sandbox-id"], pod.id);
+    let envs = spec["process"]["env"].to_string();
+    assert!(envs.contains("API_KEY=<redacted>"), "{envs}");
+    for (path, text) in files_under(&top) {
+        assert!(
+            !text.contains(&secret),
+            "{secret} leaked into {}",
+            path.display()
+        );
+    }
+
+    env.client.stop_container(&cid, 0).or_panic(&env);
+    env.client.remove_container(&cid).or_panic(&env);
+    env.client.stop_pod(&pod.id).or_panic(&env);
+    env.client.remove_pod(&pod.id).or_panic(&env);
+    let ids = [pod.id.clone(), cid.clone()];
+    drop(env);
+    assert_no_runtime_leaks(&[&ids[0], &ids[1]]);
 }
