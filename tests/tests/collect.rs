@@ -341,7 +341,8 @@ fn collect_gathers_every_sandbox_and_redacts_secrets() {
         );
     }
     assert!(
-        versions.contains(&format!("agent of sandbox {a}: agent ")),
+        versions.contains(&format!("agent of sandbox {a}: agent "))
+            && versions.contains(", guest kernel "),
         "{versions}"
     );
     let check: serde_json::Value = serde_json::from_str(&read("host/check.json")).unwrap();

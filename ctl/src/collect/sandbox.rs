@@ -2,7 +2,7 @@
 //! - `state.json`: the shim's record of its processes and directories;
 //! - `agent-url.txt`, `metrics.txt`, `console.txt`: the shim's management server
 //!   (`/agent-url`, `/metrics`, `/console`: the guest console's last lines);
-//! - `agent-version.txt`: the agent's answer to `Version`;
+//! - `agent-version.txt`: the agent's answer to `Version` and the guest's kernel release;
 //! - `journal.txt`: `journalctl -t kata -t virtiofsd -t vhost-device-vsock
 //!   SANDBOX_ID=<id>` (an error is recorded when there is no journal);
 //! - `qemu-cmdline.txt`: QEMU's arguments, one per line;
@@ -72,7 +72,12 @@ pub async fn collect(c: &mut Collection, sandbox: &SandboxDir) -> Option<String>
         match AgentClient::connect_endpoint(&endpoint, AGENT_TIMEOUT, AGENT_TIMEOUT).await {
             Ok(agent) => match agent.version().await {
                 Ok(v) => {
-                    let text = format!("agent {} (protocol {})", v.agent_version, v.grpc_version);
+                    let mut text =
+                        format!("agent {} (protocol {})", v.agent_version, v.grpc_version);
+                    match agent.guest_details().await {
+                        Ok(d) => text.push_str(&format!(", guest kernel {}", d.kernel_release)),
+                        Err(e) => c.error(item("agent-version.txt: guest kernel"), chain(&e)),
+                    }
                     c.add(item("agent-version.txt"), text.clone() + "\n");
                     agent_version = Some(text);
                 }
