@@ -241,10 +241,26 @@ fn collect_gathers_every_sandbox_and_redacts_secrets() {
         ],
     );
     env.run_detached(&b, &[]);
-    // The secrets are really there on the host before the collection.
+    // The secrets are really there on the host before the collection: in the bundle, and
+    // (an exec of a command named like the annotation's value, which the agent reports as
+    // a failed request on the guest console) in the console and the logs.
     let bundle = env.ctd.task_state_dir().join(&a);
     let spec = std::fs::read_to_string(bundle.join("config.json")).expect("bundle config.json");
     assert!(spec.contains(&secret_annotation) && spec.contains(&secret_env));
+    let exec = env
+        .ctd
+        .ctr(&["task", "exec", "--exec-id", "leak", &a, &secret_annotation]);
+    assert!(!exec.status.success(), "{}", text(&exec));
+    let socket = kata_tests::metrics::shim_socket(&a);
+    let mut console = String::new();
+    let logged = wait_until(Duration::from_secs(30), || {
+        console = kata_tests::metrics::shim_get(&socket, "/console")
+            .map(|r| r.text())
+            .unwrap_or_default();
+        console.contains(&secret_annotation)
+    });
+    assert!(logged, "the failed exec on the console:\n{console}");
+    let _ = env.ctd.ctr(&["task", "delete", "--exec-id", "leak", &a]);
 
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("out.tar.gz");
@@ -428,6 +444,13 @@ fn collect_gathers_every_sandbox_and_redacts_secrets() {
     assert!(envs.contains(&"DB_PASSWORD=<redacted>"), "{envs:?}");
     assert!(envs.contains(&"LANG=C.visible-lang"), "{envs:?}");
     assert!(envs.iter().any(|e| e.starts_with("PATH=/")), "{envs:?}");
+    let console = read(&format!("sandboxes/{a}/console.txt"));
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("<redacted>") && l.contains("not found")),
+        "the failed exec's console line, scrubbed:\n{console}"
+    );
     for (path, text) in files_under(&top) {
         for secret in [&secret_annotation, &secret_env] {
             assert!(
