@@ -201,6 +201,35 @@ fn collect_and_extract(config: Option<&Path>) -> (tempfile::TempDir, PathBuf) {
     (work, top)
 }
 
+/// Whether a direct connection to the debug console port of sandbox `id` (through the
+/// agent URL its shim reports) succeeds within 10 s.
+fn console_port_open(id: &str) -> bool {
+    let url = kata_tests::metrics::shim_get(&kata_tests::metrics::shim_socket(id), "/agent-url")
+        .expect("GET /agent-url")
+        .text();
+    let endpoint = if let Some(rest) = url.trim().strip_prefix("hvsock://") {
+        let (uds, _) = rest.rsplit_once(':').unwrap();
+        kata_hypervisor::vsock::Endpoint::Hybrid { uds: uds.into() }
+    } else {
+        let rest = url.trim().strip_prefix("vsock://").unwrap();
+        let (cid, _) = rest.rsplit_once(':').unwrap();
+        kata_hypervisor::vsock::Endpoint::Vhost {
+            cid: cid.parse().unwrap(),
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connect = endpoint.connect_once(kata_proto::DEBUG_CONSOLE_VSOCK_PORT);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), connect).await,
+            Ok(Ok(_))
+        )
+    })
+}
+
 /// Every regular file under `dir`, with its text.
 fn files_under(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
@@ -472,6 +501,7 @@ fn exec_opens_a_shell_in_the_guest_when_the_console_is_enabled() {
     let env = Env::new(|shim| shim.set_config("agent.kata", "debug_console_enabled = true"));
     let id = unique("console-on");
     env.run_detached(&id, &[]);
+    assert!(console_port_open(&id), "the debug console port is served");
 
     let out = kata_ctl_with_input(&["exec", &id], "cat /proc/1/comm; echo marker-$((6*7))\n");
     assert!(out.status.success(), "exec: {}", text(&out));
@@ -512,6 +542,11 @@ fn exec_without_the_console_or_with_an_unknown_id_is_a_clear_error() {
         "{stderr}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("marker-42"));
+    // And the agent does not serve the port: a direct connection is refused.
+    assert!(
+        !console_port_open(&id),
+        "the agent serves the debug console port although it is off"
+    );
 
     let unknown = unique("no-such-sandbox");
     let out = kata_ctl_with_input(&["exec", &unknown], "");
