@@ -159,7 +159,7 @@ pub fn default_roots() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether `path` names a process that is still the one the record saw (its start time
+/// Whether `pid` is still the process the record saw (its start time
 /// matches, so a recycled pid is never taken for it).
 pub fn same_process(pid: u32, start_time: Option<u64>) -> bool {
     if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
