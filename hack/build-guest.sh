@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the guest image: Debian's cloud kernel (vmlinuz) and an initrd whose /init is
-# kata-agent, carrying the kernel modules the agent loads at boot in dependency order.
+# kata-agent, carrying the kernel modules the agent loads at boot in dependency order, and
+# Debian's static busybox as /bin/sh with its applets (the shell of the debug console,
+# `[agent.kata] debug_console_enabled`; about 1 MiB of the initrd's size).
 #
 # Usage: hack/build-guest.sh [--install] [--force] [--root DIR] [--no-build]
 #   --install   also copy to /usr/share/kata-containers/{vmlinuz.container,kata-containers-initrd.img}
@@ -11,12 +13,14 @@
 # Environment:
 #   GUEST_BUILD_DIR   output directory (default <repo>/build/guest)
 #   KERNEL_PACKAGE    Debian kernel metapackage (default linux-image-cloud-amd64)
+#   BUSYBOX_PACKAGE   Debian static busybox package (default busybox-static)
 # Network: only `apt-get download` (Debian's archive).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${GUEST_BUILD_DIR:-$repo/build/guest}
 meta_pkg=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
+busybox_pkg=${BUSYBOX_PACKAGE:-busybox-static}
 install=0 force=0 build=1 root=''
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -70,6 +74,21 @@ if ! fetch_kernel; then
   fetch_kernel || { log "cannot download the kernel package behind '$meta_pkg'"; exit 1; }
 fi
 
+# 1b. Static busybox: the debug console's /bin/sh.
+fetch_busybox() {
+  bbdeb=$(ls "$out"/cache/"${busybox_pkg}"_*.deb 2>/dev/null | head -1 || true)
+  if [[ -z "$bbdeb" ]]; then
+    log "downloading $busybox_pkg"
+    (cd "$out/cache" && apt-get download -q "$busybox_pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+    bbdeb=$(ls "$out"/cache/"${busybox_pkg}"_*.deb 2>/dev/null | head -1 || true)
+  fi
+  [[ -n "$bbdeb" ]]
+}
+if ! fetch_busybox; then
+  apt-get update -qq
+  fetch_busybox || { log "cannot download '$busybox_pkg'"; exit 1; }
+fi
+
 # 2. The agent, static (glibc +crt-static; no musl target here).
 log "building kata-agent (static)"
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
@@ -80,7 +99,7 @@ if ! file_out=$(LC_ALL=C readelf -d "$agent" 2>/dev/null) || grep -q NEEDED <<<"
 fi
 
 # Skip the rest when neither the kernel package, the agent nor this script changed.
-stamp=$(sha256sum "$deb" "$agent" "$0" | sha256sum | cut -d' ' -f1)
+stamp=$(sha256sum "$deb" "$bbdeb" "$agent" "$0" | sha256sum | cut -d' ' -f1)
 if [[ $force == 0 && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp" && -f "$out/vmlinuz" && -f "$out/initrd.img" ]]; then
   log "guest image up to date in $out"
 else
@@ -130,6 +149,19 @@ else
     echo "$dest" >>"$root/etc/kata-agent/modules"
   done
   echo "$kver" >"$root/etc/kata-agent/kernel-release"
+
+  # busybox as /bin/sh and its applets (symlinks; existing files win).
+  dpkg-deb -x "$bbdeb" "$work/busybox"
+  bb=$work/busybox/bin/busybox
+  if ! bb_dyn=$(LC_ALL=C readelf -d "$bb" 2>/dev/null) || grep -q NEEDED <<<"$bb_dyn"; then
+    log "busybox from $bbdeb is not statically linked"; exit 1
+  fi
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin}
+  install -m 0755 "$bb" "$root/bin/busybox"
+  while read -r applet; do
+    [[ -e "$root$applet" || -L "$root$applet" ]] || ln -s /bin/busybox "$root$applet"
+  done < <("$bb" --list-full | grep -vxE 'linuxrc|sbin/init' | sed 's|^|/|')
+  [[ -L "$root/bin/sh" ]] || { log "busybox has no sh applet"; exit 1; }
   (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner 0:0) \
     | zstd -q -19 -T0 >"$work/initrd.img"
   mv "$work/vmlinuz" "$out/vmlinuz"

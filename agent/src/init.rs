@@ -90,6 +90,7 @@ fn run_pid1(cfg: Config) -> ! {
                             tracing::error!(error = %chain(&e), "no zombie reaper");
                         }
                         spawn_stdio_listener(agent.stdio().clone());
+                        spawn_debug_console(&cmdline, agent.exits().clone());
                         serve_forever(&cfg.listen, agent.clone()).await
                     })
                 }));
@@ -145,6 +146,27 @@ fn spawn_stdio_listener(registry: crate::stdio::Registry) {
         loop {
             if let Err(e) = crate::stdio::serve_vsock(registry.clone()).await {
                 tracing::error!(error = %e, "stdio listener failed; retrying in 1s");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Serves the debug console when the kernel command line turns it on; a failure to bind
+/// or accept is logged and retried every second.
+fn spawn_debug_console(cmdline: &str, exits: crate::reaper::Exits) {
+    let port = match crate::debug_console::port_from_cmdline(cmdline) {
+        Ok(Some(port)) => port,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "debug console not started");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::debug_console::serve_vsock(port, exits.clone()).await {
+                tracing::error!(error = %chain(&e), "debug console failed; retrying in 1s");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

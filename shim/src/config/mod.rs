@@ -167,6 +167,9 @@ pub struct AgentSection {
 pub struct Agent {
     /// The agent logs at debug level (`agent.log=debug`).
     pub enable_debug: bool,
+    /// The agent serves a root shell in the guest on vsock port
+    /// [`kata_proto::DEBUG_CONSOLE_VSOCK_PORT`] (`kata-ctl exec <sandbox-id>`).
+    pub debug_console_enabled: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
     /// Seconds between health probes of a running agent (each bounded by the same time).
@@ -179,6 +182,7 @@ impl Default for Agent {
     fn default() -> Self {
         Self {
             enable_debug: false,
+            debug_console_enabled: false,
             dial_timeout: 60,
             health_check_interval: 10,
             health_check_failures: 3,
@@ -385,6 +389,13 @@ impl Config {
                     "expected at least 1 (seconds)",
                 );
             }
+            if self.agent.kata.debug_console_enabled {
+                return invalid(
+                    "agent.kata.debug_console_enabled",
+                    &true,
+                    "not available with [hypervisor.remote]: the peer pods VM's agent is reached through the adaptor, which forwards only the agent and stdio ports",
+                );
+            }
             if !self.runtime.static_sandbox_resource_mgmt {
                 return invalid(
                     "runtime.static_sandbox_resource_mgmt",
@@ -479,6 +490,13 @@ impl Config {
             .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
+        }
+        if self.agent.kata.debug_console_enabled {
+            kernel_params.push("agent.debug_console".into());
+            kernel_params.push(format!(
+                "agent.debug_console_vport={}",
+                kata_proto::DEBUG_CONSOLE_VSOCK_PORT
+            ));
         }
         let cache = if q.virtio_fs_cache == "none" {
             "never".to_owned()
@@ -755,6 +773,11 @@ mod tests {
             ["debug", "loglevel=3"]
         );
         assert_eq!(vm("[agent.kata]\nenable_debug = true"), ["agent.log=debug"]);
+        assert_eq!(
+            vm("[agent.kata]\ndebug_console_enabled = true"),
+            ["agent.debug_console", "agent.debug_console_vport=1027"]
+        );
+        assert!(!Config::parse("").unwrap().agent.kata.debug_console_enabled);
         let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
         assert!(c.runtime.enable_debug);
     }
@@ -767,6 +790,13 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         c.check_files().unwrap();
+        let mut console = c.clone();
+        console.agent.kata.debug_console_enabled = true;
+        let e = console.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("agent.kata.debug_console_enabled = \"true\""),
+            "{e}"
+        );
         let r = c.hypervisor.remote.unwrap();
         assert_eq!(r.remote_hypervisor_socket, PathBuf::from("/run/x.sock"));
         assert_eq!(r.remote_hypervisor_timeout, 600);
