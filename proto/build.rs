@@ -1,7 +1,13 @@
 //! Generates the Rust message types and async ttrpc services from `protos/*.proto`.
 
 fn main() {
-    let protos = ["protos/health.proto", "protos/agent.proto"];
+    let protos = [
+        "protos/health.proto",
+        "protos/agent.proto",
+        "protos/image.proto",
+        "protos/hypervisor.proto",
+        "protos/peerpod.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -21,7 +27,17 @@ fn main() {
 
     // The generated files start with inner attributes and docs (`#![..]`, `//!`), which `include!`
     // cannot take; drop them (lib.rs sets the lints for the generated modules instead).
-    for name in ["health.rs", "health_ttrpc.rs", "agent.rs", "agent_ttrpc.rs"] {
+    for name in [
+        "health.rs",
+        "health_ttrpc.rs",
+        "agent.rs",
+        "agent_ttrpc.rs",
+        "image.rs",
+        "image_ttrpc.rs",
+        "hypervisor.rs",
+        "hypervisor_ttrpc.rs",
+        "peerpod.rs",
+    ] {
         let path = std::path::Path::new(&out_dir).join(name);
         let text = std::fs::read_to_string(&path).expect("read generated file");
         let kept: String = text

@@ -2,9 +2,12 @@
 //!
 //! Message types and async ttrpc services are generated at build time from `protos/`
 //! and used directly: there are no hand-written mirror types.
-//! [`limits`] holds the checks both sides apply to what a container process is given.
+//! [`limits`] holds the checks both sides apply to what a container process is given;
+//! [`network_mode`] the framing shared by the peer pods adaptor and the agent when the agent
+//! is reached over TLS instead of vsock.
 
 pub mod limits;
+pub mod network_mode;
 
 /// Liveness and version.
 #[allow(
@@ -61,6 +64,77 @@ pub mod agent {
 )]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// In-guest image pull (peer pods).
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
+pub mod image {
+    include!(concat!(env!("OUT_DIR"), "/image.rs"));
+}
+/// ttrpc client and server for [`image`].
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
+pub mod image_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/image_ttrpc.rs"));
+}
+/// The remote hypervisor service (Kata's `hypervisor.Hypervisor`), spoken by the shim to the peer pods adaptor.
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
+pub mod hypervisor {
+    include!(concat!(env!("OUT_DIR"), "/hypervisor.rs"));
+}
+/// ttrpc client and server for [`hypervisor`].
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
+pub mod hypervisor_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/hypervisor_ttrpc.rs"));
+}
+/// The user data a peer pod VM gets from the adaptor (see [`network_mode`]).
+#[allow(
+    clippy::all,
+    unused_mut,
+    unused_imports,
+    unknown_lints,
+    missing_debug_implementations,
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case
+)]
+pub mod peerpod {
+    include!(concat!(env!("OUT_DIR"), "/peerpod.rs"));
 }
 
 /// The vsock port the agent serves ttrpc on.
