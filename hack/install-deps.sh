@@ -32,6 +32,12 @@ APT_PACKAGES=(
   kmod              # depmod, to order the guest kernel modules
   iproute2 util-linux procps
   containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni (pod network tests, bench-net)
+  skopeo            # copies the offline test images into the peer pods tests' registry
+)
+# Packages that ship a service: installed with their service kept from starting (the peer
+# pods tests start a private instance of the registry themselves).
+APT_SERVICE_PACKAGES=(
+  docker-registry   # a real registry for the in-guest image pull tests
 )
 
 log() { echo "install-deps: $*" >&2; }
@@ -49,6 +55,35 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   log "apt packages: all present"
+fi
+
+missing=()
+for p in "${APT_SERVICE_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  log "apt packages to install without starting their services: ${missing[*]}"
+  # policy-rc.d answering 101 keeps invoke-rc.d/deb-systemd-invoke from starting services.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    own_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  status=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  ((own_policy)) && rm -f "$policy"
+  ((status == 0)) || exit "$status"
+  if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
+else
+  log "apt packages with services: all present"
 fi
 
 # cargo install <crate> <version> <binary>

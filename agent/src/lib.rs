@@ -5,12 +5,17 @@
 //! orphans ([`reaper`]) and then serves the agent protocol on vsock ([`server`],
 //! [`service`]). Run by hand (not PID 1) it only serves, on an address of the caller's
 //! choice, which is how the service is tested on a host.
+//!
+//! In a peer pod VM (kernel parameter `agent.mode=peerpod`) the agent is reached over
+//! mutual TLS on the network instead of vsock ([`peerpod`]) and pulls container images
+//! itself ([`image`]).
 
 pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod files;
 pub mod guest;
+pub mod image;
 pub mod init;
 pub mod logging;
 pub mod modules;
@@ -18,6 +23,7 @@ pub mod mounts;
 pub mod network;
 pub mod passwd;
 pub mod paths;
+pub mod peerpod;
 pub mod reaper;
 pub mod resolve;
 pub mod server;
