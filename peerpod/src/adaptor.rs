@@ -68,7 +68,8 @@ fn check_id(id: &str) -> Result<(), AdaptorError> {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    ok.then_some(()).ok_or_else(|| AdaptorError::BadId(id.to_owned()))
+    ok.then_some(())
+        .ok_or_else(|| AdaptorError::BadId(id.to_owned()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -91,7 +92,8 @@ impl Adaptor {
                     source,
                 })?;
         }
-        let ca = Ca::load_or_create(&cfg.state_dir).map_err(|e| AdaptorError::Tls("(CA)".into(), e))?;
+        let ca =
+            Ca::load_or_create(&cfg.state_dir).map_err(|e| AdaptorError::Tls("(CA)".into(), e))?;
         let store = Store::open(&cfg.state_dir)?;
         let registries = userdata::registries(&cfg.registries)?;
         Ok(Self {
@@ -114,7 +116,10 @@ impl Adaptor {
     }
 
     /// CreateVM: checks the request, plans the pod and records it; returns the agent socket.
-    pub async fn create_vm(self: &Arc<Self>, req: CreateVMRequest) -> Result<PathBuf, AdaptorError> {
+    pub async fn create_vm(
+        self: &Arc<Self>,
+        req: CreateVMRequest,
+    ) -> Result<PathBuf, AdaptorError> {
         let id = req.id.clone();
         check_id(&id)?;
         let ann = annotations::parse(&req.annotations)?;
@@ -130,12 +135,15 @@ impl Adaptor {
                 what: "instance request",
                 source,
             })?;
-        let netns = (!req.networkNamespacePath.is_empty()).then(|| PathBuf::from(&req.networkNamespacePath));
+        let netns = (!req.networkNamespacePath.is_empty())
+            .then(|| PathBuf::from(&req.networkNamespacePath));
         let inspected = match &netns {
             Some(ns) => {
                 let ns = ns.clone();
-                let (iface, routes) =
-                    blocking(move || tunnel::inspect(&ns).map_err(|e| AdaptorError::Netns(ns.clone(), e))).await?;
+                let (iface, routes) = blocking(move || {
+                    tunnel::inspect(&ns).map_err(|e| AdaptorError::Netns(ns.clone(), e))
+                })
+                .await?;
                 let underlay = self.provider.underlay().mtu;
                 if iface.mtu + VXLAN_OVERHEAD > underlay {
                     return Err(AdaptorError::Mtu {
@@ -222,7 +230,9 @@ impl Adaptor {
         inspected: Option<(kata_proto::agent::Interface, Vec<kata_proto::agent::Route>)>,
         vni: Option<u32>,
     ) -> Result<(), AdaptorError> {
-        let pod = self.pod(id).ok_or_else(|| AdaptorError::NotFound(id.to_owned()))?;
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| AdaptorError::NotFound(id.to_owned()))?;
         let record = pod.state.lock().await.record.clone();
         let pod_net = match (inspected, vni) {
             (Some((interface, routes)), Some(vni)) => Some(PodNet {
@@ -266,7 +276,11 @@ impl Adaptor {
     }
 
     /// The endpoint of a pod's agent.
-    async fn endpoint(&self, record: &PodRecord, address: std::net::IpAddr) -> Result<AgentEndpoint, AdaptorError> {
+    async fn endpoint(
+        &self,
+        record: &PodRecord,
+        address: std::net::IpAddr,
+    ) -> Result<AgentEndpoint, AdaptorError> {
         let sid = &record.sandbox_id;
         let (store, s) = (self.store.clone(), sid.clone());
         let client = blocking(move || Ok(store.client(&s)?)).await?;
@@ -279,7 +293,9 @@ impl Adaptor {
     /// StartVM: creates the instance, sets up the tunnel, waits for the agent and serves
     /// the agent socket. On failure the instance and tunnel are removed again.
     pub async fn start_vm(self: &Arc<Self>, id: &str) -> Result<(), AdaptorError> {
-        let pod = self.pod(id).ok_or_else(|| AdaptorError::NotFound(id.to_owned()))?;
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| AdaptorError::NotFound(id.to_owned()))?;
         let mut st = pod.state.lock().await;
         if st.proxy.is_some() {
             return Ok(());
@@ -287,8 +303,8 @@ impl Adaptor {
         let store = self.store.clone();
         let sid = id.to_owned();
         let ud_bytes = blocking(move || Ok(store.user_data(&sid)?)).await?;
-        let user_data =
-            UserData::parse_from_bytes(&ud_bytes).map_err(|e| AdaptorError::UserData(id.to_owned(), e))?;
+        let user_data = UserData::parse_from_bytes(&ud_bytes)
+            .map_err(|e| AdaptorError::UserData(id.to_owned(), e))?;
         let record = st.record.clone();
         let started = std::time::Instant::now();
         let instance = self
@@ -332,12 +348,19 @@ impl Adaptor {
     }
 
     /// Tunnel, readiness, proxy.
-    async fn connect_pod(&self, record: &PodRecord, address: std::net::IpAddr) -> Result<PodProxy, AdaptorError> {
+    async fn connect_pod(
+        &self,
+        record: &PodRecord,
+        address: std::net::IpAddr,
+    ) -> Result<PodProxy, AdaptorError> {
         let sid = record.sandbox_id.clone();
         if let Some(t) = record.tunnel.clone() {
             let port = self.cfg.vxlan_port;
             let s = sid.clone();
-            blocking(move || tunnel::setup(&t, address, port, t.mtu).map_err(|e| AdaptorError::Tunnel(s, e))).await?;
+            blocking(move || {
+                tunnel::setup(&t, address, port, t.mtu).map_err(|e| AdaptorError::Tunnel(s, e))
+            })
+            .await?;
         }
         let endpoint = self.endpoint(record, address).await?;
         endpoint
@@ -357,8 +380,12 @@ impl Adaptor {
         if let Some(t) = record.tunnel.clone() {
             match tokio::task::spawn_blocking(move || tunnel::teardown(&t)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(sandbox = %record.sandbox_id, error = %crate::report::chain(&e), "tunnel teardown"),
-                Err(e) => tracing::warn!(sandbox = %record.sandbox_id, error = %e, "tunnel teardown"),
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %record.sandbox_id, error = %crate::report::chain(&e), "tunnel teardown")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %record.sandbox_id, error = %e, "tunnel teardown")
+                }
             }
         }
         if let Err(e) = self.provider.delete_instance(&record.instance_name).await {
@@ -390,7 +417,9 @@ impl Adaptor {
         let mut first: Option<AdaptorError> = None;
         if let Some(t) = record.tunnel.clone() {
             let s = sid.clone();
-            if let Err(e) = blocking(move || tunnel::teardown(&t).map_err(|e| AdaptorError::Tunnel(s, e))).await {
+            if let Err(e) =
+                blocking(move || tunnel::teardown(&t).map_err(|e| AdaptorError::Tunnel(s, e))).await
+            {
                 first.get_or_insert(e);
             }
         }
@@ -429,15 +458,15 @@ impl Adaptor {
             let store = self.store.clone();
             blocking(move || Ok(store.remove_dir(&dir)?)).await?;
         }
-        let instances = self
-            .provider
-            .list_instances()
-            .await
-            .map_err(|source| AdaptorError::Provider {
-                sandbox: "(all)".into(),
-                what: "list instances",
-                source,
-            })?;
+        let instances =
+            self.provider
+                .list_instances()
+                .await
+                .map_err(|source| AdaptorError::Provider {
+                    sandbox: "(all)".into(),
+                    what: "list instances",
+                    source,
+                })?;
         let mut kept: HashSet<String> = HashSet::new();
         for record in records {
             let (sid, ns) = (record.sandbox_id.clone(), record.netns.clone());
@@ -451,7 +480,9 @@ impl Adaptor {
                 continue;
             }
             kept.insert(record.instance_name.clone());
-            let running = instances.iter().any(|i| i.name == record.instance_name && i.running);
+            let running = instances
+                .iter()
+                .any(|i| i.name == record.instance_name && i.running);
             let proxy = match record.address {
                 Some(address) => {
                     if !running {
@@ -485,21 +516,28 @@ impl Adaptor {
         let sid = record.sandbox_id.clone();
         if let Some(t) = record.tunnel.clone() {
             let port = self.cfg.vxlan_port;
-            match tokio::task::spawn_blocking(move || tunnel::setup(&t, address, port, t.mtu)).await {
+            match tokio::task::spawn_blocking(move || tunnel::setup(&t, address, port, t.mtu)).await
+            {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(sandbox = %sid, error = %crate::report::chain(&e), "restore tunnel"),
+                Ok(Err(e)) => {
+                    tracing::error!(sandbox = %sid, error = %crate::report::chain(&e), "restore tunnel")
+                }
                 Err(e) => tracing::error!(sandbox = %sid, error = %e, "restore tunnel"),
             }
         }
         let dir = self.cfg.pods_dir.join(&sid);
-        if let Err(e) = tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).await {
+        if let Err(e) = tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .await
+        {
             tracing::error!(sandbox = %sid, error = %e, "create pod directory");
         }
-        match self
-            .endpoint(record, address)
-            .await
-            .and_then(|ep| PodProxy::start(&self.agent_socket(&sid), ep).map_err(|e| AdaptorError::Proxy(sid.clone(), e)))
-        {
+        match self.endpoint(record, address).await.and_then(|ep| {
+            PodProxy::start(&self.agent_socket(&sid), ep)
+                .map_err(|e| AdaptorError::Proxy(sid.clone(), e))
+        }) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::error!(sandbox = %sid, error = %crate::report::chain(&e), "serve agent socket");

@@ -75,13 +75,15 @@ pub fn parse(a: &HashMap<String, String>) -> Result<PodAnnotations, AnnotationEr
     }
     if let Some((k, v)) = get("default_vcpus") {
         // Kata allows fractions (0.5); a VM gets whole vCPUs.
-        let n: f64 = v.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0 && *n <= 1024.0).ok_or_else(|| {
-            AnnotationError::Invalid {
+        let n: f64 = v
+            .parse()
+            .ok()
+            .filter(|n: &f64| n.is_finite() && *n >= 0.0 && *n <= 1024.0)
+            .ok_or_else(|| AnnotationError::Invalid {
                 key: k.clone(),
                 value: v.clone(),
                 expected: "a number of vCPUs (0-1024)",
-            }
-        })?;
+            })?;
         if n > 0.0 {
             out.vcpus = Some(n.ceil() as u32);
         }
@@ -134,7 +136,9 @@ mod tests {
     use super::*;
 
     fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

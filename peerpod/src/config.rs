@@ -184,7 +184,13 @@ impl Subnet {
     }
 
     fn parse(s: &str) -> Result<Self, ConfigError> {
-        let bad = || invalid("local.subnet", s, "an IPv4 network a.b.c.d/N with N in 16..=29");
+        let bad = || {
+            invalid(
+                "local.subnet",
+                s,
+                "an IPv4 network a.b.c.d/N with N in 16..=29",
+            )
+        };
         let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
         let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
@@ -310,7 +316,11 @@ impl AdaptorConfig {
         }
         for dir in l.images.values() {
             if !dir.is_absolute() {
-                return Err(invalid("local.images", dir.display(), "absolute directories"));
+                return Err(invalid(
+                    "local.images",
+                    dir.display(),
+                    "absolute directories",
+                ));
             }
         }
         if l.vcpus == 0 || l.vcpus > l.max_vcpus {
@@ -324,7 +334,11 @@ impl AdaptorConfig {
             ));
         }
         for t in l.instance_types.values() {
-            if t.vcpus == 0 || t.vcpus > l.max_vcpus || t.memory_mib < 256 || t.memory_mib > l.max_memory_mib {
+            if t.vcpus == 0
+                || t.vcpus > l.max_vcpus
+                || t.memory_mib < 256
+                || t.memory_mib > l.max_memory_mib
+            {
                 return Err(invalid(
                     "local.instance_types",
                     format!("{t:?}"),
@@ -405,13 +419,19 @@ mod tests {
             ("provider = \"aws\"", "aws"),
             ("vxlan_port = 70000", "vxlan_port"),
             ("[local]\nsubnet = \"10.0.0.1/24\"", "local.subnet"),
-            ("[local]\nbridge = \"a-very-long-bridge-name\"", "local.bridge"),
+            (
+                "[local]\nbridge = \"a-very-long-bridge-name\"",
+                "local.bridge",
+            ),
             ("[local]\ndefault_image = \"nope\"", "local.default_image"),
             ("[local]\naccel = \"xen\"", "local.accel"),
             ("[local]\nmtu = 100", "local.mtu"),
         ] {
             let e = parse(text).unwrap_err();
-            let msg = format!("{e} {:?}", std::error::Error::source(&e).map(|s| s.to_string()));
+            let msg = format!(
+                "{e} {:?}",
+                std::error::Error::source(&e).map(|s| s.to_string())
+            );
             assert!(msg.contains(needle), "{text}: {msg}");
         }
     }

@@ -100,7 +100,12 @@ impl std::fmt::Debug for AgentEndpoint {
 
 impl AgentEndpoint {
     /// The agent at `address:port`, whose certificate must name `name`.
-    pub fn new(address: IpAddr, port: u16, name: ServerName<'static>, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(
+        address: IpAddr,
+        port: u16,
+        name: ServerName<'static>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         Self {
             addr: SocketAddr::new(address, port),
             name,
@@ -117,7 +122,9 @@ impl AgentEndpoint {
     pub async fn connect(&self, port: u32) -> Result<TlsStream<TcpStream>, ProxyError> {
         let addr = self.addr;
         tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let tcp = TcpStream::connect(addr).await.map_err(|e| ProxyError::Tcp(addr, e))?;
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| ProxyError::Tcp(addr, e))?;
             let _ = tcp.set_nodelay(true);
             let mut tls = self
                 .connector
@@ -127,7 +134,9 @@ impl AgentEndpoint {
             tls.write_all(connect_line(port).as_bytes())
                 .await
                 .map_err(|e| ProxyError::Header(addr, e))?;
-            let answer = read_line(&mut tls).await.map_err(|e| ProxyError::Header(addr, e))?;
+            let answer = read_line(&mut tls)
+                .await
+                .map_err(|e| ProxyError::Header(addr, e))?;
             if answer == ok_line(port).trim_end() {
                 Ok(tls)
             } else {
@@ -142,7 +151,8 @@ impl AgentEndpoint {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ProxyError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let attempt = tokio::time::timeout_at(deadline, self.connect(kata_proto::AGENT_VSOCK_PORT)).await;
+            let attempt =
+                tokio::time::timeout_at(deadline, self.connect(kata_proto::AGENT_VSOCK_PORT)).await;
             let last = match attempt {
                 Ok(Ok(mut tls)) => {
                     let _ = tls.shutdown().await;

@@ -62,15 +62,30 @@ mod tests {
             },
         );
         let mut a = PodAnnotations::default();
-        assert_eq!(size_for(&a, &local), InstanceSize { vcpus: 1, memory_mib: 1024 });
+        assert_eq!(
+            size_for(&a, &local),
+            InstanceSize {
+                vcpus: 1,
+                memory_mib: 1024
+            }
+        );
         a.memory_mib = Some(512);
         assert_eq!(size_for(&a, &local).memory_mib, 512);
         a.machine_type = Some("big".into());
-        assert_eq!(size_for(&a, &local), InstanceSize { vcpus: 4, memory_mib: 4096 });
+        assert_eq!(
+            size_for(&a, &local),
+            InstanceSize {
+                vcpus: 4,
+                memory_mib: 4096
+            }
+        );
         assert!(check_limit(9, 10).is_ok());
         assert_eq!(
             check_limit(10, 10),
-            Err(LimitError::Reached { current: 10, limit: 10 })
+            Err(LimitError::Reached {
+                current: 10,
+                limit: 10
+            })
         );
         assert!(check_limit(1000, 0).is_ok());
     }

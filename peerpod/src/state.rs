@@ -103,7 +103,12 @@ impl Store {
     }
 
     /// Writes a pod's record, user data and client certificate (a new pod). Blocking.
-    pub fn create(&self, record: &PodRecord, user_data: &[u8], client: &Pair) -> Result<(), StateError> {
+    pub fn create(
+        &self,
+        record: &PodRecord,
+        user_data: &[u8],
+        client: &Pair,
+    ) -> Result<(), StateError> {
         let dir = self.pod_dir(&record.sandbox_id);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -124,7 +129,8 @@ impl Store {
     /// Rewrites a pod's record. Blocking.
     pub fn save(&self, record: &PodRecord) -> Result<(), StateError> {
         let path = self.pod_dir(&record.sandbox_id).join("pod.json");
-        let json = serde_json::to_vec_pretty(record).map_err(|e| StateError::Json(path.clone(), e))?;
+        let json =
+            serde_json::to_vec_pretty(record).map_err(|e| StateError::Json(path.clone(), e))?;
         write_file(&path, &json)
     }
 
@@ -162,7 +168,10 @@ impl Store {
             let path = e.path().join("pod.json");
             let parsed = std::fs::read(&path)
                 .map_err(io("read", &path))
-                .and_then(|b| serde_json::from_slice::<PodRecord>(&b).map_err(|e| StateError::Json(path.clone(), e)));
+                .and_then(|b| {
+                    serde_json::from_slice::<PodRecord>(&b)
+                        .map_err(|e| StateError::Json(path.clone(), e))
+                });
             match parsed {
                 Ok(r) => pods.push(r),
                 Err(err) => bad.push((e.path(), err)),

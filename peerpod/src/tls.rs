@@ -102,7 +102,8 @@ impl Ca {
                     source,
                 })
             };
-            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| TlsError::Rcgen("parse the CA key", e))?;
+            let key = KeyPair::from_pem(&read(&key_path)?)
+                .map_err(|e| TlsError::Rcgen("parse the CA key", e))?;
             return Ok(Self {
                 cert_pem: read(&cert_path)?,
                 key,
@@ -159,7 +160,10 @@ impl Ca {
 
     /// The adaptor's client certificate for one pod.
     pub fn issue_client(&self, sandbox_id: &str) -> Result<Pair, TlsError> {
-        let name = format!("peerpod-adaptor-{}", &sandbox_id[..sandbox_id.len().min(16)]);
+        let name = format!(
+            "peerpod-adaptor-{}",
+            &sandbox_id[..sandbox_id.len().min(16)]
+        );
         self.issue(&name, false)
     }
 }
@@ -208,7 +212,10 @@ mod tests {
         client_config(ca.cert_pem(), &client).unwrap();
         server_name("podvm-ns-web-01234567").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(t.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(t.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -95,7 +95,11 @@ pub fn device_name(vni: u32) -> String {
 }
 
 fn mac_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
@@ -107,7 +111,14 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TunnelError> {
-    match h.link().get().match_name(name.to_owned()).execute().try_next().await {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(l) => Ok(l.map(|l| l.header.index)),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(nl(format!("find {name}"))(e)),
@@ -119,7 +130,13 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TunnelError> 
 pub fn inspect(netns: &Path) -> Result<(Interface, Vec<Route>), TunnelError> {
     let path = netns.to_owned();
     on_thread(Some(netns), async move |h: &Handle| {
-        let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(nl("list links"))?;
+        let links: Vec<_> = h
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list links"))?;
         let veths: Vec<_> = links
             .iter()
             .filter(|l| {
@@ -187,7 +204,10 @@ pub fn inspect(netns: &Path) -> Result<(Interface, Vec<Route>), TunnelError> {
             let link_scope = r.header.scope == RouteScope::Link;
             // Routes the kernel derives from an address are recreated by it in the guest.
             if oif != Some(index)
-                || (link_scope && gateway.is_none() && dest.is_some() && r.header.protocol == RouteProtocol::Kernel)
+                || (link_scope
+                    && gateway.is_none()
+                    && dest.is_some()
+                    && r.header.protocol == RouteProtocol::Kernel)
             {
                 continue;
             }
@@ -225,7 +245,9 @@ async fn del_ingress(h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
 }
 
 async fn redirect(h: &Handle, from: u32, to: u32) -> Result<(), TunnelError> {
-    del_ingress(h, from).await.map_err(nl(format!("clear ingress of link {from}")))?;
+    del_ingress(h, from)
+        .await
+        .map_err(nl(format!("clear ingress of link {from}")))?;
     h.qdisc()
         .add(from as i32)
         .ingress()
@@ -249,18 +271,29 @@ async fn redirect(h: &Handle, from: u32, to: u32) -> Result<(), TunnelError> {
 pub fn setup(t: &TunnelRecord, remote: IpAddr, port: u16, mtu: u32) -> Result<(), TunnelError> {
     let dev = device_name(t.vni);
     let d = dev.clone();
-    if on_thread(Some(&t.netns), async move |h: &Handle| link_index(h, &d).await)?.is_some() {
+    if on_thread(Some(&t.netns), async move |h: &Handle| {
+        link_index(h, &d).await
+    })?
+    .is_some()
+    {
         return Ok(());
     }
     let IpAddr::V4(remote) = remote else {
-        return Err(TunnelError::Missing(format!("an IPv4 address for the VM (got {remote})")));
+        return Err(TunnelError::Missing(format!(
+            "an IPv4 address for the VM (got {remote})"
+        )));
     };
-    let pod_ns = std::fs::File::open(&t.netns).map_err(|e| TunnelError::Open(t.netns.clone(), e))?;
+    let pod_ns =
+        std::fs::File::open(&t.netns).map_err(|e| TunnelError::Open(t.netns.clone(), e))?;
     let (d, vni) = (dev.clone(), t.vni);
     on_thread(None, async move |h: &Handle| {
         // A leftover from a crash between creating and moving the device.
         if let Some(old) = link_index(h, &d).await? {
-            h.link().del(old).execute().await.map_err(nl(format!("remove leftover {d}")))?;
+            h.link()
+                .del(old)
+                .execute()
+                .await
+                .map_err(nl(format!("remove leftover {d}")))?;
         }
         h.link()
             .add()
@@ -270,8 +303,12 @@ pub fn setup(t: &TunnelRecord, remote: IpAddr, port: u16, mtu: u32) -> Result<()
             .learning(false)
             .execute()
             .await
-            .map_err(nl(format!("create {d} (vni {vni}, remote {remote}:{port})")))?;
-        let index = link_index(h, &d).await?.ok_or_else(|| TunnelError::Missing(d.clone()))?;
+            .map_err(nl(format!(
+                "create {d} (vni {vni}, remote {remote}:{port})"
+            )))?;
+        let index = link_index(h, &d)
+            .await?
+            .ok_or_else(|| TunnelError::Missing(d.clone()))?;
         h.link()
             .set(index)
             .mtu(mtu)
@@ -282,9 +319,18 @@ pub fn setup(t: &TunnelRecord, remote: IpAddr, port: u16, mtu: u32) -> Result<()
     })?;
     let (d, veth) = (dev, t.interface.clone());
     on_thread(Some(&t.netns), async move |h: &Handle| {
-        let vx = link_index(h, &d).await?.ok_or_else(|| TunnelError::Missing(d.clone()))?;
-        let veth_index = link_index(h, &veth).await?.ok_or_else(|| TunnelError::Missing(veth.clone()))?;
-        h.link().set(vx).up().execute().await.map_err(nl(format!("set {d} up")))?;
+        let vx = link_index(h, &d)
+            .await?
+            .ok_or_else(|| TunnelError::Missing(d.clone()))?;
+        let veth_index = link_index(h, &veth)
+            .await?
+            .ok_or_else(|| TunnelError::Missing(veth.clone()))?;
+        h.link()
+            .set(vx)
+            .up()
+            .execute()
+            .await
+            .map_err(nl(format!("set {d} up")))?;
         redirect(h, veth_index, vx).await?;
         redirect(h, vx, veth_index).await
     })
@@ -298,17 +344,27 @@ pub fn teardown(t: &TunnelRecord) -> Result<(), TunnelError> {
         let (d, veth) = (dev.clone(), t.interface.clone());
         on_thread(Some(&t.netns), async move |h: &Handle| {
             if let Some(v) = link_index(h, &veth).await? {
-                del_ingress(h, v).await.map_err(nl(format!("remove the redirect of {veth}")))?;
+                del_ingress(h, v)
+                    .await
+                    .map_err(nl(format!("remove the redirect of {veth}")))?;
             }
             if let Some(x) = link_index(h, &d).await? {
-                h.link().del(x).execute().await.map_err(nl(format!("remove {d}")))?;
+                h.link()
+                    .del(x)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("remove {d}")))?;
             }
             Ok(())
         })?;
     }
     on_thread(None, async move |h: &Handle| {
         if let Some(x) = link_index(h, &dev).await? {
-            h.link().del(x).execute().await.map_err(nl(format!("remove {dev}")))?;
+            h.link()
+                .del(x)
+                .execute()
+                .await
+                .map_err(nl(format!("remove {dev}")))?;
         }
         Ok(())
     })

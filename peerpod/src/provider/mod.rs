@@ -72,7 +72,10 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// A failure with its cause.
-    pub fn failed(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub fn failed(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         ProviderError::Failed {
             what: what.into(),
             source: Box::new(source),
@@ -93,7 +96,12 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn default_image(&self) -> &str;
 
     /// Checks a request's image and size before anything is created.
-    fn check(&self, image: &str, machine_type: Option<&str>, size: InstanceSize) -> Result<(), ProviderError>;
+    fn check(
+        &self,
+        image: &str,
+        machine_type: Option<&str>,
+        size: InstanceSize,
+    ) -> Result<(), ProviderError>;
 
     /// Creates and boots an instance; returns once it exists (not when its agent answers).
     async fn create_instance(&self, req: InstanceRequest) -> Result<Instance, ProviderError>;

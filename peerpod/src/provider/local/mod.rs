@@ -48,7 +48,9 @@ pub struct LocalProvider {
     alloc: tokio::sync::Mutex<()>,
 }
 
-fn failed<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl FnOnce(E) -> ProviderError {
+fn failed<E: std::error::Error + Send + Sync + 'static>(
+    what: String,
+) -> impl FnOnce(E) -> ProviderError {
     move |e| ProviderError::failed(what, e)
 }
 
@@ -65,7 +67,10 @@ impl LocalProvider {
             .recursive(true)
             .mode(0o700)
             .create(&settings.instances_dir)
-            .map_err(failed(format!("create {}", settings.instances_dir.display())))?;
+            .map_err(failed(format!(
+                "create {}",
+                settings.instances_dir.display()
+            )))?;
         let s = &settings;
         network::ensure_bridge(&s.bridge, s.subnet.gateway(), s.subnet.prefix, s.mtu)
             .await
@@ -77,7 +82,10 @@ impl LocalProvider {
         };
         for (meta, running) in provider.metas() {
             if running {
-                if let Err(e) = network::attach_tap(&meta.tap, &provider.settings.bridge, provider.settings.mtu).await {
+                if let Err(e) =
+                    network::attach_tap(&meta.tap, &provider.settings.bridge, provider.settings.mtu)
+                        .await
+                {
                     tracing::warn!(instance = %meta.name, error = %crate::report::chain(&e), "re-attach tap");
                 }
             }
@@ -99,7 +107,8 @@ impl LocalProvider {
             .flatten()
             .filter_map(|e| {
                 let dir = e.path();
-                let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
+                let meta: Meta =
+                    serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
                 let running = qemu::read_pid(&qemu::pidfile(&dir))
                     .map(|pid| qemu::is_ours(pid, &dir))
                     .unwrap_or(false);
@@ -116,12 +125,22 @@ impl LocalProvider {
             .ok_or_else(|| {
                 ProviderError::Invalid(format!(
                     "image {image:?} is not one of the local provider's images ({})",
-                    self.settings.images.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.settings
+                        .images
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })
     }
 
-    async fn boot(&self, req: &InstanceRequest, meta: &Meta, dir: &Path) -> Result<(), ProviderError> {
+    async fn boot(
+        &self,
+        req: &InstanceRequest,
+        meta: &Meta,
+        dir: &Path,
+    ) -> Result<(), ProviderError> {
         let image = qemu::ImageFiles::find(self.image_dir(&req.image)?)
             .map_err(|e| ProviderError::Invalid(crate::report::chain(&e)))?;
         let mut ud = req.user_data.clone();
@@ -155,7 +174,10 @@ impl LocalProvider {
             .map_err(failed(format!("start QEMU for {}", meta.name)))?;
         if let Err(e) = network::attach_tap(&meta.tap, &s.bridge, s.mtu).await {
             let _ = qemu::stop(pid, dir).await;
-            return Err(ProviderError::failed(format!("attach {} to {}", meta.tap, s.bridge), e));
+            return Err(ProviderError::failed(
+                format!("attach {} to {}", meta.tap, s.bridge),
+                e,
+            ));
         }
         tracing::info!(instance = %meta.name, address = %meta.address, pid, "instance started");
         Ok(())
@@ -197,13 +219,23 @@ impl Provider for LocalProvider {
         &self.settings.default_image
     }
 
-    fn check(&self, image: &str, machine_type: Option<&str>, size: InstanceSize) -> Result<(), ProviderError> {
+    fn check(
+        &self,
+        image: &str,
+        machine_type: Option<&str>,
+        size: InstanceSize,
+    ) -> Result<(), ProviderError> {
         self.image_dir(image)?;
         if let Some(t) = machine_type {
             if !self.settings.instance_types.contains_key(t) {
                 return Err(ProviderError::Invalid(format!(
                     "machine type {t:?} is not one of the local provider's instance types ({})",
-                    self.settings.instance_types.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.settings
+                        .instance_types
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -225,13 +257,17 @@ impl Provider for LocalProvider {
 
     async fn create_instance(&self, req: InstanceRequest) -> Result<Instance, ProviderError> {
         if !plain_name(&req.name) {
-            return Err(ProviderError::Invalid(format!("instance name {:?}", req.name)));
+            return Err(ProviderError::Invalid(format!(
+                "instance name {:?}",
+                req.name
+            )));
         }
         self.check(&req.image, req.machine_type.as_deref(), req.size)?;
         let dir = self.dir(&req.name);
         let meta = {
             let _one_at_a_time = self.alloc.lock().await;
-            let used: HashSet<Ipv4Addr> = self.metas().into_iter().map(|(m, _)| m.address).collect();
+            let used: HashSet<Ipv4Addr> =
+                self.metas().into_iter().map(|(m, _)| m.address).collect();
             let address = self
                 .settings
                 .subnet
@@ -255,11 +291,18 @@ impl Provider for LocalProvider {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
-                .map_err(failed(format!("create instance directory {}", dir.display())))?;
-            let json = serde_json::to_vec_pretty(&meta).map_err(failed("encode meta.json".into()))?;
+                .map_err(failed(format!(
+                    "create instance directory {}",
+                    dir.display()
+                )))?;
+            let json =
+                serde_json::to_vec_pretty(&meta).map_err(failed("encode meta.json".into()))?;
             if let Err(e) = write_private(&dir.join("meta.json"), &json) {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(ProviderError::failed(format!("write {}/meta.json", dir.display()), e));
+                return Err(ProviderError::failed(
+                    format!("write {}/meta.json", dir.display()),
+                    e,
+                ));
             }
             meta
         };

@@ -60,7 +60,12 @@ pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError>
 
 /// Creates the bridge when missing and gives it `gateway/prefix`, `mtu` and up. Returns
 /// its index.
-pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8, mtu: u32) -> Result<u32, NetError> {
+pub async fn ensure_bridge(
+    name: &str,
+    gateway: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> Result<u32, NetError> {
     let h = handle()?;
     let index = match link_index(&h, name).await? {
         Some(i) => i,

@@ -21,7 +21,10 @@ pub enum QemuError {
     #[error("spawn {}", .0.display())]
     Spawn(PathBuf, #[source] std::io::Error),
     #[error("QEMU exited with {status} before the VM ran: {stderr}")]
-    Exited { status: std::process::ExitStatus, stderr: String },
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("read pidfile {}", .0.display())]
     Pidfile(PathBuf, #[source] std::io::Error),
     #[error("pidfile {} holds {text:?}, not a pid", .path.display())]
@@ -134,7 +137,10 @@ pub fn args(l: &Launch<'_>) -> Vec<OsString> {
         "-netdev",
         format!("tap,id=net0,ifname={},script=no,downscript=no", l.tap),
     );
-    pair("-device", format!("virtio-net-pci,netdev=net0,mac={}", l.mac));
+    pair(
+        "-device",
+        format!("virtio-net-pci,netdev=net0,mac={}", l.mac),
+    );
     pair(
         "-drive",
         format!(
@@ -209,7 +215,10 @@ pub fn is_ours(pid: i32, dir: &Path) -> bool {
         .any(|arg| arg == wanted.as_bytes());
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true);
     ours && !zombie
 }
