@@ -6,13 +6,16 @@
 //!   line names the VM's run directory, no mount under it, and no directory left.
 //!
 //! [`containerd`] runs a test-owned containerd (for `ctr`), and [`cri`] one with its CRI
-//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim.
+//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim. [`peerpod`]
+//! runs the peer pods adaptor and [`registry`] a private registry for in-guest pulls.
 //!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
 pub mod containerd;
 pub mod cri;
 pub mod crio;
+pub mod peerpod;
+pub mod registry;
 pub mod tool;
 
 use std::path::{Path, PathBuf};

@@ -94,6 +94,8 @@ pub enum ImageError {
     },
     #[error("registry settings")]
     Settings(#[from] registry::AuthFileError),
+    #[error("image {image}: the registry client could not be built: {reason}")]
+    Client { image: String, reason: String },
     #[error("image pull task")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -133,6 +135,7 @@ impl ImageError {
             ImageError::Unpack { .. }
             | ImageError::Io { .. }
             | ImageError::Settings(_)
+            | ImageError::Client { .. }
             | ImageError::Join(_) => ErrorKind::Internal,
         }
     }
@@ -542,11 +545,24 @@ impl Net {
     fn new(image: &str, reference: Reference, settings: &Settings) -> Result<Self, ImageError> {
         // reqwest is built without a default crypto provider: ours is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // oci-client panics when reqwest refuses the configuration; a request must fail,
+        // not take the agent's runtime down.
+        let config = settings.registry.client_config();
+        let client =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || Client::new(config)))
+                .map_err(|p| ImageError::Client {
+                    image: image.to_owned(),
+                    reason: p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                })?;
         Ok(Self {
             image: image.to_owned(),
             auth: settings.registry.auth_for(&reference),
             reference,
-            client: Arc::new(Client::new(settings.registry.client_config())),
+            client: Arc::new(client),
             uplink: settings.uplink.clone(),
         })
     }

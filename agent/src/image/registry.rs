@@ -47,11 +47,18 @@ impl RegistryConfig {
         })
     }
 
-    /// The `oci-client` configuration: HTTPS except for the insecure registries.
+    /// The `oci-client` configuration: HTTPS except for the insecure registries, trusting
+    /// Mozilla's roots (built in: the guest has no system certificates) and the extra CAs.
     pub fn client_config(&self) -> ClientConfig {
-        let mut extra = Vec::new();
+        let mut roots: Vec<Certificate> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: c.as_ref().to_vec(),
+            })
+            .collect();
         if !self.ca_pem.trim().is_empty() {
-            extra.push(Certificate {
+            roots.push(Certificate {
                 encoding: CertificateEncoding::Pem,
                 data: self.ca_pem.as_bytes().to_vec(),
             });
@@ -62,7 +69,7 @@ impl RegistryConfig {
             } else {
                 ClientProtocol::HttpsExcept(self.insecure.clone())
             },
-            extra_root_certificates: extra,
+            tls_certs_only: roots,
             connect_timeout: Some(std::time::Duration::from_secs(30)),
             read_timeout: Some(std::time::Duration::from_secs(120)),
             ..Default::default()
@@ -79,6 +86,33 @@ impl RegistryConfig {
             .map(|(_, u, p)| RegistryAuth::Basic(u.clone(), p.clone()))
             .unwrap_or(RegistryAuth::Anonymous)
     }
+}
+
+/// Where rustls' platform verifier looks for the system's roots on Linux.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Writes Mozilla's roots and `extra_pem` as a PEM bundle at `path`, unless a bundle is
+/// already there. The guest has no system certificates, and `oci-client` builds a default
+/// reqwest client (which needs them) next to the configured one.
+pub fn write_system_roots(path: &std::path::Path, extra_pem: &str) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut pem = String::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.push_str(extra_pem);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, pem)
 }
 
 /// Parses a docker-style auth file: `{"auths": {"<registry>": {"auth": "<base64 user:pw>"}}}`
@@ -226,6 +260,31 @@ mod tests {
             parse_auth_file(b"[]"),
             Err(AuthFileError::Json(_))
         ));
+    }
+
+    #[test]
+    fn the_roots_bundle_is_pem() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("etc/ssl/certs/ca-certificates.crt");
+        write_system_roots(&path, "").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(text.as_bytes())
+            .collect::<Result<Vec<rustls::pki_types::CertificateDer<'_>>, _>>()
+            .unwrap();
+        assert_eq!(parsed.len(), webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
+        // An existing bundle is kept.
+        std::fs::write(&path, "mine").unwrap();
+        write_system_roots(&path, "").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine");
+    }
+
+    /// Our configuration trusts the built-in roots only and builds a client.
+    #[test]
+    fn our_configuration_builds_a_client() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cfg = RegistryConfig::default().client_config();
+        assert!(cfg.tls_certs_only.len() > 100);
+        let _client = oci_client::Client::new(cfg);
     }
 
     #[test]

@@ -232,6 +232,12 @@ pub fn configure_images(n: &NetworkMode, images: &crate::image::ImageStore) {
             }
         }
     };
+    if let Err(e) = crate::image::registry::write_system_roots(
+        Path::new(crate::image::registry::SYSTEM_ROOTS),
+        &registry.ca_pem,
+    ) {
+        tracing::error!(error = %e, path = crate::image::registry::SYSTEM_ROOTS, "cannot write the CA bundle; pulls will fail");
+    }
     images.configure(registry, Some(n.uplink.clone()));
 }
 
