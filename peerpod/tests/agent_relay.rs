@@ -29,6 +29,7 @@ struct Setup {
     port: u16,
     socket: std::path::PathBuf,
     proxy: Option<PodProxy>,
+    endpoint: AgentEndpoint,
     _server: ttrpc::asynchronous::Server,
 }
 
@@ -73,8 +74,9 @@ async fn setup() -> Setup {
     );
     endpoint.wait_ready(Duration::from_secs(10)).await.unwrap();
     let socket = dir.path().join("agent.ttrpc");
-    let proxy = PodProxy::start(&socket, endpoint).unwrap();
+    let proxy = PodProxy::start(&socket, endpoint.clone()).unwrap();
     Setup {
+        endpoint,
         _dir: dir,
         agent,
         ca,
@@ -218,4 +220,69 @@ async fn wrong_certificates_names_and_ports_are_refused() {
 
     // Through the socket, an unserved port gets no OK (the connection closes).
     assert!(hybrid_connect(&s.socket, 22).await.is_err());
+}
+
+/// An adaptor restart while a process writes: every relayed connection breaks (no TLS
+/// close), the socket comes back, the client attaches the same stream again and gets the
+/// output written meanwhile; ttrpc works on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_attached_again_after_an_adaptor_restart() {
+    let mut s = setup().await;
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let mut done = s.agent.stdio().register(
+        StreamKey {
+            container_id: "c".into(),
+            exec_id: "e".into(),
+            kind: StreamKind::Stdout,
+        },
+        r,
+    );
+    nix::unistd::write(&w, b"one ").unwrap();
+    let mut out = hybrid_connect(&s.socket, kata_proto::STDIO_VSOCK_PORT)
+        .await
+        .unwrap();
+    out.write_all(b"c e stdout\n").await.unwrap();
+    let mut first = vec![0u8; 7];
+    out.read_exact(&mut first).await.unwrap();
+    assert_eq!(first, b"OK\none ");
+
+    // The adaptor goes away: its relays end without a TLS close.
+    s.proxy.take().unwrap().stop();
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
+    nix::unistd::write(&w, b"two ").unwrap();
+
+    // ...and comes back on the same path.
+    let proxy = PodProxy::start(&s.socket, s.endpoint.clone()).unwrap();
+    let mut out = hybrid_connect(&s.socket, kata_proto::STDIO_VSOCK_PORT)
+        .await
+        .unwrap();
+    out.write_all(b"c e stdout\n").await.unwrap();
+    let mut again = vec![0u8; 7];
+    tokio::time::timeout(Duration::from_secs(20), out.read_exact(&mut again))
+        .await
+        .expect("no answer to the re-attach")
+        .unwrap();
+    assert_eq!(again, b"OK\ntwo ");
+    assert!(done.try_recv().is_err(), "the stream ended early");
+    nix::unistd::write(&w, b"three").unwrap();
+    drop(w);
+    let mut tail = Vec::new();
+    out.read_to_end(&mut tail).await.unwrap();
+    assert_eq!(tail, b"three");
+    done.await.unwrap();
+
+    let stream = hybrid_connect(&s.socket, kata_proto::AGENT_VSOCK_PORT)
+        .await
+        .unwrap();
+    let health = HealthClient::new(Client::new(Socket::new(stream)));
+    health
+        .check(
+            ttrpc::context::with_timeout(5_000_000_000),
+            &CheckRequest::new(),
+        )
+        .await
+        .unwrap();
+    proxy.stop();
 }

@@ -141,7 +141,7 @@ async fn handle(
             tls.write_all(ok_line(port).as_bytes())
                 .await
                 .map_err(FrontError::Answer)?;
-            crate::stdio::handle(tls, stdio).await;
+            super::stdio::handle(tls, stdio).await;
         }
     }
     Ok(())

@@ -16,10 +16,12 @@
 //!    and the VXLAN's UDP socket stay in the VM's.
 //!
 //! The agent then serves ttrpc on a unix socket ([`TTRPC_SOCKET`]) and [`front`] relays
-//! authenticated TLS connections to it (port 1024) or to the stdio service (port 1026).
+//! authenticated TLS connections to it (port 1024) or to the stdio service (port 1026,
+//! [`stdio`]: streams survive an adaptor restart and are attached again).
 
 pub mod front;
 pub mod podnet;
+pub mod stdio;
 pub mod tls;
 pub mod userdata;
 
