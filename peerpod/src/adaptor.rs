@@ -370,9 +370,10 @@ impl Adaptor {
                 sandbox: sid.clone(),
                 instance: record.instance_name.clone(),
                 diagnostics: self.provider.diagnostics(&record.instance_name),
-                source,
+                source: Box::new(source),
             })?;
-        PodProxy::start(&self.agent_socket(&sid), endpoint).map_err(|e| AdaptorError::Proxy(sid, e))
+        PodProxy::start(&self.agent_socket(&sid), endpoint)
+            .map_err(|e| AdaptorError::Proxy(sid, Box::new(e)))
     }
 
     /// Removes the tunnel and the instance of a pod, logging failures (a cleanup path).
@@ -536,7 +537,7 @@ impl Adaptor {
         }
         match self.endpoint(record, address).await.and_then(|ep| {
             PodProxy::start(&self.agent_socket(&sid), ep)
-                .map_err(|e| AdaptorError::Proxy(sid.clone(), e))
+                .map_err(|e| AdaptorError::Proxy(sid.clone(), Box::new(e)))
         }) {
             Ok(p) => Some(p),
             Err(e) => {

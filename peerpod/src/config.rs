@@ -411,6 +411,16 @@ mod tests {
         assert_eq!(c.registries.insecure, ["10.0.0.1:5000"]);
     }
 
+    /// The example installed by hack/install-peerpod.sh parses and states the defaults.
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = parse(include_str!("../../hack/peerpod/peerpod-adaptor.toml")).unwrap();
+        let d = AdaptorConfig::defaults();
+        assert_eq!(c.socket, d.socket);
+        assert_eq!(c.local.subnet, d.local.subnet);
+        assert_eq!(c.local.instance_types.len(), 2);
+    }
+
     #[test]
     fn bad_values_are_named() {
         for (text, needle) in [

@@ -56,10 +56,10 @@ pub enum AdaptorError {
         instance: String,
         diagnostics: String,
         #[source]
-        source: ProxyError,
+        source: Box<ProxyError>,
     },
     #[error("pod {0}: agent socket")]
-    Proxy(String, #[source] ProxyError),
+    Proxy(String, #[source] Box<ProxyError>),
     #[error("{what} {}", .path.display())]
     Io {
         what: &'static str,

@@ -544,7 +544,7 @@ async fn restarted_adaptor_serves_its_pods_again_and_deletes_orphans() {
         !std::path::Path::new(&format!("/proc/{gone_pid}")).exists()
     });
     assert!(reaped, "the orphan's QEMU {gone_pid} still runs");
-    assert_eq!(adaptor.instances(), [kept_instance.clone()]);
+    assert_eq!(adaptor.instances(), std::slice::from_ref(&kept_instance));
     assert!(adaptor.log().contains("went away"), "{}", adaptor.log());
     assert!(!adaptor.dir.path().join("state/pods").join(&gone).exists());
 
