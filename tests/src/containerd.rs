@@ -375,7 +375,10 @@ dial_timeout = 60
                 "remote_hypervisor_socket = \"/run/peerpod/hypervisor.sock\"",
                 &format!("remote_hypervisor_socket = \"{}\"", socket.display()),
             )
-            .replace("[agent.kata]\n# The agent logs at debug level.\nenable_debug = false", "[agent.kata]\nenable_debug = true");
+            .replace(
+                "[agent.kata]\n# The agent logs at debug level.\nenable_debug = false",
+                "[agent.kata]\nenable_debug = true",
+            );
         assert!(
             text.contains(&socket.display().to_string()),
             "shim/configuration-remote.toml no longer has the default socket line"

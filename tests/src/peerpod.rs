@@ -55,6 +55,9 @@ pub struct Adaptor {
     child: Option<Child>,
     /// Holds config, state, pods and instances; removed on drop.
     pub dir: tempfile::TempDir,
+    /// The pods directory (agent sockets): short, in /run, since a socket path holding a
+    /// CRI sandbox id (64 characters) must stay under 108 bytes.
+    pub pods: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub instances_dir: PathBuf,
@@ -80,9 +83,14 @@ impl Adaptor {
         let instances_dir = dir.path().join("instances");
         let config = dir.path().join("adaptor.toml");
         let log = dir.path().join("adaptor.log");
+        let pods = tempfile::Builder::new()
+            .prefix("pp")
+            .tempdir_in("/run")
+            .unwrap();
         Self {
             child: None,
             dir,
+            pods,
             config,
             socket,
             instances_dir,
@@ -103,7 +111,7 @@ impl Adaptor {
             &self.config,
             format!(
                 r#"socket = "{socket}"
-pods_dir = "{d}/pods"
+pods_dir = "{pods}"
 state_dir = "{d}/state"
 proxy_timeout_secs = 120
 vxlan_min_vni = {vni}
@@ -120,6 +128,7 @@ images = {{ default = "{podvm}" }}
 "#,
                 socket = self.socket.display(),
                 d = self.dir.path().display(),
+                pods = self.pods.path().display(),
                 vni = 600_000 + n * 4096,
                 insecure = insecure.join(", "),
                 instances = self.instances_dir.display(),

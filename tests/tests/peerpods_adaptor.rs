@@ -84,10 +84,7 @@ async fn start_pod(
         .await
         .unwrap_or_else(|e| panic!("CreateVM: {e:?}\n{}", adaptor.log()));
     let socket = std::path::PathBuf::from(resp.agentSocketPath);
-    assert_eq!(
-        socket,
-        adaptor.dir.path().join("pods").join(id).join("agent.ttrpc")
-    );
+    assert_eq!(socket, adaptor.pods.path().join(id).join("agent.ttrpc"));
     assert!(!socket.exists(), "the agent socket exists before StartVM");
     let mut start = StartVMRequest::new();
     start.id = id.into();
@@ -640,7 +637,7 @@ async fn bad_requests_are_refused_by_name_and_leave_nothing() {
         .map(|e| e.file_name())
         .collect();
     assert!(pods.is_empty(), "pod state left: {pods:?}");
-    let sockets: Vec<_> = std::fs::read_dir(adaptor.dir.path().join("pods"))
+    let sockets: Vec<_> = std::fs::read_dir(adaptor.pods.path())
         .unwrap()
         .flatten()
         .map(|e| e.file_name())

@@ -65,8 +65,7 @@ impl World {
         let names = self.adaptor.instances();
         assert_eq!(names.len(), 1, "instances: {names:?}");
         let meta: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(self.adaptor.instances_dir.join(&names[0]).join("meta.json"))
-                .unwrap(),
+            &std::fs::read(self.adaptor.instances_dir.join(&names[0]).join("meta.json")).unwrap(),
         )
         .unwrap();
         (
@@ -74,6 +73,16 @@ impl World {
             meta["address"].as_str().unwrap().parse().unwrap(),
         )
     }
+}
+
+/// The shim's lines in containerd's log (for failure messages).
+fn shim_lines(env: &CriContainerd) -> String {
+    env.ctd
+        .log()
+        .lines()
+        .filter(|l| l.contains("source=runtime") || l.contains("containerd-shim-v2"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn unique(name: &str) -> String {
@@ -152,7 +161,10 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
         .into_iter()
         .filter(|(_, c)| c.contains(&pod.id) || c.contains(&instance))
         .collect();
-    assert!(virtiofsd.is_empty(), "virtiofsd for a remote pod: {virtiofsd:?}");
+    assert!(
+        virtiofsd.is_empty(),
+        "virtiofsd for a remote pod: {virtiofsd:?}"
+    );
 
     let mounts = || {
         vec![
@@ -180,12 +192,15 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
             ),
         )
         .or_panic(env);
+    // containerd creates the task (the shim's Create) at StartContainer.
+    env.client.start_container(&c1).or_panic(env);
     // The image came into the VM from the registry, fetched from the VM's address.
     let gets = w.registry.blob_gets_from(vm_ip);
     assert!(
         gets.len() > gets_before,
-        "no blob GET from the VM's address {vm_ip}:\n{}",
-        w.registry.log()
+        "no blob GET from the VM's address {vm_ip}:\n{}\nshim:\n{}",
+        w.registry.log(),
+        shim_lines(env)
     );
     // containerd's host rootfs of the container is not mounted: the shim ignored it.
     let host_rootfs_mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
@@ -195,7 +210,6 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
         .map(str::to_owned)
         .collect();
     assert!(host_rootfs_mounts.is_empty(), "{host_rootfs_mounts:?}");
-    env.client.start_container(&c1).or_panic(env);
 
     let c2 = env
         .client
@@ -225,7 +239,10 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
     let check_log = logs.path().join("check.log");
     let out2 = log_text(&check_log, "stdout");
     assert!(out2.contains("shared\n"), "{out2:?}");
-    assert!(out2.contains("x\n") && !out2.contains("node-only"), "{out2:?}");
+    assert!(
+        out2.contains("x\n") && !out2.contains("node-only"),
+        "{out2:?}"
+    );
 
     // Logs of the first container, both streams, and the configMap's value in the VM.
     let app_log = logs.path().join("app.log");
@@ -258,7 +275,10 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
         .exec_sync(&c1, &["sh", "-c", "touch /etc/cfg/new 2>&1; echo $?"])
         .or_panic(env);
     assert_eq!(code, 0);
-    assert!(out.trim_end().ends_with('1'), "write to a read-only configMap: {out}");
+    assert!(
+        out.trim_end().ends_with('1'),
+        "write to a read-only configMap: {out}"
+    );
 
     // A configMap update on the node reaches the container.
     cm.update("value-2");
@@ -276,7 +296,8 @@ fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
     // Teardown through CRI: the instance goes with the pod.
     env.client.stop_container(&c1, 5).or_panic(env);
     let st = env.client.container_status(&c1).or_panic(env);
-    assert_eq!(st.exit_code, 137, "{st:?}");
+    // SIGTERM ends sleep (not the pid namespace's init: the pod shares one).
+    assert_eq!(st.exit_code, 143, "{st:?}");
     env.client.remove_container(&c1).or_panic(env);
     env.client.remove_container(&c2).or_panic(env);
     env.client.stop_pod(&pod.id).or_panic(env);
@@ -304,11 +325,7 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
     env.client.pull_image(&gone).or_panic(env);
     sh(
         "skopeo",
-        &[
-            "delete",
-            "--tls-verify=false",
-            &format!("docker://{gone}"),
-        ],
+        &["delete", "--tls-verify=false", &format!("docker://{gone}")],
     );
     let name = unique("pp-bad");
     let pod = env
@@ -368,4 +385,50 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
         .collect();
     assert!(shims.is_empty(), "shims left: {shims:?}");
     w.adaptor.assert_no_instances();
+}
+
+#[test]
+fn a_killed_shims_remote_vm_is_deleted_by_the_cleanup() {
+    let w = World::start();
+    let env = &w.env;
+    let name = unique("pp-kill");
+    let pod = env
+        .client
+        .run_pod_with(pod_config(&name, "pp-kill", None), KATA_REMOTE_HANDLER)
+        .or_panic(env);
+    let c = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config("app", &w.busybox, &["sleep", "3600"], vec![]),
+        )
+        .or_panic(env);
+    env.client.start_container(&c).or_panic(env);
+    assert_eq!(w.adaptor.instances().len(), 1);
+    let shims: Vec<i32> = kata_tests::processes_naming(&pod.id)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-kata-v2") && cmd.contains(" -id "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "the pod's shim: {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // containerd runs the shim's `delete` cleanup, which calls StopVM: the adaptor (which
+    // does not watch pods while it runs) deletes the instance.
+    let deleted = wait_until(Duration::from_secs(60), || w.adaptor.instances().is_empty());
+    assert!(
+        deleted,
+        "the instance outlived its killed shim: {:?}\nadaptor log:\n{}",
+        w.adaptor.instances(),
+        w.adaptor.log()
+    );
+    let _ = env.client.stop_container(&c, 2);
+    let _ = env.client.remove_container(&c);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
 }
