@@ -332,15 +332,19 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
         .client
         .run_pod_with(pod_config(&name, "pp-bad", None), KATA_REMOTE_HANDLER)
         .or_panic(env);
-    let e = env
+    let bad = env
         .client
         .create_container_with(&pod, container_config("gone", &gone, &["true"], vec![]))
-        .unwrap_err();
+        .or_panic(env);
+    // The shim's Create (and so the pull) runs at StartContainer.
+    let e = env.client.start_container(&bad).unwrap_err();
     let e = format!("{e:#}");
     assert!(
-        e.contains(&gone) && e.contains("in the VM"),
+        e.contains(&gone) && e.contains("in the VM") && e.contains("NotFound"),
         "the error does not name the image: {e}"
     );
+    eprintln!("missing image: {e}");
+    env.client.remove_container(&bad).or_panic(env);
     // The pod still works after the refused container.
     let ok = env
         .client
@@ -357,7 +361,7 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
     env.client.stop_pod(&pod.id).or_panic(env);
     env.client.remove_pod(&pod.id).or_panic(env);
     w.adaptor.assert_no_instances();
-    kata_tests::assert_no_runtime_leaks(&[&pod.id, &ok]);
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &ok, &bad]);
 
     // The adaptor is not running: RunPodSandbox fails naming its socket, nothing is left.
     w.adaptor.stop();
@@ -368,6 +372,7 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
         .run_pod_with(pod_config(&name, "pp-x", None), KATA_REMOTE_HANDLER)
         .unwrap_err();
     let e = format!("{e:#}");
+    eprintln!("no adaptor: {e}");
     let socket = w.adaptor.socket.display().to_string();
     assert!(
         e.contains(&socket) && e.contains("adaptor"),

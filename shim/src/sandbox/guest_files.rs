@@ -67,7 +67,7 @@ pub enum GuestCopyError {
         path: PathBuf,
         guest: String,
         #[source]
-        source: AgentError,
+        source: Box<AgentError>,
     },
     /// The blocking scan task failed.
     #[error("host file scan task failed")]
@@ -222,7 +222,7 @@ pub async fn copy(
         let failed = |source| GuestCopyError::Agent {
             path: host.clone(),
             guest: guest.clone(),
-            source,
+            source: Box::new(source),
         };
         let mut req = CopyFileRequest {
             path: guest.clone(),
@@ -283,7 +283,7 @@ async fn copy_file_data(
             .map_err(|source| GuestCopyError::Agent {
                 path: host.to_path_buf(),
                 guest: req.path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         offset += n as u64;
         if req.last {
@@ -376,9 +376,12 @@ mod tests {
         assert_eq!(changed, ["", "b", "c"]);
     }
 
-    /// Records every CopyFile: (path, kind, offset, bytes, last, symlink target).
+    /// One recorded CopyFile: (path, kind, offset, bytes, last, symlink target).
+    type Call = (String, i32, u64, usize, bool, String);
+
+    /// Records every CopyFile.
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<(String, i32, u64, usize, bool, String)>>);
+    struct Recorder(std::sync::Mutex<Vec<Call>>);
 
     #[async_trait::async_trait]
     impl kata_proto::agent_ttrpc::AgentService for Recorder {

@@ -69,14 +69,14 @@ pub enum TaskError {
     Resources(#[from] crate::sandbox::resources::ResourceError),
     /// Host files could not be copied into a remote VM.
     #[error("copying into the VM")]
-    GuestCopy(#[from] crate::sandbox::guest_files::GuestCopyError),
+    GuestCopy(#[from] Box<crate::sandbox::guest_files::GuestCopyError>),
     /// The agent refused to pull a container's image in a remote VM.
     #[error("cannot pull image {image} for container {container} in the VM")]
     Pull {
         container: String,
         image: String,
         #[source]
-        source: AgentError,
+        source: Box<AgentError>,
     },
 }
 
@@ -111,9 +111,10 @@ impl TaskError {
             | TaskError::SandboxNotRunning { .. }
             | TaskError::State(_)
             | TaskError::Sandbox(SandboxError::Config(_)) => Code::FAILED_PRECONDITION,
-            TaskError::Agent(e)
-            | TaskError::Sandbox(SandboxError::Agent(e))
-            | TaskError::Pull { source: e, .. } => e.agent_code().unwrap_or(Code::INTERNAL),
+            TaskError::Agent(e) | TaskError::Sandbox(SandboxError::Agent(e)) => {
+                e.agent_code().unwrap_or(Code::INTERNAL)
+            }
+            TaskError::Pull { source, .. } => source.agent_code().unwrap_or(Code::INTERNAL),
             TaskError::Io(_)
             | TaskError::Sandbox(_)
             | TaskError::Mount(_)

@@ -114,7 +114,7 @@ fn copy_error(e: GuestCopyError) -> TaskError {
     if e.is_invalid_input() {
         TaskError::InvalidArgument(crate::report::chain(&e))
     } else {
-        TaskError::GuestCopy(e)
+        TaskError::GuestCopy(Box::new(e))
     }
 }
 
@@ -220,7 +220,7 @@ fn pull_error(id: &str, image: &str, e: AgentError) -> TaskError {
         Some(_) => TaskError::Pull {
             container: id.to_owned(),
             image: image.to_owned(),
-            source: e,
+            source: Box::new(e),
         },
         None => TaskError::Agent(e),
     }
@@ -292,11 +292,10 @@ async fn watch(agent: AgentClient, id: String, mut watched: Vec<Watched>, interv
                     tracing::info!(container = id, source = %w.host.display(), entries = changed.len(), bytes, "volume update copied into the guest");
                     w.entries = now;
                 }
-                Err(GuestCopyError::Agent {
-                    source: e @ AgentError::SandboxDown { .. },
-                    ..
-                }) => {
-                    tracing::debug!(container = id, error = %e, "volume watch ends");
+                Err(GuestCopyError::Agent { source, .. })
+                    if matches!(*source, AgentError::SandboxDown { .. }) =>
+                {
+                    tracing::debug!(container = id, error = %source, "volume watch ends");
                     return;
                 }
                 Err(error) => {
