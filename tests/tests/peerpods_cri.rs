@@ -384,11 +384,15 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
             .all(|p| p.metadata.as_ref().is_none_or(|m| m.name != name)),
         "{pods:?}"
     );
-    let shims: Vec<_> = kata_tests::processes_naming(&env.ctd.socket().display().to_string())
-        .into_iter()
-        .filter(|(_, c)| c.contains("containerd-shim-kata-v2"))
-        .collect();
-    assert!(shims.is_empty(), "shims left: {shims:?}");
+    let shims = || -> Vec<_> {
+        kata_tests::processes_naming(&env.ctd.socket().display().to_string())
+            .into_iter()
+            .filter(|(_, c)| c.contains("containerd-shim-kata-v2"))
+            .collect()
+    };
+    // The failed sandbox's shim is shut down by containerd right after the error.
+    wait_until(Duration::from_secs(15), || shims().is_empty());
+    assert!(shims().is_empty(), "shims left: {:?}", shims());
     w.adaptor.assert_no_instances();
 }
 
