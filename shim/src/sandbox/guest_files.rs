@@ -175,6 +175,23 @@ fn push(
     Ok(())
 }
 
+/// The entry of directory `root` alone (its content is not listed), on the blocking pool.
+pub async fn scan_dir_root(root: PathBuf) -> Result<Entry, GuestCopyError> {
+    tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&root).map_err(read_err(&root))?;
+        Ok(Entry {
+            rel: PathBuf::new(),
+            kind: EntryKind::Dir,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: 0,
+        })
+    })
+    .await
+    .map_err(GuestCopyError::Join)?
+}
+
 /// [`scan`] on the blocking pool.
 pub async fn scan_async(root: PathBuf, limit: u64) -> Result<Vec<Entry>, GuestCopyError> {
     tokio::task::spawn_blocking(move || scan(&root, limit))

@@ -145,12 +145,11 @@ pub async fn prepare(
         let default_guest = format!("{GUEST_SHARED_DIR}/{id}/{}", bind.share_path.display());
         if let Some(name) = empty_dir_name(&bind.source) {
             let guest = guest_empty_dir(&sandbox.id, name);
-            let entries = guest_files::scan_async(bind.source.clone(), u64::MAX)
+            // Created empty: its content (none, for a new pod) stays on the node.
+            let root = guest_files::scan_dir_root(bind.source.clone())
                 .await
                 .map_err(copy_error)?;
-            // Created empty: its content (none, for a new pod) stays on the node.
-            let root: Vec<Entry> = entries.into_iter().take(1).collect();
-            guest_files::copy(agent, &bind.source, &guest, &root)
+            guest_files::copy(agent, &bind.source, &guest, &[root])
                 .await
                 .map_err(copy_error)?;
             point_mount(&mut spec, &default_guest, &guest);
