@@ -33,7 +33,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 # The modules the agent loads, by name; their dependencies are added from modules.dep.
-MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio)
+# vxlan: the pod network of a peer pod VM (hack/build-podvm.sh uses this same image).
+MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio vxlan)
 
 export PATH=$PATH:/usr/sbin:/sbin
 log() { echo "build-guest: $*" >&2; }

@@ -70,12 +70,21 @@ fn run_pid1(cfg: Config) -> ! {
         tracing::error!(error = %chain(e), "boot mount failed");
     }
     let loaded_modules = load_from_list(&KernelModuleLoader, Path::new(MODULE_LIST));
+    // Peer pod VM: the agent is reached over TLS on the network (see `crate::peerpod`).
+    let network = crate::peerpod::requested(&cmdline).then(crate::peerpod::boot_or_power_off);
     let agent = Arc::new(Agent::new(AgentOptions {
         base_dir: cfg.base_dir.clone(),
         shutdown: ShutdownMode::PowerOff,
         loaded_modules,
         mounter: Arc::new(SyscallMounter),
     }));
+    let listen = match &network {
+        Some(n) => {
+            crate::peerpod::configure_images(n, agent.images());
+            format!("unix://{}", crate::peerpod::TTRPC_SOCKET)
+        }
+        None => cfg.listen.clone(),
+    };
     // A panic that unwinds out of main would end PID 1 and panic the kernel: log it to the
     // console and start the runtime again instead.
     std::panic::set_hook(Box::new(|info| {
@@ -89,9 +98,12 @@ fn run_pid1(cfg: Config) -> ! {
                         if let Err(e) = crate::reaper::start(agent.exits().clone()) {
                             tracing::error!(error = %chain(&e), "no zombie reaper");
                         }
-                        spawn_stdio_listener(agent.stdio().clone());
+                        match &network {
+                            Some(n) => crate::peerpod::spawn_front(n, agent.stdio().clone()),
+                            None => spawn_stdio_listener(agent.stdio().clone()),
+                        }
                         spawn_debug_console(&cmdline, agent.exits().clone());
-                        serve_forever(&cfg.listen, agent.clone()).await
+                        serve_forever(&listen, agent.clone()).await
                     })
                 }));
                 if served.is_err() {

@@ -6,6 +6,10 @@
 //! [`service`]), plus, when the kernel command line asks for it, a root shell for operators
 //! ([`debug_console`]). Run by hand (not PID 1) it only serves, on an address of the caller's
 //! choice, which is how the service is tested on a host.
+//!
+//! In a peer pod VM (kernel parameter `agent.mode=peerpod`) the agent is reached over
+//! mutual TLS on the network instead of vsock ([`peerpod`]) and pulls container images
+//! itself ([`image`]).
 
 pub mod cgroup;
 pub mod config;
@@ -14,6 +18,7 @@ pub mod copy;
 pub mod debug_console;
 pub mod files;
 pub mod guest;
+pub mod image;
 pub mod init;
 pub mod logging;
 pub mod metrics;
@@ -23,6 +28,7 @@ pub mod network;
 pub mod oom;
 pub mod passwd;
 pub mod paths;
+pub mod peerpod;
 pub mod reaper;
 pub mod resolve;
 pub mod server;

@@ -603,6 +603,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_remote_configuration_is_valid_with_kata_values() {
+        let shipped = Config::parse(include_str!("../../configuration-remote.toml")).unwrap();
+        shipped.validate().unwrap();
+        shipped.check_files().unwrap();
+        let r = shipped.hypervisor.remote.as_ref().unwrap();
+        let d = Remote::default();
+        assert_eq!(r.remote_hypervisor_socket, d.remote_hypervisor_socket);
+        assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert_eq!(r.enable_annotations, d.enable_annotations);
+        assert!(shipped.runtime.static_sandbox_resource_mgmt);
+    }
+
+    #[test]
     fn empty_file_gives_kata_defaults() {
         let c = Config::parse("").unwrap();
         c.validate().unwrap();

@@ -14,19 +14,21 @@ use std::future::Future;
 use tokio::sync::watch;
 
 use kata_proto::agent::{
-    AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, Metrics,
-    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
-    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StatsContainerRequest,
-    StatsContainerResponse, Stdio, Storage, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    AddStoragesRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest,
+    ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ListPidsRequest, Metrics, OnlineResourcesRequest, OnlineResourcesResponse,
+    PauseContainerRequest, ReadFileRequest, RemoveContainerRequest, ResizeTtyRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StartProcessRequest, StatsContainerRequest, StatsContainerResponse, Stdio, Storage,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
     health_check_response::ServingStatus, CheckRequest, VersionCheckResponse,
 };
 use kata_proto::health_ttrpc::HealthClient;
+use kata_proto::image::{PullImageRequest, PullImageResponse};
+use kata_proto::image_ttrpc::ImageServiceClient;
 use ttrpc::asynchronous::{transport::Socket, Client};
 
 /// The virtio-fs tag of the sandbox's shared directory.
@@ -111,6 +113,8 @@ pub struct AgentClient {
     health: HealthClient,
     agent: AgentServiceClient,
     containers: ContainerServiceClient,
+    /// In-guest image pull (remote VMs only).
+    images: ImageServiceClient,
     timeout: Duration,
     /// Set when the sandbox goes down: pending and later calls fail at once with it.
     down: Option<DownReason>,
@@ -232,7 +236,8 @@ impl AgentClient {
         Self {
             health: HealthClient::new(client.clone()),
             agent: AgentServiceClient::new(client.clone()),
-            containers: ContainerServiceClient::new(client),
+            containers: ContainerServiceClient::new(client.clone()),
+            images: ImageServiceClient::new(client),
             timeout,
             down: None,
             durations: kata_metrics::RpcDurations::agent_rpc(),
@@ -432,6 +437,48 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+}
+
+/// What a VM without a shared file system needs (peer pods): images pulled in the guest,
+/// files copied in.
+impl AgentClient {
+    /// Pulls `image` in the guest and mounts it as `container_id`'s root filesystem;
+    /// bounded by `timeout` (a pull takes longer than other calls). The answer must name
+    /// the root the container's spec points at (`expected_rootfs`).
+    pub async fn pull_image(
+        &self,
+        container_id: &str,
+        image: &str,
+        expected_rootfs: &str,
+        timeout: Duration,
+    ) -> Result<PullImageResponse, AgentError> {
+        let req = PullImageRequest {
+            container_id: container_id.to_owned(),
+            image: image.to_owned(),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "PullImage",
+                self.images.pull_image(Self::ctx(timeout), &req),
+            )
+            .await?;
+        if resp.rootfs != expected_rootfs {
+            return Err(AgentError::Malformed {
+                method: "PullImage",
+                what: format!("rootfs {:?} (expected {expected_rootfs:?})", resp.rootfs),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Makes one file, directory or symlink (or one chunk of a file) below the guest's
+    /// [`GUEST_SHARED_DIR`].
+    pub async fn copy_file(&self, req: &CopyFileRequest) -> Result<(), AgentError> {
+        self.call("CopyFile", self.agent.copy_file(self.ctx_default(), req))
+            .await
+            .map(drop)
     }
 }
 

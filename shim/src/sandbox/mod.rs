@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError, HostLimits};
 pub mod agent;
 pub mod cgroups;
 pub mod cleanup;
+pub mod guest_files;
 pub mod health;
 pub mod hotplug;
 pub mod machine;

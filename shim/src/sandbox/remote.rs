@@ -121,10 +121,12 @@ impl RemoteVm {
             networkNamespacePath: netns.map(|p| p.display().to_string()).unwrap_or_default(),
             ..Default::default()
         };
+        let started = std::time::Instant::now();
         let created = client
             .create_vm(ctx(REQUEST_TIMEOUT), &req)
             .await
             .map_err(rpc("CreateVM"))?;
+        let create_vm_ms = started.elapsed().as_millis() as u64;
         if created.agentSocketPath.is_empty() {
             return Err(RemoteError::NoAgentSocket { id: id.to_owned() });
         }
@@ -146,6 +148,13 @@ impl RemoteVm {
             }
             return Err(rpc("StartVM")(source));
         }
+        // In ms (hack/bench-peerpod.sh reads them).
+        tracing::info!(
+            sandbox = id,
+            create_vm_ms,
+            start_vm_ms = started.elapsed().as_millis() as u64 - create_vm_ms,
+            "remote VM started"
+        );
         Ok(this)
     }
 

@@ -1,0 +1,443 @@
+//! Peer pods end to end through containerd's CRI, as the kubelet drives them: a test-owned
+//! containerd 1.6 with handler `kata-remote` (the shim with a `[hypervisor.remote]`
+//! configuration), the real `peerpod-adaptor` with its local provider (pod VMs as QEMU on a
+//! test bridge, booted from hack/build-podvm.sh's image), and a private Debian
+//! `docker-registry` on the bridge address holding busybox (pushed with `skopeo`):
+//! containerd pulls the image on the node (containerd 1.6 does that for CreateContainer),
+//! the shim ignores that copy and the agent pulls it again inside the VM. Host-network pods
+//! (no netns: the tunnel is covered by tests/tests/peerpods_adaptor.rs). Each test ends with
+//! a leak check.
+//!
+//! Needs: hack/install-deps.sh, hack/build-test-images.sh, hack/build-podvm.sh and
+//! `cargo build --workspace --bins`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kata_tests::containerd::ShimInstall;
+use kata_tests::cri::{
+    api, bind_mount, container_config, log_text, pod_config, CriContainerd, OrPanic,
+    KATA_REMOTE_HANDLER,
+};
+use kata_tests::peerpod::{sh, Adaptor};
+use kata_tests::registry::{layout_on_top, Layer, Registry};
+use kata_tests::{init_logging, repo_root, wait_until};
+
+/// The test's world: adaptor, registry (busybox pushed) and a containerd with
+/// `kata-remote` that may pull from the registry.
+struct World {
+    env: CriContainerd,
+    registry: Registry,
+    adaptor: Adaptor,
+    busybox: String,
+}
+
+impl World {
+    fn start() -> Self {
+        init_logging();
+        let busybox = repo_root().join("build/images/busybox.tar");
+        assert!(busybox.is_file(), "run hack/build-test-images.sh");
+        let mut adaptor = Adaptor::new();
+        let registry_addr = SocketAddr::new(adaptor.gateway.into(), Registry::free_port());
+        adaptor.start(&[registry_addr.to_string()], "");
+        let registry = Registry::start_at(registry_addr);
+        registry.push(
+            &format!("oci-archive:{}", busybox.display()),
+            "busybox:kata",
+        );
+        let shim = ShimInstall::new();
+        let remote_config = shim.write_remote_config(&adaptor.socket);
+        let env = CriContainerd::for_remote(shim, &remote_config);
+        env.allow_insecure_registry(&registry.host());
+        let busybox = format!("{}/busybox:kata", registry.host());
+        env.client.pull_image(&busybox).or_panic(&env);
+        Self {
+            env,
+            registry,
+            adaptor,
+            busybox,
+        }
+    }
+
+    /// The one instance of the adaptor and its address (the local provider's record).
+    fn instance(&self) -> (String, IpAddr) {
+        let names = self.adaptor.instances();
+        assert_eq!(names.len(), 1, "instances: {names:?}");
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.adaptor.instances_dir.join(&names[0]).join("meta.json")).unwrap(),
+        )
+        .unwrap();
+        (
+            names[0].clone(),
+            meta["address"].as_str().unwrap().parse().unwrap(),
+        )
+    }
+}
+
+/// The shim's lines in containerd's log (for failure messages).
+fn shim_lines(env: &CriContainerd) -> String {
+    env.ctd
+        .log()
+        .lines()
+        .filter(|l| l.contains("source=runtime") || l.contains("containerd-shim-v2"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn unique(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{name}-{}-{n}", std::process::id())
+}
+
+/// A configMap volume as the kubelet lays it out: `..<generation>/key`, `..data` linking
+/// to the generation, `key` linking through `..data`.
+struct ConfigMapDir {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl ConfigMapDir {
+    fn create(pod_dir: &Path, value: &str) -> Self {
+        let dir = pod_dir.join("volumes/kubernetes.io~configmap/cfg");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut this = Self { dir, generation: 0 };
+        this.update(value);
+        std::os::unix::fs::symlink("..data/key", this.dir.join("key")).unwrap();
+        this
+    }
+
+    /// A new generation swapped in atomically (a renamed symlink), as the kubelet does.
+    fn update(&mut self, value: &str) {
+        self.generation += 1;
+        let generation = format!("..2026_11_30_{:02}", self.generation);
+        std::fs::create_dir(self.dir.join(&generation)).unwrap();
+        std::fs::write(self.dir.join(&generation).join("key"), value).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&generation, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+#[test]
+fn kata_remote_pod_runs_with_images_pulled_in_the_vm_and_copied_volumes() {
+    let w = World::start();
+    let env = &w.env;
+    let name = unique("pp-cri");
+    let logs = tempfile::Builder::new()
+        .prefix("kata-pp-logs-")
+        .tempdir()
+        .unwrap();
+    let pod_dir = tempfile::Builder::new()
+        .prefix("kata-pp-kubelet-")
+        .tempdir()
+        .unwrap();
+    let mut cm = ConfigMapDir::create(pod_dir.path(), "value-1");
+    let empty_dir = pod_dir.path().join("volumes/kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    std::fs::write(empty_dir.join("node-only"), b"stays on the node").unwrap();
+
+    let t0 = std::time::Instant::now();
+    let pod = env
+        .client
+        .run_pod_with(
+            pod_config(&name, "pp-host", Some(logs.path())),
+            KATA_REMOTE_HANDLER,
+        )
+        .or_panic(env);
+    eprintln!("RunPodSandbox (kata-remote): {:?}", t0.elapsed());
+    let (instance, vm_ip) = w.instance();
+    assert!(
+        instance.contains(&name),
+        "instance {instance} does not name the pod {name}"
+    );
+    // No virtio-fs: no virtiofsd for the pod, no vhost-user-fs device on its QEMU.
+    let qemu = w.adaptor.qemu_pid(&instance).expect("the instance's QEMU");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(!cmdline.contains("vhost-user-fs"), "{cmdline}");
+    let virtiofsd: Vec<_> = kata_tests::processes_naming("virtiofsd")
+        .into_iter()
+        .filter(|(_, c)| c.contains(&pod.id) || c.contains(&instance))
+        .collect();
+    assert!(
+        virtiofsd.is_empty(),
+        "virtiofsd for a remote pod: {virtiofsd:?}"
+    );
+
+    let mounts = || {
+        vec![
+            api::Mount {
+                readonly: true,
+                ..bind_mount(&cm.dir, "/etc/cfg")
+            },
+            bind_mount(&empty_dir, "/cache"),
+        ]
+    };
+    let gets_before = w.registry.blob_gets_from(vm_ip).len();
+    let c1 = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config(
+                "app",
+                &w.busybox,
+                &[
+                    "sh",
+                    "-c",
+                    "echo out-1; echo err-1 >&2; cat /etc/cfg/key; echo; echo shared > /cache/x; exec sleep 3600",
+                ],
+                mounts(),
+            ),
+        )
+        .or_panic(env);
+    // containerd creates the task (the shim's Create) at StartContainer.
+    env.client.start_container(&c1).or_panic(env);
+    // The image came into the VM from the registry, fetched from the VM's address.
+    let gets = w.registry.blob_gets_from(vm_ip);
+    assert!(
+        gets.len() > gets_before,
+        "no blob GET from the VM's address {vm_ip}:\n{}\nshim:\n{}",
+        w.registry.log(),
+        shim_lines(env)
+    );
+    // containerd's host rootfs of the container is not mounted: the shim ignored it.
+    let host_rootfs_mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("/{c1}/rootfs")))
+        .map(str::to_owned)
+        .collect();
+    assert!(host_rootfs_mounts.is_empty(), "{host_rootfs_mounts:?}");
+
+    let c2 = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config(
+                "check",
+                &w.busybox,
+                &[
+                    "sh",
+                    "-c",
+                    "while [ ! -e /cache/x ]; do sleep 0.2; done; cat /cache/x; ls /cache; exit 3",
+                ],
+                mounts(),
+            ),
+        )
+        .or_panic(env);
+    env.client.start_container(&c2).or_panic(env);
+
+    // Exit codes: the second container ends with 3 after reading what the first wrote into
+    // the pod's emptyDir in the VM (created empty: the node's file is not there).
+    let st = env
+        .client
+        .wait_exited(&c2, Duration::from_secs(120))
+        .or_panic(env);
+    assert_eq!(st.exit_code, 3, "{st:?}");
+    let check_log = logs.path().join("check.log");
+    let out2 = log_text(&check_log, "stdout");
+    assert!(out2.contains("shared\n"), "{out2:?}");
+    assert!(
+        out2.contains("x\n") && !out2.contains("node-only"),
+        "{out2:?}"
+    );
+
+    // Logs of the first container, both streams, and the configMap's value in the VM.
+    let app_log = logs.path().join("app.log");
+    let arrived = wait_until(Duration::from_secs(30), || {
+        log_text(&app_log, "stdout").contains("value-1")
+            && log_text(&app_log, "stderr").contains("err-1\n")
+    });
+    assert!(
+        arrived,
+        "stdout {:?} stderr {:?}",
+        log_text(&app_log, "stdout"),
+        log_text(&app_log, "stderr")
+    );
+    assert!(log_text(&app_log, "stdout").starts_with("out-1\n"));
+
+    // ExecSync: output and exit codes.
+    let (code, out, _) = env
+        .client
+        .exec_sync(&c1, &["cat", "/etc/cfg/key"])
+        .or_panic(env);
+    assert_eq!((code, out.as_str()), (0, "value-1"));
+    let (code, _, err) = env
+        .client
+        .exec_sync(&c1, &["sh", "-c", "echo bad >&2; exit 7"])
+        .or_panic(env);
+    assert_eq!((code, err.as_str()), (7, "bad\n"));
+    // The root is the image's, in the VM; the configMap is read-only there.
+    let (code, out, _) = env
+        .client
+        .exec_sync(&c1, &["sh", "-c", "touch /etc/cfg/new 2>&1; echo $?"])
+        .or_panic(env);
+    assert_eq!(code, 0);
+    assert!(
+        out.trim_end().ends_with('1'),
+        "write to a read-only configMap: {out}"
+    );
+
+    // A configMap update on the node reaches the container.
+    cm.update("value-2");
+    let mut last = String::new();
+    let updated = wait_until(Duration::from_secs(30), || {
+        last = env
+            .client
+            .exec_sync(&c1, &["cat", "/etc/cfg/key"])
+            .map(|(_, out, _)| out)
+            .unwrap_or_default();
+        last == "value-2"
+    });
+    assert!(updated, "the configMap update did not arrive: {last:?}");
+
+    // Teardown through CRI: the instance goes with the pod.
+    env.client.stop_container(&c1, 5).or_panic(env);
+    let st = env.client.container_status(&c1).or_panic(env);
+    // SIGTERM ends sleep (not the pid namespace's init: the pod shares one).
+    assert_eq!(st.exit_code, 143, "{st:?}");
+    env.client.remove_container(&c1).or_panic(env);
+    env.client.remove_container(&c2).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c1, &c2]);
+}
+
+#[test]
+fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
+    let mut w = World::start();
+    let env = &w.env;
+
+    // An image containerd has on the node but the registry no longer serves: the pull in
+    // the VM fails and says so.
+    let busybox_tar = repo_root().join("build/images/busybox.tar");
+    let layout = tempfile::tempdir().unwrap();
+    let layer = Layer::gzip(&[("gone-marker", Some(b"x".as_slice()))]);
+    layout_on_top(&busybox_tar, &[layer], layout.path(), "kata");
+    w.registry.push(
+        &format!("oci:{}:kata", layout.path().display()),
+        "gone:kata",
+    );
+    let gone = format!("{}/gone:kata", w.registry.host());
+    env.client.pull_image(&gone).or_panic(env);
+    sh(
+        "skopeo",
+        &["delete", "--tls-verify=false", &format!("docker://{gone}")],
+    );
+    let name = unique("pp-bad");
+    let pod = env
+        .client
+        .run_pod_with(pod_config(&name, "pp-bad", None), KATA_REMOTE_HANDLER)
+        .or_panic(env);
+    let bad = env
+        .client
+        .create_container_with(&pod, container_config("gone", &gone, &["true"], vec![]))
+        .or_panic(env);
+    // The shim's Create (and so the pull) runs at StartContainer.
+    let e = env.client.start_container(&bad).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains(&gone) && e.contains("in the VM") && e.contains("NotFound"),
+        "the error does not name the image: {e}"
+    );
+    eprintln!("missing image: {e}");
+    env.client.remove_container(&bad).or_panic(env);
+    // The pod still works after the refused container.
+    let ok = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config("ok", &w.busybox, &["sleep", "3600"], vec![]),
+        )
+        .or_panic(env);
+    env.client.start_container(&ok).or_panic(env);
+    let (code, out, _) = env.client.exec_sync(&ok, &["echo", "fine"]).or_panic(env);
+    assert_eq!((code, out.as_str()), (0, "fine\n"));
+    env.client.stop_container(&ok, 2).or_panic(env);
+    env.client.remove_container(&ok).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &ok, &bad]);
+
+    // The adaptor is not running: RunPodSandbox fails naming its socket, nothing is left.
+    w.adaptor.stop();
+    let env = &w.env;
+    let name = unique("pp-noadaptor");
+    let e = env
+        .client
+        .run_pod_with(pod_config(&name, "pp-x", None), KATA_REMOTE_HANDLER)
+        .unwrap_err();
+    let e = format!("{e:#}");
+    eprintln!("no adaptor: {e}");
+    let socket = w.adaptor.socket.display().to_string();
+    assert!(
+        e.contains(&socket) && e.contains("adaptor"),
+        "the error does not name the adaptor's socket {socket}: {e}"
+    );
+    let pods = env.client.list_pods().or_panic(env);
+    assert!(
+        pods.iter()
+            .all(|p| p.metadata.as_ref().is_none_or(|m| m.name != name)),
+        "{pods:?}"
+    );
+    let shims = || -> Vec<_> {
+        kata_tests::processes_naming(&env.ctd.socket().display().to_string())
+            .into_iter()
+            .filter(|(_, c)| c.contains("containerd-shim-kata-v2"))
+            .collect()
+    };
+    // The failed sandbox's shim is shut down by containerd right after the error.
+    wait_until(Duration::from_secs(15), || shims().is_empty());
+    assert!(shims().is_empty(), "shims left: {:?}", shims());
+    w.adaptor.assert_no_instances();
+}
+
+#[test]
+fn a_killed_shims_remote_vm_is_deleted_by_the_cleanup() {
+    let w = World::start();
+    let env = &w.env;
+    let name = unique("pp-kill");
+    let pod = env
+        .client
+        .run_pod_with(pod_config(&name, "pp-kill", None), KATA_REMOTE_HANDLER)
+        .or_panic(env);
+    let c = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config("app", &w.busybox, &["sleep", "3600"], vec![]),
+        )
+        .or_panic(env);
+    env.client.start_container(&c).or_panic(env);
+    assert_eq!(w.adaptor.instances().len(), 1);
+    let shims: Vec<i32> = kata_tests::processes_naming(&pod.id)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-kata-v2") && cmd.contains(" -id "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "the pod's shim: {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // containerd runs the shim's `delete` cleanup, which calls StopVM: the adaptor (which
+    // does not watch pods while it runs) deletes the instance.
+    let deleted = wait_until(Duration::from_secs(60), || w.adaptor.instances().is_empty());
+    assert!(
+        deleted,
+        "the instance outlived its killed shim: {:?}\nadaptor log:\n{}",
+        w.adaptor.instances(),
+        w.adaptor.log()
+    );
+    let _ = env.client.stop_container(&c, 2);
+    let _ = env.client.remove_container(&c);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
+}
