@@ -33,11 +33,15 @@ APT_PACKAGES=(
   iproute2 util-linux procps
   containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni (pod network tests, bench-net)
   skopeo            # copies the offline test images into the peer pods tests' registry
+  openssl           # hack/k8s/peerpods-webhook-cert.sh (the peer pods webhook's certificate, and its test)
+  systemd           # /lib/systemd/systemd-journald and journalctl (log tests: a journald of their own)
+  curl              # the metrics benchmark and troubleshooting commands
 )
-# Packages that ship a service: installed with their service kept from starting (the peer
-# pods tests start a private instance of the registry themselves).
-APT_SERVICE_PACKAGES=(
-  docker-registry   # a real registry for the in-guest image pull tests
+# Packages that ship a service: installed without starting it and left disabled (the tests
+# start private instances on their own ports).
+SERVICE_PACKAGES=(
+  prometheus        # prometheus and promtool 2.42 (metrics tests: a private Prometheus)
+  docker-registry   # a real registry for the in-guest image pull tests (peer pods)
 )
 
 log() { echo "install-deps: $*" >&2; }
@@ -57,34 +61,43 @@ else
   log "apt packages: all present"
 fi
 
+# Service packages: a policy-rc.d refusing every start keeps the package's service from
+# starting during the install; afterwards it is disabled, and stopped if it runs anyway.
 missing=()
-for p in "${APT_SERVICE_PACKAGES[@]}"; do
+for p in "${SERVICE_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")
   fi
 done
 if ((${#missing[@]})); then
-  log "apt packages to install without starting their services: ${missing[*]}"
-  # policy-rc.d answering 101 keeps invoke-rc.d/deb-systemd-invoke from starting services.
+  log "service packages to install (not started): ${missing[*]}"
   policy=/usr/sbin/policy-rc.d
-  own_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod 0755 "$policy"
-    own_policy=1
+  if [[ -e $policy ]]; then
+    log "$policy exists: leaving it as it is"
+    policy=''
+  else
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    trap '[[ -n $policy ]] && rm -f "$policy"' EXIT
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  status=0
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
-  ((own_policy)) && rm -f "$policy"
-  ((status == 0)) || exit "$status"
-  if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
-    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
-  fi
-else
-  log "apt packages with services: all present"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [[ -n $policy ]] && rm -f "$policy"
+  policy=''
 fi
+for svc in "${SERVICE_PACKAGES[@]}"; do
+  if command -v deb-systemd-helper >/dev/null; then
+    deb-systemd-helper disable "$svc.service" >/dev/null 2>&1 || true
+  fi
+  if [[ -x /etc/init.d/$svc ]]; then
+    update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    if /etc/init.d/"$svc" status >/dev/null 2>&1; then
+      log "stopping the $svc service the package started"
+      /etc/init.d/"$svc" stop >/dev/null 2>&1 || true
+    fi
+  fi
+done
 
 # cargo install <crate> <version> <binary>
 cargo_install() {

@@ -12,9 +12,14 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The end-to-end tests start containerd, which runs the shim binary from target/debug.
 cargo build --quiet --workspace --bins
+# The shim logs to the journal (global socket): one journald for the whole run, stopped
+# at the end if this run started it.
+# shellcheck source=lib/journald.sh
+source hack/lib/journald.sh
+journald_start
 # VM tests use two vCPU threads' worth of host CPU each under TCG; two at a time fits 2 cores.
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; journald_stop' EXIT
 set +e
 cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -2,7 +2,7 @@
 //!
 //! As PID 1 the agent mounts the pseudo filesystems ([`mounts`]), sets up logging to the
 //! console ([`logging`]), loads the kernel modules the image lists ([`modules`]), reaps
-//! orphans ([`reaper`]) and then serves the agent protocol on vsock ([`server`],
+//! orphans ([`reaper`]), follows the containers' OOM kills ([`oom`]) and then serves the agent protocol on vsock ([`server`],
 //! [`service`]). Run by hand (not PID 1) it only serves, on an address of the caller's
 //! choice, which is how the service is tested on a host.
 //!
@@ -13,14 +13,17 @@
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod copy;
 pub mod files;
 pub mod guest;
 pub mod image;
 pub mod init;
 pub mod logging;
+pub mod metrics;
 pub mod modules;
 pub mod mounts;
 pub mod network;
+pub mod oom;
 pub mod passwd;
 pub mod paths;
 pub mod peerpod;

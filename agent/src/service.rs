@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kata_proto::agent::{
-    AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, GuestDetailsRequest, GuestDetailsResponse,
-    ListPidsRequest, ListPidsResponse, OnlineResourcesRequest, OnlineResourcesResponse,
-    PauseContainerRequest, ReadFileRequest, ReadFileResponse, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StartProcessResponse, StatsContainerRequest,
-    StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    AddStoragesRequest, CloseStdinRequest, ConfigureNetworkRequest, CopyFileRequest,
+    CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest, GetMetricsRequest,
+    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, ListPidsResponse, Metrics,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    ReadFileResponse, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartProcessRequest,
+    StartProcessResponse, StatsContainerRequest, StatsContainerResponse, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentService, ContainerService};
 use kata_proto::health::{
@@ -57,6 +58,15 @@ pub enum ServiceError {
     /// PullImage failed (or freeing a container's image rootfs).
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// GetMetrics failed.
+    #[error("metrics")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// CopyFile failed.
+    #[error("copy file")]
+    Copy(#[from] crate::copy::CopyError),
+    /// GetOOMEvents was refused.
+    #[error("OOM events")]
+    Oom(#[from] crate::oom::OomError),
 }
 
 /// Maps an error to a ttrpc status; the message is the whole error chain.
@@ -73,6 +83,7 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             Code::INVALID_ARGUMENT
         }
         ServiceError::File(FileError::NotFound(_)) => Code::NOT_FOUND,
+        ServiceError::Copy(e) if e.is_invalid_request() => Code::INVALID_ARGUMENT,
         ServiceError::Container(e) => match e {
             ContainerError::Spec(_)
             | ContainerError::BadId { .. }
@@ -102,9 +113,13 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
             crate::image::ErrorKind::DataLoss => Code::DATA_LOSS,
             crate::image::ErrorKind::Internal => Code::INTERNAL,
         },
+        ServiceError::Oom(crate::oom::OomError::Cursor { .. }) => Code::INVALID_ARGUMENT,
+        ServiceError::Oom(_) => Code::INTERNAL,
         ServiceError::Storage(_)
         | ServiceError::File(FileError::Io { .. })
         | ServiceError::Guest(_)
+        | ServiceError::Metrics(_)
+        | ServiceError::Copy(_)
         | ServiceError::Join(_) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain(err)))
@@ -315,6 +330,31 @@ impl AgentService for Agent {
         Ok(resp)
     }
 
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<Empty> {
+        use kata_proto::agent::FileKind;
+        let kind = match req.kind.enum_value_or_default() {
+            FileKind::REGULAR => crate::copy::Kind::File,
+            FileKind::DIRECTORY => crate::copy::Kind::Dir,
+            FileKind::SYMLINK => crate::copy::Kind::Symlink,
+        };
+        let copy = crate::copy::Copy {
+            path: req.path,
+            kind,
+            mode: req.mode,
+            uid: req.uid,
+            gid: req.gid,
+            data: req.data,
+            offset: req.offset,
+            last: req.last,
+            target: req.symlink_target,
+        };
+        let base = self.opts.base_dir.join("shared/containers");
+        crate::copy::copy_file(&base, copy)
+            .await
+            .map_err(|e| log_failure("CopyFile", e.into()))?;
+        Ok(Empty::new())
+    }
+
     async fn get_guest_details(
         &self,
         _ctx: &TtrpcContext,
@@ -349,6 +389,17 @@ impl AgentService for Agent {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         self.schedule_shutdown();
         Ok(Empty::new())
+    }
+
+    async fn get_metrics(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetMetricsRequest,
+    ) -> ttrpc::Result<Metrics> {
+        match tokio::task::spawn_blocking(crate::metrics::answer).await {
+            Ok(answer) => answer.map_err(|e| log_failure("GetMetrics", e.into())),
+            Err(e) => Err(log_failure("GetMetrics", e.into())),
+        }
     }
 }
 
@@ -441,6 +492,7 @@ impl ContainerService for Agent {
         Ok(WaitProcessResponse {
             status: f.status,
             oom_killed: f.oom_killed,
+            oom_kills: f.oom_kills,
             ..Default::default()
         })
     }
@@ -542,6 +594,31 @@ impl ContainerService for Agent {
             .await
             .map_err(|e| container_failure("StatsContainer", e))
     }
+
+    async fn get_oom_events(
+        &self,
+        _ctx: &TtrpcContext,
+        req: kata_proto::agent::GetOOMEventsRequest,
+    ) -> ttrpc::Result<kata_proto::agent::GetOOMEventsResponse> {
+        let (seq, changed) = self
+            .containers
+            .oom()
+            .changes_after(req.after)
+            .await
+            .map_err(|e| log_failure("GetOOMEvents", e.into()))?;
+        Ok(kata_proto::agent::GetOOMEventsResponse {
+            events: changed
+                .into_iter()
+                .map(|(container_id, oom_kills)| kata_proto::agent::OOMEvent {
+                    container_id,
+                    oom_kills,
+                    ..Default::default()
+                })
+                .collect(),
+            seq,
+            ..Default::default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -572,6 +649,11 @@ mod tests {
         );
         let io = std::io::Error::other("boom");
         assert_eq!(code(StorageError::MountInfo(io).into()), Code::INTERNAL);
+        let cursor = crate::oom::OomError::Cursor {
+            after: 5,
+            current: 0,
+        };
+        assert_eq!(code(cursor.into()), Code::INVALID_ARGUMENT);
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! signals, so a signal can never hit a recycled pid. The [`ChildProcess`] handle talks to
 //! it through channels; dropping the handle makes the supervisor terminate (SIGTERM, then
 //! SIGKILL after a second) and reap the child. Exit is published on a watch channel as an [`ExitReport`].
+//!
+//! Every child leads a process group of its own, and the group is the unit: signals go to
+//! the group, and when the leader exits whatever it forked (virtiofsd's namespace sandbox
+//! runs the file server in a forked child) is killed before the exit is published, so no
+//! helper of a VM outlives the process the sandbox watches. The leader is reaped only
+//! after that (its pidfd says when it exited), which keeps its pid, and so the group id,
+//! from being reused while we signal it.
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
@@ -12,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
@@ -26,6 +33,8 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const DROP_GRACE: Duration = Duration::from_secs(1);
 /// Lines of stderr kept per child.
 const STDERR_LINES: usize = 100;
+/// How long the rest of a child's process group gets to die after its leader exited.
+const GROUP_WAIT: Duration = Duration::from_secs(1);
 /// Poll interval of readiness checks.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -221,6 +230,7 @@ impl ChildProcess {
             Stdout::Lines(..) => Stdio::piped(),
         });
         die_with_parent(&mut command);
+        command.process_group(0);
         let mut child = command
             .spawn()
             .map_err(|source| ProcessError::Spawn { program, source })?;
@@ -368,19 +378,29 @@ async fn supervise(
     mut signals: mpsc::UnboundedReceiver<Signal>,
     exit: watch::Sender<Option<ExitReport>>,
 ) {
+    let group = child
+        .id()
+        .map(|pid| Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)));
+    let exited = exit_notice(group);
+    tokio::pin!(exited);
     let status = loop {
         tokio::select! {
             biased;
-            status = child.wait() => break status,
-            signal = signals.recv() => match (signal, child.id()) {
-                (Some(signal), Some(pid)) => {
-                    let pid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-                    if let Err(error) = kill(pid, signal) {
+            () = &mut exited => {
+                // The leader is a zombie: its pid still names the group.
+                if let Some(group) = group {
+                    end_group(group, &name).await;
+                }
+                break child.wait().await;
+            }
+            signal = signals.recv() => match (signal, group) {
+                (Some(signal), Some(group)) => {
+                    if let Err(error) = killpg(group, signal) {
                         tracing::debug!(%name, %error, ?signal, "signal failed");
                     }
                 }
                 (Some(_), None) => {}
-                (None, _) => break stop_orphaned(&mut child, &name).await,
+                (None, _) => break stop_orphaned(&mut child, group, &name).await,
             },
         }
     };
@@ -398,18 +418,103 @@ async fn supervise(
     exit.send_replace(Some(report));
 }
 
-/// The handle was dropped: SIGTERM (a forking daemon can then take its children down),
-/// up to [`DROP_GRACE`] to exit, then SIGKILL; reaps.
-async fn stop_orphaned(child: &mut Child, name: &str) -> std::io::Result<ExitStatus> {
-    if let Some(pid) = child.id() {
-        tracing::debug!(name, pid, "handle dropped, terminating child");
-        let _ = kill(
-            Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
-            Signal::SIGTERM,
+/// Resolves when the process `pid` has exited, without reaping it: its pidfd turns
+/// readable. Without pidfds (kernels before 5.3) it never resolves and the supervisor
+/// learns of the exit by reaping.
+async fn exit_notice(pid: Option<Pid>) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use tokio::io::unix::AsyncFd;
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return std::future::pending().await;
+    };
+    if fd < 0 {
+        return std::future::pending().await;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which closes it only when dropped.
+    match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The leader of `group` exited: SIGKILL what is left of its group and wait (bounded)
+/// until the group is empty.
+async fn end_group(group: Pid, name: &str) {
+    if killpg(group, Signal::SIGKILL).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + GROUP_WAIT;
+    // Members other than the zombie leader: reaped by init once they die.
+    while group_has_live_members(group) {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                name,
+                pgid = group.as_raw(),
+                "processes of the child's group survived SIGKILL"
+            );
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether a process other than the leader and other than a zombie is in `group`.
+fn group_has_live_members(group: Pid) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|entry| {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            return false;
+        };
+        if pid == group.as_raw() {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|s| s.parse::<i32>().ok());
+        pgrp == Some(group.as_raw()) && state != Some("Z") && state != Some("X")
+    })
+}
+
+/// The handle was dropped: SIGTERM to the group (a forking daemon can then take its
+/// children down), up to [`DROP_GRACE`] to exit, then SIGKILL; reaps.
+async fn stop_orphaned(
+    child: &mut Child,
+    group: Option<Pid>,
+    name: &str,
+) -> std::io::Result<ExitStatus> {
+    if let Some(group) = group {
+        tracing::debug!(
+            name,
+            pid = group.as_raw(),
+            "handle dropped, terminating child"
         );
+        let _ = killpg(group, Signal::SIGTERM);
         if let Ok(status) = tokio::time::timeout(DROP_GRACE, child.wait()).await {
             return status;
         }
+        let _ = killpg(group, Signal::SIGKILL);
     }
     let _ = child.start_kill();
     child.wait().await
@@ -497,6 +602,37 @@ mod tests {
         let report = child.terminate(Duration::from_secs(5)).await.unwrap();
         assert_eq!(report.signal, Some(libc::SIGTERM));
         assert_eq!(report.exit_code(), 128 + libc::SIGTERM);
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+    }
+
+    /// A forked helper (virtiofsd's sandbox child) dies with the process we watch, before
+    /// its exit is published, whichever of the two was killed.
+    #[tokio::test]
+    async fn what_the_child_forked_dies_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("grandchild");
+        let script = format!("sleep 300 & echo $! > {}; exec sleep 300", file.display());
+        let child = ChildProcess::spawn("d", "t", sh(&script), Stdout::Null).unwrap();
+        child
+            .wait_for_path(&file, Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let grandchild: i32 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(alive(grandchild));
+        // Killed from outside, as a fault would: only the watched process gets the signal.
+        nix::sys::signal::kill(Pid::from_raw(child.pid() as i32), Signal::SIGKILL).unwrap();
+        let report = child.wait_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(report.signal, Some(libc::SIGKILL));
+        assert!(!alive(grandchild), "the forked helper outlived the exit");
     }
 
     #[tokio::test]

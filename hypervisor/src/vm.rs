@@ -270,6 +270,14 @@ impl Vm {
         self.qemu.pid()
     }
 
+    /// The helper daemons (virtiofsd, the hybrid vsock daemon) as (name, pid).
+    pub fn daemon_pids(&self) -> Vec<(String, u32)> {
+        self.daemons
+            .iter()
+            .map(|d| (d.name().to_owned(), d.pid()))
+            .collect()
+    }
+
     /// The accelerator in use ([`Accel::Kvm`] or [`Accel::Tcg`]).
     pub fn accel(&self) -> Accel {
         self.accel

@@ -8,9 +8,10 @@
 //! - `start` (cwd = bundle): groups by the CRI sandbox id, prints the address of the pod's
 //!   live shim or spawns a new server and prints its address once it serves.
 //! - `delete`: cleans up after a dead shim ([`crate::sandbox::cleanup`]) and prints a DeleteResponse.
-//! - server (`-socket <address>`): subreaper, logging to the bundle's `log` fifo, optional
-//!   event publisher, the Task service; runs until Shutdown or SIGTERM/SIGINT, then tears
-//!   the sandbox down.
+//! - server (`-socket <address>`): subreaper, logging ([`crate::logging`]: the bundle's
+//!   `log` fifo and the journal), optional event publisher, the Task service (timed for
+//!   metrics) and the management server ([`crate::monitor`]); runs until Shutdown or
+//!   SIGTERM/SIGINT, then tears the sandbox down.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -29,6 +30,8 @@ use containerd_shim::{ExitSignal, Flags};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::monitor::rpc::Timed;
+use crate::monitor::ShimMonitor;
 use crate::sandbox::cleanup;
 use crate::task::container::{to_timestamp, ExitInfo};
 use crate::task::events;
@@ -38,6 +41,8 @@ use crate::task::TaskService;
 
 /// The name containerd knows us by.
 pub const BINARY_NAME: &str = "containerd-shim-kata-v2";
+/// How long queued log lines get to be written before the process exits.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long queued events get to go out before the server exits.
 const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -103,7 +108,7 @@ pub fn main() -> i32 {
                 other => Err(BootstrapError::UnknownAction(other.to_owned())),
             }
         });
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             // In `start` stderr goes to containerd as the error text. A server that fails
@@ -117,7 +122,10 @@ pub fn main() -> i32 {
             }
             1
         }
-    }
+    };
+    // The log threads get a moment to write what is queued (not forever: a stalled reader).
+    crate::logging::flush(LOG_FLUSH_TIMEOUT);
+    code
 }
 
 /// The filesystem path of a `unix://` address.
@@ -207,16 +215,13 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> Result<u32, Boot
 
 /// `delete`: clean up after a dead shim, print the DeleteResponse.
 fn delete(flags: &Flags) -> Result<(), BootstrapError> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .try_init();
     let bundle = if flags.bundle.is_empty() {
         std::env::current_dir().map_err(io_err("cannot read the bundle directory"))?
     } else {
         PathBuf::from(&flags.bundle)
     };
+    // containerd shows our stderr when delete fails; the journal keeps it either way.
+    init_logging(&bundle, &flags.id, flags.debug, None);
     let response = delete_action(&bundle, &flags.id);
     let bytes = response.write_to_bytes().map_err(|e| BootstrapError::Io {
         what: "cannot encode the delete response".into(),
@@ -254,37 +259,33 @@ pub fn delete_action(bundle: &Path, container_id: &str) -> DeleteResponse {
     }
 }
 
-/// Logs to the bundle's `log` fifo (containerd or CRI-O hold its reader), else to stderr.
-fn init_logging(debug: bool) {
-    let level = if debug || std::env::var_os("KATA_SHIM_DEBUG").is_some() {
-        "debug"
-    } else {
-        "info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let fifo = std::fs::OpenOptions::new()
+/// Logs to `fifo` (else stderr) and the journal, as sandbox `id`'s shim (the pod's id
+/// from the bundle's spec, else `id`).
+fn init_logging(bundle: &Path, id: &str, debug: bool, fifo: Option<std::fs::File>) {
+    let spec = spec::load_sync(bundle).ok();
+    crate::logging::init(crate::logging::Settings {
+        sandbox_id: spec::sandbox_id(spec.as_ref(), id),
+        debug: debug || std::env::var_os("KATA_SHIM_DEBUG").is_some(),
+        fifo,
+        journal_socket: crate::logging::journal::JOURNAL_SOCKET.into(),
+    });
+}
+
+/// The bundle's `log` fifo (containerd or CRI-O hold its reader), opened for writing
+/// without waiting for a reader; `None` when there is none. The writes themselves may
+/// block: a logging thread of its own does them ([`crate::logging`]).
+fn open_log_fifo() -> Option<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("log")
-        .ok()
-        .and_then(|f| {
-            // Writes must block rather than drop lines when the reader is slow.
-            nix::fcntl::fcntl(
-                f.as_raw_fd(),
-                nix::fcntl::F_SETFL(nix::fcntl::OFlag::empty()),
-            )
-            .ok()
-            .map(|_| f)
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_target(false);
-    let _ = match fifo {
-        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
-    };
+        .ok()?;
+    nix::fcntl::fcntl(
+        f.as_raw_fd(),
+        nix::fcntl::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .ok()?;
+    Some(f)
 }
 
 /// Server mode.
@@ -293,7 +294,8 @@ fn serve(flags: &Flags) -> Result<(), BootstrapError> {
         return Err(BootstrapError::NoSocket);
     }
     nix::sys::prctl::set_child_subreaper(true).map_err(BootstrapError::Subreaper)?;
-    init_logging(flags.debug);
+    let bundle = std::env::current_dir().map_err(io_err("cannot read the bundle directory"))?;
+    init_logging(&bundle, &flags.id, flags.debug, open_log_fifo());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -363,12 +365,15 @@ async fn serve_async(flags: &Flags) -> Result<(), BootstrapError> {
     };
     let exit = Arc::new(ExitSignal::default());
     let (events, _forwarder) = events::start(publisher, flags.namespace.clone());
-    let tasks = Arc::new(TaskService::new(
-        flags.namespace.clone(),
-        events.clone(),
-        exit.clone(),
-    ));
-    let service = create_task(Arc::new(Service(tasks.clone())));
+    let monitor = ShimMonitor::new();
+    let tasks = Arc::new(
+        TaskService::new(flags.namespace.clone(), events.clone(), exit.clone())
+            .with_monitor(monitor.clone()),
+    );
+    let service = create_task(Arc::new(Timed::new(
+        Service(tasks.clone()),
+        monitor.rpc_durations().clone(),
+    )));
     let mut server = ttrpc::asynchronous::Server::new()
         .add_listener(ttrpc::asynchronous::transport::Listener::from(listener))
         .register_service(service);

@@ -7,11 +7,17 @@
 //! - [`sandbox`]: one VM per pod and everything of it on the host — the VM, the agent
 //!   client, its health and fencing, resources, pod network, host mounts, state record and
 //!   the cleanup after a dead shim;
+//! - [`monitor`]: the management server (`/metrics`, `/agent-url` on the sandbox's
+//!   socket), Task RPC timing and the pod overhead; it reads the sandbox, and the Task
+//!   service only registers the sandbox with it;
 //! - [`config`]: `configuration.toml`, pod annotations and runtime options;
+//! - [`logging`]: Kata's log lines to containerd's fifo and the journal, never blocking;
 //! - [`report`]: error chains as one line of text.
 
 pub mod bootstrap;
 pub mod config;
+pub mod logging;
+pub mod monitor;
 pub mod report;
 pub mod sandbox;
 pub mod task;

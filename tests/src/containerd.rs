@@ -374,6 +374,38 @@ dial_timeout = 60
             .expect("open shim configuration");
         writeln!(f, "{toml}").expect("append to shim configuration");
     }
+
+    /// Sets `line` (`key = value`) in table `[table]` of the configuration, replacing the
+    /// key's line if the table has it, adding the table when it is missing.
+    pub fn set_config(&self, table: &str, line: &str) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let header = format!("[{table}]");
+        let mut out: Vec<String> = Vec::new();
+        let (mut in_table, mut done) = (false, false);
+        for l in text.lines() {
+            if l.trim_start().starts_with('[') {
+                if in_table && !done {
+                    out.push(line.to_owned());
+                    done = true;
+                }
+                in_table = l.trim() == header;
+            } else if in_table && l.split('=').next().unwrap_or_default().trim() == key {
+                out.push(line.to_owned());
+                done = true;
+                continue;
+            }
+            out.push(l.to_owned());
+        }
+        if !done {
+            if !in_table {
+                out.push(header);
+            }
+            out.push(line.to_owned());
+        }
+        std::fs::write(&path, out.join("\n") + "\n").expect("write config");
+    }
 }
 
 impl Default for ShimInstall {

@@ -19,7 +19,10 @@
 //!   `/usr/lib/cni` (`containernetworking-plugins`): pods with `network = POD` get a network
 //!   namespace from CNI with a veth on that bridge ([`with_network_mode`]).
 //! - `restrict_oom_score_adj = true`: a process on these hosts may not lower its
-//!   oom_score_adj, which every sandbox would otherwise try (and fail).
+//!   oom_score_adj, which every runc sandbox would otherwise try (and fail). A kata-only
+//!   test may turn it off ([`CriContainerd::for_kata_with_unrestricted_oom_score_adj`]):
+//!   then the specs carry the kubelet's values (-998 for the pause container, -997 for
+//!   Guaranteed containers), which the guest applies.
 //!
 //! [`CriContainerd`] removes leftover pods through CRI before containerd stops.
 
@@ -146,12 +149,22 @@ impl CniNetwork {
 /// The CNI conf dir is `<dir>/cni/net.d`; the bin dir `cni_bin`, else the empty
 /// `<dir>/cni/bin`.
 pub fn cri_config(dir: &Path, kata_config: Option<&Path>, cni_bin: Option<&Path>) -> String {
+    cri_config_with(dir, kata_config, cni_bin, true)
+}
+
+/// [`cri_config`] with `restrict_oom_score_adj` as given.
+fn cri_config_with(
+    dir: &Path,
+    kata_config: Option<&Path>,
+    cni_bin: Option<&Path>,
+    restrict_oom_score_adj: bool,
+) -> String {
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
     let mut s = format!(
         r#"
 [{cri}]
   sandbox_image = "{SANDBOX_IMAGE}"
-  restrict_oom_score_adj = true
+  restrict_oom_score_adj = {restrict_oom_score_adj}
   enable_selinux = false
   disable_apparmor = true
   disable_tcp_service = true
@@ -285,6 +298,21 @@ impl CriContainerd {
     /// Starts containerd with the CRI plugin and pod networking `networking`; with `shim`,
     /// the `kata` handler runs it. With CNI, waits for CRI's NetworkReady condition.
     pub fn start_with(shim: Option<ShimInstall>, networking: Networking) -> Self {
+        Self::start_configured(shim, networking, true)
+    }
+
+    /// A containerd for the `kata` handler whose CRI passes the containers' oom_score_adj
+    /// through unchanged (`restrict_oom_score_adj = false`), as on a node where containerd
+    /// itself runs with a low score. runc pods fail there (see the module docs).
+    pub fn for_kata_with_unrestricted_oom_score_adj() -> Self {
+        Self::start_configured(Some(ShimInstall::new()), Networking::HostOnly, false)
+    }
+
+    fn start_configured(
+        shim: Option<ShimInstall>,
+        networking: Networking,
+        restrict_oom_score_adj: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kata-cri-")
             .tempdir()
@@ -314,10 +342,11 @@ impl CriContainerd {
         };
         let options = Options {
             env,
-            cri: Some(cri_config(
+            cri: Some(cri_config_with(
                 dir.path(),
                 kata_config.as_deref(),
                 cni_bin.as_deref(),
+                restrict_oom_score_adj,
             )),
             imports: vec![
                 (CRI_NAMESPACE.to_owned(), "pause.tar".to_owned()),

@@ -248,6 +248,10 @@ impl Drop for FifoCopy {
 pub struct LogFifo {
     text: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
+    /// Set: the reader keeps the fifo open but reads nothing more (a stalled containerd).
+    stalled: Arc<AtomicBool>,
+    /// The read end (owned by the thread).
+    raw: std::os::fd::RawFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -260,12 +264,18 @@ impl LogFifo {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .expect("open the log fifo");
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
         let text = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (text.clone(), stop.clone());
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (t, s, st) = (text.clone(), stop.clone(), stalled.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
             while !s.load(Ordering::Relaxed) {
+                if st.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 match file.read(&mut buf) {
                     Ok(n) if n > 0 => t
                         .lock()
@@ -279,8 +289,36 @@ impl LogFifo {
         Self {
             text,
             stop,
+            stalled,
+            raw,
             thread: Some(thread),
         }
+    }
+
+    /// Bytes written to the fifo and not read (FIONREAD on the read end).
+    pub fn pending(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; the read end stays open while self lives.
+        let r = unsafe { libc::ioctl(self.raw, libc::FIONREAD, &mut n) };
+        if r < 0 {
+            0
+        } else {
+            usize::try_from(n).unwrap_or(0)
+        }
+    }
+
+    /// From now on nothing is read, and the pipe holds one page: the shim's writes fill it
+    /// at once and then block.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+        // SAFETY: fcntl on the fifo's read end, which the reader thread keeps open until
+        // this LogFifo is dropped.
+        let shrunk = unsafe { libc::fcntl(self.raw, libc::F_SETPIPE_SZ, 4096) };
+        assert!(
+            shrunk >= 0,
+            "F_SETPIPE_SZ: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// The shim's log lines so far.
@@ -374,6 +412,11 @@ impl Crio {
             root,
             shim: ShimInstall::new(),
         }
+    }
+
+    /// The shim installation (its configuration can be changed before a pod starts).
+    pub fn shim(&self) -> &ShimInstall {
+        &self.shim
     }
 
     /// The `runtime_path`.

@@ -6,14 +6,18 @@
 //!   line names the VM's run directory, no mount under it, and no directory left.
 //!
 //! [`containerd`] runs a test-owned containerd (for `ctr`), and [`cri`] one with its CRI
-//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim. [`peerpod`]
-//! runs the peer pods adaptor and [`registry`] a private registry for in-guest pulls.
+//! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim. [`journal`]
+//! reads the systemd journal; [`metrics`] reaches the shims' management sockets and runs
+//! kata-monitor and a private Prometheus. [`peerpod`] runs the peer pods adaptor and
+//! [`registry`] a private registry for in-guest pulls.
 //!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
 pub mod containerd;
 pub mod cri;
 pub mod crio;
+pub mod journal;
+pub mod metrics;
 pub mod peerpod;
 pub mod registry;
 pub mod tool;

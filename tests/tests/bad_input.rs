@@ -372,6 +372,7 @@ impl Fixture {
             }
             Input::Spec(change) => {
                 let mut spec = self.base_spec();
+                spec["linux"]["cgroupsPath"] = json!(format!("/kata-test/{id}"));
                 change(&mut spec);
                 let path = self.scratch.path().join(format!("{}.json", case.name));
                 std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();

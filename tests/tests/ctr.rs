@@ -658,22 +658,6 @@ fn events_in_order(env: &Env) {
     env.assert_no_leaks(&[&id]);
 }
 
-/// A container over its memory limit is OOM-killed: exit 137 and a TaskOOM event.
-fn oom_kill(env: &Env) {
-    let id = unique("oom");
-    let events = env.subscribe_events();
-    // tail buffers its "line" from /dev/zero without bound.
-    let out = env.run(&id, &["--memory-limit", "33554432"], &["tail", "/dev/zero"]);
-    assert_eq!(out.status.code(), Some(137), "{}", text(&out));
-    let seen = events_seen(events);
-    assert!(
-        seen.lines()
-            .any(|l| l.contains("/tasks/oom") && l.contains(&format!("\"{id}\""))),
-        "no TaskOOM for {id}:\n{seen}"
-    );
-    env.assert_no_leaks(&[&id]);
-}
-
 /// A pod container sharing the pod's pid namespace stops when its init is killed, even
 /// though its background children hold its output open (they die with it, as with runc).
 fn shared_pid_stop(env: &Env) {
@@ -735,7 +719,6 @@ fn shared_pid_stop(env: &Env) {
 
 both_runtimes! {
     shared_pid_container_stops => shared_pid_stop;
-    oom_kill_is_reported => oom_kill;
     pod_containers_share_namespaces => pod_by_annotations;
     task_events_in_order => events_in_order;
     bind_mounts_share_host_paths => bind_mounts;

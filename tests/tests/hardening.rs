@@ -93,6 +93,9 @@ impl Env {
         let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
         spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        // A cgroup of its own, as ctr gives a container it makes the spec for (the
+        // generated spec's "/default" would be shared by every container).
+        spec["linux"]["cgroupsPath"] = serde_json::json!(format!("/kata-test/{id}"));
         edit(&mut spec);
         let path = self.scratch.path().join(format!("{id}.json"));
         std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();

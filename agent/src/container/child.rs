@@ -147,8 +147,16 @@ fn set_cloexec(fd: RawFd) {
     );
 }
 
-/// Cgroup and namespaces, in the helper before forking.
+/// OOM priority, cgroup and namespaces, in the helper before forking.
 fn prepare(plan: &Plan) -> Result<()> {
+    // While the helper is still root with every capability (lowering it takes
+    // CAP_SYS_RESOURCE) and /proc is the guest's; the forked child and its program inherit it.
+    if let Some(adj) = plan.process.oom_score_adj {
+        ctx(
+            fs::write("/proc/self/oom_score_adj", adj.to_string()),
+            || format!("set oom_score_adj {adj}"),
+        )?;
+    }
     let procs = plan.cgroup.join("cgroup.procs");
     ctx(fs::write(&procs, "0"), || {
         format!("join cgroup {}", plan.cgroup.display())

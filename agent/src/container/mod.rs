@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 use tokio::sync::{oneshot, watch};
 
 use crate::cgroup;
+use crate::oom::OomWatch;
 use crate::reaper::{Exit, Exits};
 use crate::stdio::{Registry, StreamKey, StreamKind};
 use cgroups::{is_frozen, kill_cgroup, oom_kills, read_procs, remove_cgroup};
@@ -129,6 +130,8 @@ pub struct Finished {
     pub status: i32,
     /// The cgroup's OOM killer ended it.
     pub oom_killed: bool,
+    /// The container cgroup's OOM kill count once the process finished.
+    pub oom_kills: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +179,8 @@ struct Container {
     namespaces: Vec<String>,
     /// The compiled seccomp profile, for the init and every exec.
     seccomp: Option<seccomp::Compiled>,
+    /// The init's `process.oomScoreAdj`: an exec's when its own process has none.
+    oom_score_adj: Option<i32>,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -192,6 +197,8 @@ pub struct Containers {
     pod_shm_mounted: tokio::sync::Mutex<bool>,
     cgroup_root: PathBuf,
     table: Mutex<HashMap<String, Arc<Container>>>,
+    /// The containers' OOM kill counts.
+    oom: Arc<OomWatch>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -234,7 +241,13 @@ impl Containers {
             pod_shm_mounted: tokio::sync::Mutex::new(false),
             cgroup_root: PathBuf::from(CGROUP_ROOT),
             table: Mutex::default(),
+            oom: Arc::default(),
         }
+    }
+
+    /// The containers' OOM kill counts (`GetOOMEvents`).
+    pub fn oom(&self) -> &OomWatch {
+        &self.oom
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
@@ -346,6 +359,7 @@ impl Containers {
             .iter()
             .map(|n| n.typ.clone())
             .collect();
+        let oom_score_adj = spec.process.as_ref().and_then(|p| p.oom_score_adj);
         let plan = Plan {
             container_id: id.to_owned(),
             cgroup: cgroup.clone(),
@@ -388,9 +402,15 @@ impl Containers {
             cgroup,
             namespaces,
             seccomp,
+            oom_score_adj,
             init,
             execs: Mutex::default(),
         });
+        // Before the init can run (it waits for Start): no kill goes unseen.
+        if let Err(e) = self.oom.watch(id, &container.cgroup) {
+            tracing::error!(container = id, error = %crate::logging::chain(&e),
+                "cannot follow the container's OOM kills; only those ending its init or an exec are reported");
+        }
         lock(&self.table).insert(id.to_owned(), container);
         tracing::info!(container = id, pid, "container created");
         Ok(pid)
@@ -637,10 +657,14 @@ impl Containers {
             for rx in outputs {
                 let _ = rx.await;
             }
-            let oom_killed = status == 137 && oom_kills(&cgroup).await > 0;
+            let kills = oom_kills(&cgroup).await;
+            let oom_killed = status == 137 && kills > 0;
             tracing::info!(container = %id, exec = %proc.exec_id, pid = %proc.pid, status, oom_killed, "process finished");
-            proc.phase
-                .send_replace(Phase::Done(Finished { status, oom_killed }));
+            proc.phase.send_replace(Phase::Done(Finished {
+                status,
+                oom_killed,
+                oom_kills: kills,
+            }));
         });
     }
 
@@ -742,7 +766,9 @@ impl Containers {
                 )));
             }
         }
-        let process = spec::parse_process(process)?;
+        let mut process = spec::parse_process(process)?;
+        // As runc: the container's value unless the exec names its own.
+        process.oom_score_adj = process.oom_score_adj.or(c.oom_score_adj);
         let plan = Plan {
             container_id: id.to_owned(),
             cgroup: c.cgroup.clone(),
@@ -828,6 +854,7 @@ impl Containers {
             let _ = std::fs::remove_file(f);
         }
         self.stdio.forget_container(id);
+        self.oom.forget(id);
         lock(&self.table).remove(id);
         tracing::info!(container = id, "container removed");
         Ok(())

@@ -73,6 +73,9 @@ pub struct Process {
     /// `PR_SET_NO_NEW_PRIVS`.
     #[serde(default, deserialize_with = "null_default")]
     pub no_new_privileges: bool,
+    /// `/proc/<pid>/oom_score_adj` (-1000 to 1000); `None` keeps the agent's.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A pty size.
@@ -285,6 +288,9 @@ pub enum SpecError {
     /// An unknown rlimit.
     #[error("unknown rlimit {0:?} (expected RLIMIT_NOFILE, RLIMIT_NPROC, ...)")]
     Rlimit(String),
+    /// `process.oomScoreAdj` out of the kernel's range.
+    #[error("process.oomScoreAdj {0} is out of range (expected -1000 to 1000)")]
+    OomScoreAdj(i32),
     /// An unknown capability name.
     #[error("unknown capability {0:?} (expected CAP_CHOWN, CAP_NET_ADMIN, ...)")]
     Capability(String),
@@ -402,6 +408,9 @@ fn validate_process(p: &Process) -> Result<(), SpecError> {
     kata_proto::limits::check_process(&p.args, &p.env, stack)?;
     for r in &p.rlimits {
         rlimit_resource(&r.typ)?;
+    }
+    if let Some(adj) = p.oom_score_adj.filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(SpecError::OomScoreAdj(adj));
     }
     if let Some(c) = &p.capabilities {
         for name in c
@@ -620,6 +629,26 @@ mod tests {
         assert_eq!(
             parse_process(br#"{"args":["x"],"env":["NOEQ"]}"#).unwrap_err(),
             SpecError::Env("NOEQ".into())
+        );
+    }
+
+    #[test]
+    fn oom_score_adj_is_kept_within_the_kernel_range() {
+        for adj in [-1000, -997, 0, 1000] {
+            let json = format!(r#"{{"args":["x"],"oomScoreAdj":{adj}}}"#);
+            assert_eq!(
+                parse_process(json.as_bytes()).unwrap().oom_score_adj,
+                Some(adj)
+            );
+        }
+        assert_eq!(
+            parse_process(br#"{"args":["x"]}"#).unwrap().oom_score_adj,
+            None
+        );
+        let e = parse_process(br#"{"args":["x"],"oomScoreAdj":1001}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "process.oomScoreAdj 1001 is out of range (expected -1000 to 1000)"
         );
     }
 }

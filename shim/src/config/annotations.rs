@@ -47,6 +47,14 @@ pub enum AnnotationError {
         value: String,
         reason: &'static str,
     },
+    #[error("annotation {key} is not supported with a remote (peer pods) VM (supported: {HYPERVISOR_PREFIX}{{{}}})", REMOTE_SUPPORTED.join(","))]
+    UnsupportedRemote { key: String },
+    #[error("annotation {key} is not allowed: {name:?} is not in [hypervisor.remote] enable_annotations {allowed:?}")]
+    NotAllowedRemote {
+        key: String,
+        name: String,
+        allowed: Vec<String>,
+    },
     /// A size beyond what the configuration and the host allow.
     #[error("{what} = {value} {unit} exceeds the ceiling of {ceiling} {unit} ({why})")]
     AboveCeiling {
@@ -72,6 +80,112 @@ fn small(key: &str, value: &str) -> Result<u32, AnnotationError> {
         value: value.to_owned(),
         reason: "too large",
     })
+}
+
+/// Annotations a remote VM (peer pods) may take, after `io.katacontainers.config.hypervisor.`.
+const REMOTE_SUPPORTED: &[&str] = &["machine_type", "default_vcpus", "default_memory", "image"];
+/// CRI's pod name and namespace, in containerd's and CRI-O's dialects, as the adaptor
+/// wants them (containerd's names).
+const POD_NAME_KEYS: &[(&str, &str)] = &[
+    (
+        "io.kubernetes.cri.sandbox-name",
+        "io.kubernetes.cri.sandbox-name",
+    ),
+    (
+        "io.kubernetes.cri.sandbox-namespace",
+        "io.kubernetes.cri.sandbox-namespace",
+    ),
+    (
+        "io.kubernetes.cri-o.KubeName",
+        "io.kubernetes.cri.sandbox-name",
+    ),
+    (
+        "io.kubernetes.cri-o.Namespace",
+        "io.kubernetes.cri.sandbox-namespace",
+    ),
+];
+
+/// The CreateVM annotations of a remote VM: the pod's name and namespace, and the
+/// `io.katacontainers.config.hypervisor.*` sizing the pod may set (only names in
+/// `[hypervisor.remote] enable_annotations`; numbers checked). With no sizing annotation,
+/// the pod's summed limits from CRI (`io.kubernetes.cri.sandbox-memory`, `-cpu-quota`,
+/// `-cpu-period`) become `default_memory` (MiB) and `default_vcpus`; with neither the
+/// adaptor picks its default size.
+pub fn remote_vm_annotations(
+    config: &Config,
+    annotations: &HashMap<String, String>,
+) -> Result<HashMap<String, String>, AnnotationError> {
+    let allowed = config
+        .hypervisor
+        .remote
+        .as_ref()
+        .map(|r| r.enable_annotations.clone())
+        .unwrap_or_default();
+    let mut out = HashMap::new();
+    for (from, to) in POD_NAME_KEYS {
+        if let Some(v) = annotations.get(*from) {
+            out.insert((*to).to_owned(), v.clone());
+        }
+    }
+    let mut keys: Vec<&String> = annotations.keys().collect();
+    keys.sort();
+    for key in keys {
+        if !key.starts_with(KATA_PREFIX) {
+            continue;
+        }
+        let value = &annotations[key];
+        let name = key
+            .strip_prefix(HYPERVISOR_PREFIX)
+            .filter(|n| REMOTE_SUPPORTED.contains(n))
+            .ok_or_else(|| AnnotationError::UnsupportedRemote { key: key.clone() })?;
+        if !allowed.iter().any(|a| a == name) {
+            return Err(AnnotationError::NotAllowedRemote {
+                key: key.clone(),
+                name: name.to_owned(),
+                allowed: allowed.clone(),
+            });
+        }
+        if matches!(name, "default_vcpus" | "default_memory") {
+            small(key, value)?;
+        }
+        if value.trim().is_empty() {
+            return Err(AnnotationError::Invalid {
+                key: key.clone(),
+                value: value.clone(),
+                reason: "expected a value",
+            });
+        }
+        out.insert(key.clone(), value.trim().to_owned());
+    }
+    let sized = ["default_vcpus", "default_memory", "machine_type"]
+        .iter()
+        .any(|n| out.contains_key(&format!("{HYPERVISOR_PREFIX}{n}")));
+    if !sized {
+        if let Some(v) = annotations.get(CRI_SANDBOX_MEMORY) {
+            let mib = number(CRI_SANDBOX_MEMORY, v)?.div_ceil(1024 * 1024);
+            if mib > 0 {
+                out.insert(
+                    format!("{HYPERVISOR_PREFIX}default_memory"),
+                    mib.to_string(),
+                );
+            }
+        }
+        if let (Some(q), Some(p)) = (
+            annotations.get(CRI_SANDBOX_CPU_QUOTA),
+            annotations.get(CRI_SANDBOX_CPU_PERIOD),
+        ) {
+            let quota: i64 = q.trim().parse().unwrap_or(-1);
+            let period = number(CRI_SANDBOX_CPU_PERIOD, p)?;
+            if quota > 0 && period > 0 {
+                let vcpus = (quota as u64).div_ceil(period);
+                out.insert(
+                    format!("{HYPERVISOR_PREFIX}default_vcpus"),
+                    vcpus.to_string(),
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The configuration a sandbox boots with, given its spec's annotations, on `host`.
@@ -372,5 +486,72 @@ mod tests {
             e.contains("sandbox vCPUs = 5 vCPUs exceeds the ceiling of 2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn remote_vms_get_the_pods_name_and_allowed_sizing() {
+        let c = Config::parse(
+            "[hypervisor.remote]\nenable_annotations = [\"machine_type\", \"default_vcpus\", \"default_memory\"]\n[runtime]\nstatic_sandbox_resource_mgmt = true\n",
+        )
+        .unwrap();
+        let out = remote_vm_annotations(
+            &c,
+            &ann(&[
+                ("io.kubernetes.cri-o.KubeName", "web"),
+                ("io.kubernetes.cri-o.Namespace", "shop"),
+                ("io.katacontainers.config.hypervisor.machine_type", "small"),
+                ("other", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out["io.kubernetes.cri.sandbox-name"], "web");
+        assert_eq!(out["io.kubernetes.cri.sandbox-namespace"], "shop");
+        assert_eq!(
+            out["io.katacontainers.config.hypervisor.machine_type"],
+            "small"
+        );
+        // The pod's limits size it when it names no size.
+        let out = remote_vm_annotations(
+            &c,
+            &ann(&[
+                (CRI_SANDBOX_MEMORY, "268435456"),
+                (CRI_SANDBOX_CPU_QUOTA, "150000"),
+                (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            out["io.katacontainers.config.hypervisor.default_memory"],
+            "256"
+        );
+        assert_eq!(
+            out["io.katacontainers.config.hypervisor.default_vcpus"],
+            "2"
+        );
+        let e = remote_vm_annotations(
+            &c,
+            &ann(&[("io.katacontainers.config.hypervisor.image", "x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("image") && e.contains("enable_annotations"),
+            "{e}"
+        );
+        let e = remote_vm_annotations(
+            &c,
+            &ann(&[("io.katacontainers.config.hypervisor.memory_slots", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("memory_slots") && e.contains("remote"), "{e}");
+        let e = remote_vm_annotations(
+            &c,
+            &ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "lots")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"lots\""), "{e}");
     }
 }

@@ -55,12 +55,39 @@ pub struct Config {
     pub runtime: Runtime,
 }
 
-/// `[hypervisor]`: only QEMU is supported.
+/// `[hypervisor]`: a local QEMU (`[hypervisor.qemu]`) or, for peer pods, a remote
+/// hypervisor (`[hypervisor.remote]`); a file names one of them.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HypervisorSection {
     #[serde(default)]
     pub qemu: Qemu,
+    pub remote: Option<Remote>,
+}
+
+/// `[hypervisor.remote]` (Kata's keys): the pod VM is created by a node-local peer pods
+/// adaptor over its `hypervisor.Hypervisor` socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Remote {
+    pub remote_hypervisor_socket: PathBuf,
+    /// Seconds StartVM may take (at least 60).
+    pub remote_hypervisor_timeout: u64,
+    /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set; they
+    /// are passed to the adaptor.
+    pub enable_annotations: Vec<String>,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Self {
+            remote_hypervisor_socket: "/run/peerpod/hypervisor.sock".into(),
+            remote_hypervisor_timeout: 600,
+            enable_annotations: ["machine_type", "default_memory", "default_vcpus", "image"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
 }
 
 /// `[hypervisor.qemu]`.
@@ -92,6 +119,7 @@ pub struct Qemu {
     pub vsock: String,
     /// The hybrid vsock backend daemon.
     pub vsock_daemon: PathBuf,
+    /// Guest kernel `debug` (instead of `quiet`) and every guest console line in the log.
     pub enable_debug: bool,
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set.
     pub enable_annotations: Vec<String>,
@@ -137,6 +165,7 @@ pub struct AgentSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Agent {
+    /// The agent logs at debug level (`agent.log=debug`).
     pub enable_debug: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
@@ -161,6 +190,7 @@ impl Default for Agent {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
+    /// The shim logs at debug level.
     pub enable_debug: bool,
     /// Kata's meaning: `true` puts the shim, QEMU and its daemons in the sandbox's host
     /// cgroup (`linux.cgroupsPath`); `false` only QEMU's vCPU threads, the rest in
@@ -234,7 +264,24 @@ impl Config {
 
     /// Parses TOML text; the error text names the offending key and line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+        let config: Self =
+            toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+        if config.hypervisor.remote.is_some() {
+            // A file is for one backend: QEMU keys next to [hypervisor.remote] would be
+            // silently ignored.
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+            let has_qemu = table
+                .get("hypervisor")
+                .and_then(|h| h.get("qemu"))
+                .is_some();
+            if has_qemu {
+                return Err(
+                    "[hypervisor.qemu] and [hypervisor.remote] exclude each other: a configuration is for a local or a remote (peer pods) VM"
+                        .to_owned(),
+                );
+            }
+        }
+        Ok(config)
     }
 
     /// Checks values that the types alone do not constrain (files are checked by
@@ -330,6 +377,22 @@ impl Config {
                 "virtiofsd keeps its namespace sandbox and seccomp filter (remove this argument)",
             );
         }
+        if let Some(r) = &self.hypervisor.remote {
+            if r.remote_hypervisor_timeout == 0 {
+                return invalid(
+                    "hypervisor.remote.remote_hypervisor_timeout",
+                    &0,
+                    "expected at least 1 (seconds)",
+                );
+            }
+            if !self.runtime.static_sandbox_resource_mgmt {
+                return invalid(
+                    "runtime.static_sandbox_resource_mgmt",
+                    &false,
+                    "must be true with [hypervisor.remote]: a remote (peer pods) VM is sized once and cannot be hot-plugged",
+                );
+            }
+        }
         if !q.seccompsandbox.is_empty() && !q.seccompsandbox.starts_with("on") {
             return invalid(
                 "hypervisor.qemu.seccompsandbox",
@@ -342,6 +405,10 @@ impl Config {
 
     /// Checks that the binaries and guest image the configuration names exist.
     pub fn check_files(&self) -> Result<(), ConfigError> {
+        if self.hypervisor.remote.is_some() {
+            // Nothing of the VM runs on this host.
+            return Ok(());
+        }
         let q = &self.hypervisor.qemu;
         let mut files = vec![
             ("hypervisor.qemu.path", &q.path),
@@ -402,10 +469,13 @@ impl Config {
     ) -> Result<VmConfig, ConfigError> {
         let q = &self.hypervisor.qemu;
         let (max_vcpus, max_memory_mib) = self.ceilings(host);
+        // Kata's debug kernel parameter wins over the default `quiet` (it comes later);
+        // the configured parameters come after it and win over both.
         let mut kernel_params: Vec<String> = q
-            .kernel_params
-            .split_whitespace()
-            .map(str::to_owned)
+            .enable_debug
+            .then(|| "debug".to_owned())
+            .into_iter()
+            .chain(q.kernel_params.split_whitespace().map(str::to_owned))
             .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
@@ -664,6 +734,52 @@ mod tests {
             .unwrap();
         assert_eq!((vm.max_vcpus, vm.max_memory_mib), (1, 4096));
         assert_eq!(vm.seccomp_sandbox, DEFAULT_SECCOMP_SANDBOX);
+    }
+
+    #[test]
+    fn debug_switches_reach_the_guest_command_line() {
+        let host = HostLimits {
+            cpus: 2,
+            memory_mib: 4096,
+        };
+        let vm = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .vm_config("s1", "/run/x".into(), "/run/y".into(), host)
+                .unwrap()
+                .kernel_params
+        };
+        assert!(vm("").is_empty());
+        assert_eq!(
+            vm("[hypervisor.qemu]\nenable_debug = true\nkernel_params = \"loglevel=3\""),
+            ["debug", "loglevel=3"]
+        );
+        assert_eq!(vm("[agent.kata]\nenable_debug = true"), ["agent.log=debug"]);
+        let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
+        assert!(c.runtime.enable_debug);
+    }
+
+    #[test]
+    fn a_remote_configuration_is_one_backend_and_statically_sized() {
+        let c = Config::parse(
+            "[hypervisor.remote]\nremote_hypervisor_socket = \"/run/x.sock\"\n[runtime]\nstatic_sandbox_resource_mgmt = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        c.check_files().unwrap();
+        let r = c.hypervisor.remote.unwrap();
+        assert_eq!(r.remote_hypervisor_socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert!(r.enable_annotations.contains(&"machine_type".to_owned()));
+        let e =
+            Config::parse("[hypervisor.remote]\n[hypervisor.qemu]\naccel = \"tcg\"\n").unwrap_err();
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = Config::parse("[hypervisor.remote]\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("static_sandbox_resource_mgmt"), "{e}");
     }
 
     #[test]

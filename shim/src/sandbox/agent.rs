@@ -3,8 +3,9 @@
 //! [`AgentClient::connect`] dials the agent's vsock port through the VM (vhost-vsock or
 //! hybrid vsock, hidden by [`kata_hypervisor::Vm::connect`]) and waits until the agent
 //! answers a health check. Every later call carries a timeout, so a wedged guest turns into
-//! an error instead of a hung shim; only [`AgentClient::wait_process`] has none, because a
-//! process may run for as long as it likes.
+//! an error instead of a hung shim; only [`AgentClient::wait_process`] and
+//! [`AgentClient::get_oom_events`] have none, because a process may run (and a container
+//! go without an OOM kill) for as long as it likes.
 
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,12 @@ use tokio::sync::watch;
 
 use kata_proto::agent::{
     AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, OnlineResourcesRequest,
-    OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest, RemoveContainerRequest,
-    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartProcessRequest, StatsContainerRequest, StatsContainerResponse,
-    Stdio, Storage, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, Metrics,
+    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
+    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StatsContainerRequest,
+    StatsContainerResponse, Stdio, Storage, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
@@ -112,6 +114,8 @@ pub struct AgentClient {
     timeout: Duration,
     /// Set when the sandbox goes down: pending and later calls fail at once with it.
     down: Option<DownReason>,
+    /// Latency of every call, by method (`kata_shim_agent_rpc_durations_*`).
+    durations: kata_metrics::RpcDurations,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -161,13 +165,46 @@ impl AgentClient {
         dial_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Self, AgentError> {
-        let port = kata_proto::AGENT_VSOCK_PORT;
         let deadline = Instant::now() + dial_timeout;
         wait_for_ready_marker(vm, deadline).await;
+        let dial = |port, remaining| vm.connect(port, remaining);
+        Self::dial_until_serving(dial, deadline, dial_timeout, request_timeout).await
+    }
+
+    /// Dials the agent at `endpoint` (a remote VM's agent socket: no console to watch, no
+    /// daemons to race) and waits until it reports SERVING.
+    pub async fn connect_endpoint(
+        endpoint: &kata_hypervisor::vsock::Endpoint,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let deadline = Instant::now() + dial_timeout;
+        let dial = |port, remaining| async move {
+            endpoint.connect(port, remaining).await.map_err(|source| {
+                kata_hypervisor::Error::Connect {
+                    port,
+                    source,
+                    console_tail: Vec::new(),
+                }
+            })
+        };
+        Self::dial_until_serving(dial, deadline, dial_timeout, request_timeout).await
+    }
+
+    async fn dial_until_serving<D, F>(
+        dial: D,
+        deadline: Instant,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, AgentError>
+    where
+        D: Fn(u32, Duration) -> F,
+        F: Future<Output = Result<kata_hypervisor::VsockStream, kata_hypervisor::Error>>,
+    {
+        let port = kata_proto::AGENT_VSOCK_PORT;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let stream = vm
-                .connect(port, remaining)
+            let stream = dial(port, remaining)
                 .await
                 .map_err(|source| AgentError::Dial { port, source })?;
             let client = Client::new(Socket::new(stream));
@@ -198,6 +235,7 @@ impl AgentClient {
             containers: ContainerServiceClient::new(client),
             timeout,
             down: None,
+            durations: kata_metrics::RpcDurations::agent_rpc(),
         }
     }
 
@@ -228,14 +266,21 @@ impl AgentClient {
     /// main connection never hides (or fakes) the agent's liveness.
     pub async fn probe_connection(
         &self,
-        vm: &Vm,
+        endpoint: &kata_hypervisor::vsock::Endpoint,
         dial_timeout: Duration,
     ) -> Result<Self, AgentError> {
         let port = kata_proto::AGENT_VSOCK_PORT;
-        let stream = vm
+        let stream = endpoint
             .connect(port, dial_timeout)
             .await
-            .map_err(|source| AgentError::Dial { port, source })?;
+            .map_err(|source| AgentError::Dial {
+                port,
+                source: kata_hypervisor::Error::Connect {
+                    port,
+                    source,
+                    console_tail: Vec::new(),
+                },
+            })?;
         Ok(Self::over(Client::new(Socket::new(stream)), self.timeout))
     }
 
@@ -256,8 +301,16 @@ impl AgentClient {
         method: &'static str,
         rpc: impl Future<Output = ttrpc::Result<T>>,
     ) -> Result<T, AgentError> {
+        // Latency as Kata labels it (`grpc.<Method>Request`).
+        let started = Instant::now();
+        let timed = async {
+            let result = rpc.await;
+            self.durations
+                .observe(&format!("grpc.{method}Request"), started.elapsed());
+            result
+        };
         let Some(down) = &self.down else {
-            return rpc
+            return timed
                 .await
                 .map_err(|source| AgentError::Rpc { method, source });
         };
@@ -270,7 +323,7 @@ impl AgentClient {
             return Err(gone(reason));
         }
         tokio::select! {
-            result = rpc => result.map_err(|source| AgentError::Rpc { method, source }),
+            result = timed => result.map_err(|source| AgentError::Rpc { method, source }),
             reason = down.wait_for(Option::is_some) => match reason {
                 Ok(reason) => Err(gone(reason.as_ref().expect("waited for Some"))),
                 // The sandbox is gone altogether.
@@ -379,6 +432,25 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+}
+
+/// Metrics.
+impl AgentClient {
+    /// Latency of this client's calls, by method.
+    pub fn rpc_durations(&self) -> &kata_metrics::RpcDurations {
+        &self.durations
+    }
+
+    /// The agent's and the guest's metrics (Prometheus text) and the containers' usage,
+    /// within `timeout`.
+    pub async fn get_metrics(&self, timeout: Duration) -> Result<Metrics, AgentError> {
+        self.call(
+            "GetMetrics",
+            self.agent
+                .get_metrics(Self::ctx(timeout), &GetMetricsRequest::new()),
+        )
+        .await
     }
 }
 
@@ -734,6 +806,45 @@ impl AgentClient {
             self.containers.stats_container(self.ctx_default(), &req),
         )
         .await
+    }
+
+    /// Waits, without a timeout, until some container's cgroup counted an OOM kill after
+    /// the answer numbered `after` (0 at first); returns the containers whose count grew,
+    /// with their count now, and the number to pass next.
+    pub async fn get_oom_events(
+        &self,
+        after: u64,
+    ) -> Result<kata_proto::agent::GetOOMEventsResponse, AgentError> {
+        let req = kata_proto::agent::GetOOMEventsRequest {
+            after,
+            ..Default::default()
+        };
+        const METHOD: &str = "GetOOMEvents";
+        // A ttrpc timeout of 0 means none.
+        let resp = self
+            .call(
+                METHOD,
+                self.containers
+                    .get_oom_events(ttrpc::context::with_timeout(0), &req),
+            )
+            .await?;
+        let malformed = |what: String| AgentError::Malformed {
+            method: METHOD,
+            what,
+        };
+        if resp.seq <= after {
+            return Err(malformed(format!(
+                "sequence number {} (expected more than {after})",
+                resp.seq
+            )));
+        }
+        if resp.events.is_empty() {
+            return Err(malformed("no event".into()));
+        }
+        if resp.events.iter().any(|e| e.container_id.is_empty()) {
+            return Err(malformed("an event without a container id".into()));
+        }
+        Ok(resp)
     }
 }
 

@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kata_hypervisor::vm::ChildDeath;
-use kata_hypervisor::Vm;
 use tokio::sync::{broadcast, watch};
+
+use super::machine::Machine;
 
 use super::agent::{AgentClient, DownReason};
 use super::placement::SandboxCgroups;
@@ -116,7 +117,7 @@ pub struct Liveness {
 /// Fences a sandbox's VM once and publishes why.
 #[derive(Debug)]
 pub struct Fencer {
-    vm: Arc<Vm>,
+    vm: Machine,
     sandbox_id: String,
     started: AtomicBool,
     /// `Some(reason)` once the VM is fenced; what every later guest-bound call fails with.
@@ -129,7 +130,7 @@ pub struct Fencer {
 
 impl Fencer {
     /// A fencer for `vm`, with no fault yet.
-    pub fn new(vm: Arc<Vm>, sandbox_id: &str) -> Self {
+    pub fn new(vm: Machine, sandbox_id: &str) -> Self {
         Self {
             vm,
             sandbox_id: sandbox_id.to_owned(),
@@ -209,7 +210,7 @@ pub async fn monitor(
     cgroups: Option<Arc<SandboxCgroups>>,
 ) {
     let mut stopping = fencer.stopping.subscribe();
-    let mut events = fencer.vm.qmp().events();
+    let mut events = fencer.vm.events();
     let fault = tokio::select! {
         biased;
         _ = stopping.wait_for(|s| *s) => return,
@@ -220,10 +221,10 @@ pub async fn monitor(
             };
             match host_oom {
                 Some((cgroup, limit)) => Fault::HostOutOfMemory { death, cgroup, limit },
-                None => classify_death(death, &mut events, &fencer.vm.console_tail()),
+                None => classify_death(death, events.as_mut(), &fencer.vm.console_tail()),
             }
         }
-        line = panic_event(&mut events) => Fault::GuestPanicked {
+        line = panic_event(events.as_mut()) => Fault::GuestPanicked {
             line: line.or_else(|| panic_line(&fencer.vm.console_tail())),
         },
         fault = agent_lost(agent, liveness) => fault,
@@ -235,13 +236,15 @@ pub async fn monitor(
 /// panic line.
 fn classify_death(
     death: ChildDeath,
-    events: &mut broadcast::Receiver<kata_hypervisor::qmp::Event>,
+    events: Option<&mut broadcast::Receiver<kata_hypervisor::qmp::Event>>,
     console: &[String],
 ) -> Fault {
     if death.name == "qemu" {
         let mut panicked = false;
-        while let Ok(event) = events.try_recv() {
-            panicked |= event.event == "GUEST_PANICKED";
+        if let Some(events) = events {
+            while let Ok(event) = events.try_recv() {
+                panicked |= event.event == "GUEST_PANICKED";
+            }
         }
         let line = panic_line(console);
         if panicked || line.is_some() {
@@ -261,10 +264,13 @@ fn panic_line(console: &[String]) -> Option<String> {
 }
 
 /// Resolves when QEMU reports GUEST_PANICKED; never when QMP closes (QEMU's exit is then
-/// the event that counts).
+/// the event that counts) or there is no QEMU (a remote VM).
 async fn panic_event(
-    events: &mut broadcast::Receiver<kata_hypervisor::qmp::Event>,
+    events: Option<&mut broadcast::Receiver<kata_hypervisor::qmp::Event>>,
 ) -> Option<String> {
+    let Some(events) = events else {
+        return std::future::pending().await;
+    };
     loop {
         match events.recv().await {
             Ok(event) if event.event == "GUEST_PANICKED" => return None,
@@ -347,7 +353,7 @@ mod tests {
             "[    1.0] sysrq: Trigger a crash".to_owned(),
             "[    1.1] Kernel panic - not syncing: sysrq triggered crash".to_owned(),
         ];
-        let f = classify_death(death("qemu"), &mut rx, &console);
+        let f = classify_death(death("qemu"), Some(&mut rx), &console);
         assert_eq!(
             f,
             Fault::GuestPanicked {
@@ -359,15 +365,15 @@ mod tests {
             data: serde_json::json!({}),
         })
         .unwrap();
-        let f = classify_death(death("qemu"), &mut rx, &[]);
+        let f = classify_death(death("qemu"), Some(&mut rx), &[]);
         assert_eq!(f, Fault::GuestPanicked { line: None });
         // A daemon's death is never a panic; QEMU's without evidence neither.
         assert_eq!(
-            classify_death(death("virtiofsd"), &mut rx, &console),
+            classify_death(death("virtiofsd"), Some(&mut rx), &console),
             Fault::ChildExited(death("virtiofsd"))
         );
         assert_eq!(
-            classify_death(death("qemu"), &mut rx, &[]),
+            classify_death(death("qemu"), Some(&mut rx), &[]),
             Fault::ChildExited(death("qemu"))
         );
     }

@@ -8,13 +8,14 @@
 //! record in the state directory lists the host processes, so the `delete` command can
 //! clean up after a shim that died ([`cleanup`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use kata_hypervisor::vsock::Endpoint;
 use kata_hypervisor::{Vm, VsockStream};
-use tokio::sync::{watch, Mutex, OnceCell};
+use tokio::sync::{watch, OnceCell};
 
 use crate::config::{Config, ConfigError, HostLimits};
 
@@ -22,9 +23,12 @@ pub mod agent;
 pub mod cgroups;
 pub mod cleanup;
 pub mod health;
+pub mod hotplug;
+pub mod machine;
 pub mod mounts;
 pub mod network;
 pub mod placement;
+pub mod remote;
 pub mod resources;
 pub mod state;
 pub mod systemd;
@@ -32,9 +36,11 @@ pub mod systemd;
 use agent::{shared_fs_storage, AgentClient, AgentError};
 use cgroups::Mode;
 use health::{Fault, Fencer, Liveness};
+use hotplug::{boot_ledger, Resources};
+use machine::Machine;
 use mounts::MountError;
 pub use placement::{HostPlacement, SandboxCgroups};
-use resources::{Ledger, Limits, ResourceError};
+use remote::RemoteVm;
 pub use state::{dir_key, proc_start_time, read_record, SandboxPaths, StateRecord};
 
 /// Timeout of every agent request except WaitProcess.
@@ -86,6 +92,9 @@ pub enum SandboxError {
     /// The host cgroup could not be set up.
     #[error("host cgroup")]
     Cgroup(#[source] cgroups::CgroupError),
+    /// The remote hypervisor (peer pods adaptor) did not create or start the VM.
+    #[error("remote VM")]
+    Remote(#[source] remote::RemoteError),
     /// QEMU's vCPU threads could not be moved into the sandbox cgroup.
     #[error("cannot place QEMU's vCPU threads in the sandbox cgroup: {0}")]
     VcpuPlacement(String),
@@ -113,11 +122,12 @@ pub struct Sandbox {
     agent: AgentClient,
     endpoint: Endpoint,
     vm_pid: u32,
-    vm: Arc<Vm>,
+    /// The pod's VM, local or remote.
+    machine: Machine,
     /// Ends the sandbox on a fault; knows why it ended.
     fencer: Arc<Fencer>,
     /// The VM's size and what the containers reserved of it.
-    resources: Mutex<Ledger>,
+    resources: Resources,
     /// The pod network plumbed into the VM, if the sandbox had a network namespace.
     network: Option<crate::sandbox::network::PodNetwork>,
     /// The host cgroups the VM runs in, if the spec named one.
@@ -126,96 +136,14 @@ pub struct Sandbox {
     torn_down: OnceCell<()>,
 }
 
-/// How long the guest may take to online hot-added resources.
-const ONLINE_TIMEOUT_MS: u32 = 20_000;
-
-/// The ledger of a freshly booted VM: its configured size and the guest's memory block
-/// size and online blocks.
-async fn boot_ledger(
-    agent: &AgentClient,
-    config: &kata_hypervisor::VmConfig,
-) -> Result<Ledger, AgentError> {
-    let details = agent.guest_details().await?;
-    let online = agent.online_resources(0, 0, 0).await?;
-    Ok(Ledger::new(
-        details.mem_block_size_bytes,
-        config.memory_mib.into(),
-        config.max_memory_mib.into(),
-        config.memory_slots,
-        config.vcpus,
-        config.max_vcpus.max(config.vcpus),
-        online.memory_blocks,
-    ))
-}
-
-/// Hot-adds `bytes` of memory as DIMM number `n`: a shared memfd backend (virtio-fs needs
-/// guest RAM shared) and a pc-dimm on it. A failed device_add removes the backend again.
-async fn plug_memory(vm: &Vm, n: u32, bytes: u64) -> Result<(), ResourceError> {
-    use kata_hypervisor::qmp::Command;
-    let (mem, dimm) = (format!("hpmem{n}"), format!("hpdimm{n}"));
-    let qmp = vm.qmp();
-    qmp.execute_unit(&Command::memfd_backend(&mem, bytes, true))
-        .await
-        .map_err(|source| ResourceError::Qmp {
-            what: format!("object-add {mem} ({} MiB)", bytes >> 20),
-            source,
-        })?;
-    if let Err(source) = qmp.execute_unit(&Command::pc_dimm(&dimm, &mem)).await {
-        let _ = qmp
-            .execute_unit(&Command::ObjectDel { id: mem.clone() })
-            .await;
-        return Err(ResourceError::Qmp {
-            what: format!("device_add pc-dimm {dimm} on {mem}"),
-            source,
-        });
-    }
-    Ok(())
-}
-
-/// Hot-adds `n` vCPUs into free slots QEMU reports. Returns how many were plugged (also
-/// when one failed, so the ledger stays true) and the outcome.
-async fn plug_vcpus(vm: &Vm, ledger: &mut Ledger, n: u32) -> (u32, Result<(), ResourceError>) {
-    use kata_hypervisor::qmp::Command;
-    let qmp = vm.qmp();
-    let slots = match qmp.query_hotpluggable_cpus().await {
-        Ok(s) => s,
-        Err(source) => {
-            return (
-                0,
-                Err(ResourceError::Qmp {
-                    what: "query-hotpluggable-cpus".into(),
-                    source,
-                }),
-            )
-        }
-    };
-    let free: Vec<_> = slots.iter().filter(|c| c.qom_path.is_none()).collect();
-    if free.len() < n as usize {
-        return (
-            0,
-            Err(ResourceError::NoCpuSlot {
-                wanted: n,
-                free: free.len(),
-            }),
-        );
-    }
-    let mut plugged = 0;
-    // QEMU lists the slots highest first; plug the lowest free ones.
-    for cpu in free.iter().rev().take(n as usize) {
-        let id = format!("hpcpu{}", ledger.next_cpu_id);
-        ledger.next_cpu_id += 1;
-        if let Err(source) = qmp.execute_unit(&Command::cpu(&id, cpu)).await {
-            return (
-                plugged,
-                Err(ResourceError::Qmp {
-                    what: format!("device_add {} {id}", cpu.driver),
-                    source,
-                }),
-            );
-        }
-        plugged += 1;
-    }
-    (plugged, Ok(()))
+/// What a backend's creation hands to [`Sandbox::assemble`].
+struct Parts {
+    machine: Machine,
+    agent: AgentClient,
+    probe: AgentClient,
+    ledger: resources::Ledger,
+    network: Option<crate::sandbox::network::PodNetwork>,
+    cgroups: Option<Arc<SandboxCgroups>>,
 }
 
 /// Undoes a partial [`Sandbox::create`].
@@ -266,11 +194,15 @@ impl Undo {
 
 impl Sandbox {
     /// Creates the sandbox `id` with `config` (see the module docs).
+    ///
+    /// `vm_annotations` go to a remote hypervisor's CreateVM (the pod's name and namespace,
+    /// sizing); a local VM ignores them.
     pub async fn create(
         id: &str,
         config: &Config,
         netns: Option<&Path>,
         host: &HostPlacement,
+        vm_annotations: HashMap<String, String>,
     ) -> Result<Sandbox, SandboxError> {
         let paths = SandboxPaths::new(id);
         if tokio::fs::try_exists(paths.state_file())
@@ -285,6 +217,10 @@ impl Sandbox {
             tokio::task::spawn_blocking(move || crate::sandbox::cleanup::cleanup_sandbox(&stale))
                 .await
                 .map_err(SandboxError::Join)?;
+        }
+        if let Some(remote) = &config.hypervisor.remote {
+            return Self::create_remote(id, config, remote, netns, host, vm_annotations, &paths)
+                .await;
         }
         let mut undo = Undo {
             paths: paths.clone(),
@@ -398,6 +334,7 @@ impl Sandbox {
             vm_run_dir: paths.vm_run_dir.clone(),
             shared_dir: paths.shared_dir.clone(),
             cgroup_dirs: cgroups.as_ref().map(|c| c.dirs()).unwrap_or_default(),
+            remote: None,
         };
         if let Err(source) = state::write_record(&paths.state_file(), &record).await {
             let path = paths.state_file();
@@ -409,7 +346,10 @@ impl Sandbox {
                 Err(e) => return Err((e.into(), Some(vm))),
             };
         // Health probes get a connection of their own.
-        let probe = match agent.probe_connection(&vm, config.dial_timeout()).await {
+        let probe = match agent
+            .probe_connection(vm.vsock_endpoint(), config.dial_timeout())
+            .await
+        {
             Ok(probe) => probe,
             Err(e) => return Err((e.into(), Some(vm))),
         };
@@ -457,8 +397,29 @@ impl Sandbox {
             sandbox_ready_ms = launch_started.elapsed().as_millis() as u64,
             "sandbox ready"
         );
-        let vm = Arc::new(vm);
-        let fencer = Arc::new(Fencer::new(vm.clone(), id));
+        let parts = Parts {
+            machine: Machine::Local(Arc::new(vm)),
+            agent,
+            probe,
+            ledger,
+            network,
+            cgroups,
+        };
+        Ok(Self::assemble(id, config, paths, parts))
+    }
+
+    /// The sandbox from its created parts: health monitoring starts here.
+    fn assemble(id: &str, config: &Config, paths: &SandboxPaths, parts: Parts) -> Sandbox {
+        let Parts {
+            machine,
+            agent,
+            probe,
+            ledger,
+            network,
+            cgroups,
+        } = parts;
+        let fencer = Arc::new(Fencer::new(machine.clone(), id));
+        let agent = agent.with_down_reason(fencer.down_reason());
         let (interval, failures) = config.health_check();
         tokio::spawn(health::monitor(
             fencer.clone(),
@@ -466,94 +427,156 @@ impl Sandbox {
             Liveness { interval, failures },
             cgroups.clone(),
         ));
-        Ok(Sandbox {
+        let resources = Resources::start(ledger, machine.local().cloned(), agent.clone());
+        Sandbox {
             id: id.to_owned(),
             paths: paths.clone(),
-            agent: agent.with_down_reason(fencer.down_reason()),
-            endpoint: vm.vsock_endpoint().clone(),
-            vm_pid: vm.pid(),
-            vm,
+            endpoint: machine.endpoint(),
+            vm_pid: machine.task_pid(),
+            agent,
+            machine,
             fencer,
-            resources: Mutex::new(ledger),
+            resources,
             network,
             cgroups,
             torn_down: OnceCell::new(),
-        })
-    }
-
-    /// Makes room for container `id` with `limits` (new, or changed by Update):
-    /// hot-adds memory and vCPUs as needed and waits until the guest has them online.
-    /// Fails naming the numbers when the VM cannot grow that far.
-    pub async fn reserve(&self, id: &str, limits: Limits) -> Result<(), ResourceError> {
-        let mut ledger = self.resources.lock().await;
-        self.reserve_locked(&mut ledger, id, limits).await
-    }
-
-    /// [`reserve`](Self::reserve) with the limits an Update sets over the current ones,
-    /// in one step under the ledger's lock.
-    pub async fn update_reservation(
-        &self,
-        id: &str,
-        resources: &oci_spec::runtime::LinuxResources,
-    ) -> Result<(), ResourceError> {
-        let mut ledger = self.resources.lock().await;
-        let limits = crate::sandbox::resources::updated(ledger.reserved(id), resources);
-        self.reserve_locked(&mut ledger, id, limits).await
-    }
-
-    async fn reserve_locked(
-        &self,
-        ledger: &mut Ledger,
-        id: &str,
-        limits: Limits,
-    ) -> Result<(), ResourceError> {
-        let plan = ledger.plan(id, limits)?;
-        if plan.add_memory_bytes > 0 || plan.add_vcpus > 0 || ledger.unconfirmed() {
-            let started = std::time::Instant::now();
-            {
-                if let Some(fault) = self.fencer.fault() {
-                    return Err(ResourceError::VmGone(fault.to_string()));
-                }
-                let vm = &*self.vm;
-                if plan.add_memory_bytes > 0 {
-                    plug_memory(vm, ledger.dimms, plan.add_memory_bytes).await?;
-                    ledger.plugged_memory(plan.add_memory_bytes);
-                }
-                if plan.add_vcpus > 0 {
-                    let (plugged, result) = plug_vcpus(vm, ledger, plan.add_vcpus).await;
-                    ledger.plugged_vcpus(plugged);
-                    result?;
-                }
-            }
-            let online = self
-                .agent
-                .online_resources(ledger.expected_blocks(), ledger.vcpus, ONLINE_TIMEOUT_MS)
-                .await
-                .map_err(ResourceError::Online)?;
-            ledger.confirmed_blocks = ledger.expected_blocks();
-            ledger.confirmed_vcpus = ledger.vcpus;
-            tracing::info!(
-                container = id,
-                added_memory_mib = plan.add_memory_bytes >> 20,
-                added_vcpus = plan.add_vcpus,
-                guest_mem_total_kib = online.mem_total_kib,
-                guest_cpus = online.online_cpus,
-                hotplug_ms = started.elapsed().as_millis() as u64,
-                "hotplugged"
-            );
         }
-        ledger.reserve(id, limits);
-        Ok(())
     }
 
-    /// What container `id` has reserved.
-    pub async fn reserved(&self, id: &str) -> Limits {
-        self.resources.lock().await.reserved(id)
+    /// A sandbox whose VM a peer pods adaptor creates (`[hypervisor.remote]`): no shared
+    /// file system, no local VM processes; the shim alone joins the pod's host cgroup.
+    async fn create_remote(
+        id: &str,
+        config: &Config,
+        remote: &crate::config::Remote,
+        netns: Option<&Path>,
+        host: &HostPlacement,
+        annotations: HashMap<String, String>,
+        paths: &SandboxPaths,
+    ) -> Result<Sandbox, SandboxError> {
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SandboxError::Dir { path, source }
+        };
+        tokio::fs::create_dir_all(&paths.state_dir)
+            .await
+            .map_err(dir_err(&paths.state_dir))?;
+        let cgroups = match &host.cgroups_path {
+            Some(path) => Some(Arc::new(
+                SandboxCgroups::setup(&dir_key(id), path, Mode::SandboxOnly)
+                    .await
+                    .map_err(SandboxError::Cgroup)?,
+            )),
+            None => None,
+        };
+        let undo = |cgroups: Option<Arc<SandboxCgroups>>| async move {
+            if let Some(c) = cgroups {
+                c.remove().await;
+            }
+            if let Err(error) = mounts::remove_dir(paths.state_dir.clone()).await {
+                tracing::warn!(error = %crate::report::chain(&error), "cleanup after failed create");
+            }
+        };
+        let started = std::time::Instant::now();
+        let vm = match RemoteVm::start(
+            &remote.remote_hypervisor_socket,
+            id,
+            annotations,
+            netns,
+            Duration::from_secs(remote.remote_hypervisor_timeout),
+        )
+        .await
+        {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo(cgroups).await;
+                return Err(SandboxError::Remote(e));
+            }
+        };
+        let vm_launch_ms = started.elapsed().as_millis() as u64;
+        let result = async {
+            let record = StateRecord {
+                sandbox_id: id.to_owned(),
+                shim_pid: std::process::id(),
+                qemu_pid: 0,
+                qemu_start_time: None,
+                vm_run_dir: paths.vm_run_dir.clone(),
+                shared_dir: paths.shared_dir.clone(),
+                cgroup_dirs: cgroups.as_ref().map(|c| c.dirs()).unwrap_or_default(),
+                remote: Some(state::RemoteRecord {
+                    socket: vm.socket.clone(),
+                    id: vm.id.clone(),
+                }),
+            };
+            state::write_record(&paths.state_file(), &record)
+                .await
+                .map_err(|source| SandboxError::State {
+                    path: paths.state_file(),
+                    source,
+                })?;
+            let endpoint = vm.endpoint();
+            let agent = AgentClient::connect_endpoint(
+                &endpoint,
+                config.dial_timeout(),
+                AGENT_REQUEST_TIMEOUT,
+            )
+            .await?;
+            let probe = agent
+                .probe_connection(&endpoint, config.dial_timeout())
+                .await?;
+            // Sized once, by the adaptor: nothing is hot-added.
+            let details = agent.guest_details().await?;
+            let online = agent.online_resources(0, 0, 0).await?;
+            let mut ledger = resources::Ledger::new(
+                details.mem_block_size_bytes,
+                online.mem_total_kib / 1024,
+                online.mem_total_kib / 1024,
+                0,
+                online.online_cpus,
+                online.online_cpus,
+                online.memory_blocks,
+            );
+            ledger.fixed = true;
+            Ok::<_, SandboxError>((agent, probe, ledger))
+        }
+        .await;
+        let (agent, probe, ledger) = match result {
+            Ok(parts) => parts,
+            Err(e) => {
+                if let Err(error) = vm.stop().await {
+                    tracing::warn!(error = %crate::report::chain(&error), "StopVM after failed create");
+                }
+                undo(cgroups).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            sandbox = id,
+            agent_socket = %vm.agent_socket.display(),
+            vm_launch_ms,
+            sandbox_ready_ms = started.elapsed().as_millis() as u64,
+            "sandbox ready (remote VM)"
+        );
+        let parts = Parts {
+            machine: Machine::Remote(Arc::new(vm)),
+            agent,
+            probe,
+            ledger,
+            network: None,
+            cgroups,
+        };
+        Ok(Self::assemble(id, config, paths, parts))
     }
 
-    /// Gives back container `id`'s reservation (the memory stays plugged for reuse).
-    pub async fn release(&self, id: &str) {
-        self.resources.lock().await.release(id);
+    /// Whether the VM is a remote one (peer pods): no shared file system, images pulled in
+    /// the guest, nothing hot-added.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.machine, Machine::Remote(_))
+    }
+
+    /// The VM's resources: hot-adds for containers' limits (see [`hotplug`]).
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// The agent client.
@@ -578,12 +601,30 @@ impl Sandbox {
 
     /// Turns true once the VM was stopped (by a teardown) or fenced and stopped.
     pub fn vm_stopped_watch(&self) -> watch::Receiver<bool> {
-        self.vm.stopped_watch()
+        self.machine.stopped_watch()
     }
 
     /// Ends the sandbox for `fault` (see [`health`]); returns once its VM is dead.
     pub async fn fence(&self, fault: Fault) {
         self.fencer.fence(fault).await;
+    }
+
+    /// The VM's helper daemons (virtiofsd, the hybrid vsock daemon) as (name, pid).
+    pub fn daemon_pids(&self) -> Vec<(String, u32)> {
+        self.machine
+            .local()
+            .map(|vm| vm.daemon_pids())
+            .unwrap_or_default()
+    }
+
+    /// The pod's network namespace (CNI's), when the sandbox has one.
+    pub fn netns(&self) -> Option<&Path> {
+        self.network.as_ref().map(|n| n.netns.as_path())
+    }
+
+    /// Where the host reaches the guest's vsock ports (the agent's URL).
+    pub fn vsock_endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Whether [`Sandbox::teardown`] has begun (a VM exit is then expected).
@@ -593,7 +634,7 @@ impl Sandbox {
 
     /// Pids of QEMU and its daemons, by name.
     pub fn vm_pids(&self) -> Vec<(String, u32)> {
-        self.vm.pids()
+        self.machine.pids()
     }
 
     /// One new connection to the guest's stdio port.
@@ -605,7 +646,7 @@ impl Sandbox {
 
     /// The guest console's last lines.
     pub fn console_tail(&self) -> Vec<String> {
-        self.vm.console_tail()
+        self.machine.console_tail()
     }
 
     /// Stops the agent and the VM, unmounts and removes the sandbox's directories.
@@ -620,7 +661,7 @@ impl Sandbox {
         let started = std::time::Instant::now();
         self.fencer.begin_stop();
         tracing::info!(sandbox = %self.id, "tearing down sandbox");
-        if self.fencer.fault().is_none() && self.vm.exit_watch().borrow().is_none() {
+        if self.fencer.fault().is_none() && !self.machine.exited() {
             match tokio::time::timeout(AGENT_SHUTDOWN_TIMEOUT, self.agent.shutdown()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -629,9 +670,7 @@ impl Sandbox {
                 Err(_) => tracing::debug!("agent shutdown timed out"),
             }
         }
-        if let Err(error) = self.vm.stop(VM_STOP_TIMEOUT).await {
-            tracing::warn!(error = %crate::report::chain(&error), "stopping VM");
-        }
+        self.machine.stop(VM_STOP_TIMEOUT).await;
         if let Some(cgroups) = &self.cgroups {
             cgroups.remove().await;
         }

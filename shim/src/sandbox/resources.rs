@@ -44,6 +44,13 @@ pub enum ResourceError {
     },
     #[error("the guest did not bring the hot-added resources online")]
     Online(#[source] crate::sandbox::agent::AgentError),
+    /// The VM cannot grow (a remote VM, peer pods): it was sized for the pod at creation.
+    #[error("container {container} needs {memory_mib} MiB more memory and {vcpus} more vCPUs than its VM has; a remote (peer pods) VM cannot be hot-plugged: size the pod VM for it (the pod's limits or io.katacontainers.config.hypervisor.default_memory / default_vcpus / machine_type)")]
+    NoHotplug {
+        container: String,
+        memory_mib: u64,
+        vcpus: u32,
+    },
     /// The sandbox was fenced; the reason.
     #[error("the sandbox is down: {0}")]
     VmGone(String),

@@ -84,6 +84,18 @@ pub struct StateRecord {
     /// Host cgroup directories the sandbox created (leaf first).
     #[serde(default)]
     pub cgroup_dirs: Vec<PathBuf>,
+    /// For a remote VM (peer pods): where to ask for its deletion.
+    #[serde(default)]
+    pub remote: Option<RemoteRecord>,
+}
+
+/// How to reach the adaptor that owns a remote VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRecord {
+    /// The adaptor's socket.
+    pub socket: PathBuf,
+    /// The VM's id there (the sandbox id).
+    pub id: String,
 }
 
 /// A process's start time from /proc/<pid>/stat.
@@ -162,6 +174,10 @@ mod tests {
             vm_run_dir: "/run/kata/s/vm".into(),
             shared_dir: "/run/kata-containers/shared/sandboxes/s".into(),
             cgroup_dirs: vec!["/sys/fs/cgroup/memory/kata-test/s".into()],
+            remote: Some(RemoteRecord {
+                socket: "/run/peerpod/hypervisor.sock".into(),
+                id: "s".into(),
+            }),
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");

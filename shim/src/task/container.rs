@@ -285,6 +285,8 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Serializes lifecycle RPCs (start, exec start, delete) of this container.
     pub lifecycle: tokio::sync::Mutex<()>,
+    /// The OOM kills published for this container.
+    pub oom: crate::task::oom::OomLedger,
 }
 
 impl Container {
@@ -306,6 +308,7 @@ impl Container {
             shared_dir,
             execs: Mutex::new(HashMap::new()),
             lifecycle: tokio::sync::Mutex::new(()),
+            oom: Default::default(),
         }
     }
 

@@ -90,7 +90,9 @@ impl TaskError {
                 | ResourceError::Vcpus { .. }
                 | ResourceError::NoCpuSlot { .. },
             ) => Code::RESOURCE_EXHAUSTED,
-            TaskError::Resources(ResourceError::VmGone(_)) => Code::FAILED_PRECONDITION,
+            TaskError::Resources(ResourceError::VmGone(_) | ResourceError::NoHotplug { .. }) => {
+                Code::FAILED_PRECONDITION
+            }
             TaskError::Resources(_) => Code::INTERNAL,
             TaskError::NoSandbox
             | TaskError::SandboxDown { .. }

@@ -8,7 +8,9 @@
 //!   are killed when the init dies), so no exec's TaskExit follows the init's.
 //! - An exit is recorded once ([`Process::set_exited`]); whoever records it emits TaskExit,
 //!   and only for processes that ran.
-//! - An OOM kill emits TaskOOM (containerd) and creates `<bundle>/oom` (CRI-O).
+//! - OOM kills the agent counted in the container's cgroup by the time a process finished
+//!   (`WaitProcess` carries the count) are reported ([`crate::task::oom`]) before its exit,
+//!   and none after the init's exit.
 //! - When the sandbox ends — fenced for a fault (its VM killed and reaped first, see
 //!   [`crate::sandbox::health`]) or stopped by a teardown — every process still alive is
 //!   recorded as killed (128 + 9): execs first, then the pod's containers, the sandbox
@@ -20,12 +22,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
+use containerd_shim::protos::events::task::TaskExit;
 
 use crate::sandbox::health::Fault;
 use crate::sandbox::Sandbox;
 use crate::task::container::{Container, Process, Status};
 use crate::task::events::EventSender;
+use crate::task::oom;
 
 /// How long output may take to drain after the agent reported an exit.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,15 +83,10 @@ impl Waiter {
             Ok(resp) => {
                 if resp.oom_killed {
                     tracing::warn!(process = %process.name(), "killed by the OOM killer");
-                    self.events.send(TaskOOM {
-                        container_id: process.container_id.clone(),
-                        ..Default::default()
-                    });
-                    // CRI-O learns about OOM from this file instead of events.
-                    if let Err(error) = tokio::fs::write(container.bundle.join("oom"), b"").await {
-                        tracing::debug!(%error, "writing the bundle's oom file");
-                    }
                 }
+                // Every kill so far, before this exit (the watcher may not have said yet).
+                let kills = resp.oom_kills.max(u64::from(resp.oom_killed));
+                oom::report(&self.events, &container, kills).await;
                 u32::try_from(resp.status).unwrap_or(UNKNOWN_EXIT)
             }
             Err(error) => {
@@ -119,6 +117,10 @@ impl Waiter {
         }
         if process.exec_id.is_none() {
             self.execs_exit_first(&container).await;
+            // No TaskOOM after the container's TaskExit; CRI-O finds the oom file first.
+            if container.oom.close() > 0 {
+                oom::write_oom_file(&container.bundle).await;
+            }
         }
         record_exit(&self.events, &process, status, self.sandbox.vm_pid());
     }
@@ -211,6 +213,7 @@ pub fn watch_sandbox(
             }
         }
         for c in &all {
+            c.oom.close();
             record_exit(&events, &c.init, KILLED, vm_pid);
         }
         if let Some(fault) = fault {

@@ -22,10 +22,12 @@ pub mod error;
 pub mod events;
 pub mod exits;
 pub mod io;
+pub mod oom;
 pub mod service;
 pub mod spec;
 
 use crate::config::options;
+use crate::monitor::ShimMonitor;
 use crate::sandbox::health::Fault;
 use crate::sandbox::mounts;
 use crate::sandbox::{self, Sandbox};
@@ -53,6 +55,8 @@ pub struct TaskService {
     vm_pid: AtomicU32,
     /// `[runtime] disable_guest_seccomp` of the sandbox's configuration.
     disable_guest_seccomp: AtomicBool,
+    /// The management server the sandbox is registered with once it runs.
+    monitor: Option<Arc<ShimMonitor>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -104,7 +108,14 @@ impl TaskService {
             containers: Mutex::new(HashMap::new()),
             vm_pid: AtomicU32::new(0),
             disable_guest_seccomp: AtomicBool::new(false),
+            monitor: None,
         }
+    }
+
+    /// Registers each new sandbox with `monitor` (its management server).
+    pub fn with_monitor(mut self, monitor: Arc<ShimMonitor>) -> Self {
+        self.monitor = Some(monitor);
+        self
     }
 
     /// The pid containerd sees for every task (QEMU's, as in Kata).
@@ -239,17 +250,29 @@ impl TaskService {
         let config = sandbox::load_config(config_path).await?;
         let no_annotations = std::collections::HashMap::new();
         let annotations = spec.annotations().as_ref().unwrap_or(&no_annotations);
-        let config = crate::config::annotations::apply(
-            &config,
-            annotations,
-            crate::config::HostLimits::detect(),
-        )
-        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        // A remote VM's sizing goes to the adaptor; a local one is sized here.
+        let (config, vm_annotations) = if config.hypervisor.remote.is_some() {
+            let vm = crate::config::annotations::remote_vm_annotations(&config, annotations)
+                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            (config, vm)
+        } else {
+            let config = crate::config::annotations::apply(
+                &config,
+                annotations,
+                crate::config::HostLimits::detect(),
+            )
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            (config, std::collections::HashMap::new())
+        };
         config
             .validate()
             .map_err(|e| TaskError::InvalidArgument(format!("after pod annotations: {e}")))?;
         self.disable_guest_seccomp
             .store(config.runtime.disable_guest_seccomp, Ordering::SeqCst);
+        crate::logging::set_debug_switches(
+            config.runtime.enable_debug,
+            config.hypervisor.qemu.enable_debug,
+        );
         let netns = spec::network_namespace(spec);
         let host = sandbox::HostPlacement {
             cgroups_path: spec
@@ -260,13 +283,27 @@ impl TaskService {
                 .filter(|p| !p.is_empty()),
             oom_score_adj: spec.process().as_ref().and_then(|p| p.oom_score_adj()),
         };
-        let sandbox =
-            Arc::new(Sandbox::create(sandbox_id, &config, netns.as_deref(), &host).await?);
+        let sandbox = Arc::new(
+            Sandbox::create(sandbox_id, &config, netns.as_deref(), &host, vm_annotations).await?,
+        );
         self.vm_pid.store(sandbox.vm_pid(), Ordering::SeqCst);
         *lock(&self.sandbox) = Some(sandbox.clone());
+        if let Some(monitor) = &self.monitor {
+            // Metrics are not worth failing a pod for.
+            if let Err(error) = monitor
+                .register(sandbox.clone(), Path::new(&req.bundle))
+                .await
+            {
+                tracing::warn!(error = %crate::report::chain(&error), "management server not started");
+            }
+        }
         let this = Arc::downgrade(self);
         exits::watch_sandbox(sandbox.clone(), self.events.clone(), move || {
             this.upgrade().map(|s| s.containers()).unwrap_or_default()
+        });
+        let this = Arc::downgrade(self);
+        oom::watch(sandbox.clone(), self.events.clone(), move |id| {
+            this.upgrade().and_then(|s| s.container(id).ok())
         });
         Ok(sandbox)
     }
@@ -297,7 +334,7 @@ impl TaskService {
         );
         let result = async {
             // Room in the VM first: a container that does not fit creates nothing.
-            sandbox.reserve(id, limits).await?;
+            sandbox.resources().reserve(id, limits).await?;
             mounts::bind_dir(rootfs.clone(), shared_dir.join("rootfs")).await?;
             let (json, binds) = spec::to_guest_json(spec, id, role)?;
             for bind in binds {
@@ -314,7 +351,7 @@ impl TaskService {
         let guest_pid = match result {
             Ok(pid) => pid,
             Err(e) => {
-                sandbox.release(id).await;
+                sandbox.resources().release(id);
                 remove_container_mounts(&shared_dir, &rootfs, mounted).await;
                 return Err(e);
             }
@@ -506,7 +543,7 @@ impl TaskService {
         p.drop_io();
         remove_container_mounts(&c.shared_dir, &c.rootfs, c.rootfs_mounted).await;
         if let Ok(sandbox) = self.sandbox() {
-            sandbox.release(id).await;
+            sandbox.resources().release(id);
         }
         lock(&self.containers).remove(id);
         self.events.send(TaskDelete {
@@ -542,6 +579,9 @@ impl TaskService {
         let sandbox = lock(&self.sandbox).clone();
         if let Some(sandbox) = sandbox {
             sandbox.teardown().await;
+            if let Some(monitor) = &self.monitor {
+                monitor.unregister().await;
+            }
         }
     }
 }

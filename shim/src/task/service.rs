@@ -333,7 +333,8 @@ impl Task for Service {
         let _lifecycle = c.lifecycle.lock().await;
         // Grow the VM first when the new limits need it.
         ok(sandbox
-            .update_reservation(&c.id, &parsed)
+            .resources()
+            .update(&c.id, &parsed)
             .await
             .map_err(TaskError::from))?;
         ok(sandbox
