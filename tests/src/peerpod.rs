@@ -61,6 +61,13 @@ pub struct Adaptor {
     pub bridge: String,
     /// The bridge's (the node's) address.
     pub gateway: Ipv4Addr,
+    /// `[local]` sizing lines (instance types, allow-list, default); set before `start`.
+    pub sizing: String,
+    /// Top-level lines and tables (e.g. `limit_per_node`, `[kubernetes]`) written before
+    /// `[registries]`; set before `start`.
+    pub top: String,
+    /// Environment of the adaptor process (the Kubernetes variables are removed otherwise).
+    pub env: Vec<(String, String)>,
     n: u32,
     log: PathBuf,
 }
@@ -88,6 +95,9 @@ impl Adaptor {
             instances_dir,
             bridge,
             gateway,
+            sizing: "instance_types = { tiny = { vcpus = 1, memory_mib = 512 } }\ndefault_instance_type = \"tiny\"".into(),
+            top: String::new(),
+            env: Vec::new(),
             n,
             log,
         }
@@ -107,6 +117,7 @@ pods_dir = "{d}/pods"
 state_dir = "{d}/state"
 proxy_timeout_secs = 120
 vxlan_min_vni = {vni}
+{top}
 [registries]
 insecure = [{insecure}]
 [local]
@@ -114,8 +125,8 @@ instances_dir = "{instances}"
 bridge = "{bridge}"
 subnet = "10.231.{n}.0/24"
 mtu = 1550
-memory_mib = 512
 images = {{ default = "{podvm}" }}
+{sizing}
 {extra_local}
 "#,
                 socket = self.socket.display(),
@@ -124,6 +135,8 @@ images = {{ default = "{podvm}" }}
                 insecure = insecure.join(", "),
                 instances = self.instances_dir.display(),
                 podvm = podvm.display(),
+                top = self.top,
+                sizing = self.sizing,
             ),
         )
         .unwrap();
@@ -153,6 +166,10 @@ images = {{ default = "{podvm}" }}
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "kata_peerpod=debug,info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("NODE_NAME")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -387,6 +404,7 @@ impl Drop for PodNetns {
 pub struct PodAgent {
     socket: PathBuf,
     pub health: kata_proto::health_ttrpc::HealthClient,
+    pub agent: kata_proto::agent_ttrpc::AgentServiceClient,
     pub containers: kata_proto::agent_ttrpc::ContainerServiceClient,
     pub images: kata_proto::image_ttrpc::ImageServiceClient,
 }
@@ -478,6 +496,7 @@ impl PodAgent {
         Self {
             socket: socket.to_owned(),
             health: kata_proto::health_ttrpc::HealthClient::new(c.clone()),
+            agent: kata_proto::agent_ttrpc::AgentServiceClient::new(c.clone()),
             containers: kata_proto::agent_ttrpc::ContainerServiceClient::new(c.clone()),
             images: kata_proto::image_ttrpc::ImageServiceClient::new(c),
         }

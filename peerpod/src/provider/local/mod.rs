@@ -3,7 +3,8 @@
 //! vsock, no virtio-fs.
 //!
 //! Each instance has a directory `<instances_dir>/<name>/` holding `meta.json` (name,
-//! sandbox id, address, MAC, tap, image, size), `userdata.img` (the config disk),
+//! sandbox id, address, MAC, tap, image, instance type and its size, which QEMU boots
+//! with: `-smp` vCPUs, `-m` memory), `userdata.img` (the config disk),
 //! `qemu.pid`, `qmp.sock` and `console.log`. Addresses come from the configured subnet
 //! (the bridge takes the first host address, instances the next free ones); an address is
 //! taken while an instance directory records it. Deleting an instance stops its QEMU (the
@@ -25,6 +26,7 @@ use kata_proto::peerpod::ProviderNic;
 use serde::{Deserialize, Serialize};
 
 use super::{Instance, InstanceRequest, InstanceSize, Provider, ProviderError, Underlay};
+use crate::annotations::GpuRequest;
 use crate::config::LocalSettings;
 
 /// What an instance directory records.
@@ -36,6 +38,7 @@ struct Meta {
     mac: String,
     tap: String,
     image: String,
+    instance_type: String,
     size: InstanceSize,
 }
 
@@ -179,7 +182,8 @@ impl LocalProvider {
                 e,
             ));
         }
-        tracing::info!(instance = %meta.name, address = %meta.address, pid, "instance started");
+        tracing::info!(instance = %meta.name, address = %meta.address, pid, instance_type = %meta.instance_type,
+            vcpus = meta.size.vcpus, memory_mib = meta.size.memory_mib, "instance started");
         Ok(())
     }
 }
@@ -219,37 +223,17 @@ impl Provider for LocalProvider {
         &self.settings.default_image
     }
 
-    fn check(
-        &self,
-        image: &str,
-        machine_type: Option<&str>,
-        size: InstanceSize,
-    ) -> Result<(), ProviderError> {
+    fn check(&self, image: &str, gpus: Option<&GpuRequest>) -> Result<(), ProviderError> {
         self.image_dir(image)?;
-        if let Some(t) = machine_type {
-            if !self.settings.instance_types.contains_key(t) {
-                return Err(ProviderError::Invalid(format!(
-                    "machine type {t:?} is not one of the local provider's instance types ({})",
-                    self.settings
-                        .instance_types
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        }
-        let s = &self.settings;
-        if size.vcpus == 0 || size.vcpus > s.max_vcpus {
+        if let Some(g) = gpus {
             return Err(ProviderError::Invalid(format!(
-                "{} vCPUs is outside 1..={} (local.max_vcpus)",
-                size.vcpus, s.max_vcpus
-            )));
-        }
-        if size.memory_mib < 256 || size.memory_mib > s.max_memory_mib {
-            return Err(ProviderError::Invalid(format!(
-                "{} MiB of memory is outside 256..={} (local.max_memory_mib)",
-                size.memory_mib, s.max_memory_mib
+                "the local provider has no GPUs; the pod asks for {} ({})",
+                match (g.count, &g.model) {
+                    (0, Some(m)) => format!("a {m} GPU"),
+                    (n, Some(m)) => format!("{n} {m} GPUs"),
+                    (n, None) => format!("{n} GPUs"),
+                },
+                g.annotations.join(", ")
             )));
         }
         Ok(())
@@ -262,7 +246,7 @@ impl Provider for LocalProvider {
                 req.name
             )));
         }
-        self.check(&req.image, req.machine_type.as_deref(), req.size)?;
+        self.image_dir(&req.image)?;
         let dir = self.dir(&req.name);
         let meta = {
             let _one_at_a_time = self.alloc.lock().await;
@@ -286,6 +270,7 @@ impl Provider for LocalProvider {
                 mac: network::mac_for(address),
                 tap: network::tap_name(address),
                 image: req.image.clone(),
+                instance_type: req.instance_type.clone(),
                 size: req.size,
             };
             std::fs::DirBuilder::new()
