@@ -755,6 +755,7 @@ async fn instance_sizes_are_chosen_at_create_vm_and_seen_in_the_guest() {
             vec![("default_gpus", "1"), ("default_gpu_model", "a100")],
             vec![
                 "no GPUs",
+                "1 GPU(s) of model a100",
                 "io.katacontainers.config.hypervisor.default_gpus=1",
                 "io.katacontainers.config.hypervisor.default_gpu_model=a100",
             ],

@@ -188,6 +188,19 @@ impl LocalProvider {
     }
 }
 
+/// The refusal of a pod that asks for GPUs: a local pod VM has none.
+fn no_gpus(g: &GpuRequest) -> ProviderError {
+    ProviderError::Invalid(format!(
+        "the local provider has no GPUs; the pod asks for {} ({})",
+        match (g.count, &g.model) {
+            (0, Some(m)) => format!("GPU model {m}"),
+            (n, Some(m)) => format!("{n} GPU(s) of model {m}"),
+            (n, None) => format!("{n} GPU(s)"),
+        },
+        g.annotations.join(", ")
+    ))
+}
+
 /// Writes a file readable by root only.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -225,18 +238,10 @@ impl Provider for LocalProvider {
 
     fn check(&self, image: &str, gpus: Option<&GpuRequest>) -> Result<(), ProviderError> {
         self.image_dir(image)?;
-        if let Some(g) = gpus {
-            return Err(ProviderError::Invalid(format!(
-                "the local provider has no GPUs; the pod asks for {} ({})",
-                match (g.count, &g.model) {
-                    (0, Some(m)) => format!("a {m} GPU"),
-                    (n, Some(m)) => format!("{n} {m} GPUs"),
-                    (n, None) => format!("{n} GPUs"),
-                },
-                g.annotations.join(", ")
-            )));
+        match gpus {
+            Some(g) => Err(no_gpus(g)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn create_instance(&self, req: InstanceRequest) -> Result<Instance, ProviderError> {
@@ -345,5 +350,36 @@ impl Provider for LocalProvider {
             })
             .unwrap_or_default();
         format!("console {}: {tail}", console.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_requests_are_refused_naming_them() {
+        let g = GpuRequest {
+            count: 2,
+            model: Some("a100".into()),
+            annotations: vec![
+                "io.katacontainers.config.hypervisor.default_gpus=2".into(),
+                "io.katacontainers.config.hypervisor.default_gpu_model=a100".into(),
+            ],
+        };
+        assert_eq!(
+            no_gpus(&g).to_string(),
+            "the local provider has no GPUs; the pod asks for 2 GPU(s) of model a100 \
+             (io.katacontainers.config.hypervisor.default_gpus=2, \
+             io.katacontainers.config.hypervisor.default_gpu_model=a100)"
+        );
+        let model_only = GpuRequest {
+            count: 0,
+            model: Some("t4".into()),
+            annotations: vec!["io.katacontainers.config.hypervisor.gpu_model=t4".into()],
+        };
+        assert!(no_gpus(&model_only)
+            .to_string()
+            .contains("GPU model t4 (io.katacontainers.config.hypervisor.gpu_model=t4)"));
     }
 }
