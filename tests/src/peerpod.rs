@@ -223,6 +223,30 @@ images = {{ default = "{podvm}" }}
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log without its ANSI colours (tracing colours field names).
+    pub fn plain_log(&self) -> String {
+        let log = self.log();
+        let mut out = String::with_capacity(log.len());
+        let mut chars = log.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                // Up to the escape sequence's final letter.
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// No pod state, no pod directory and no instance of sandbox `id`.
+    pub fn assert_nothing_of(&self, id: &str) {
+        assert!(!self.dir.path().join("state/pods").join(id).exists());
+        assert!(!self.dir.path().join("pods").join(id).exists());
+        let instances = self.instances();
+        assert!(!instances.iter().any(|i| i.contains(id)), "{instances:?}");
+    }
+
     /// A client of the hypervisor socket.
     pub async fn client(&self) -> HypervisorClient {
         let c = Client::connect(&format!("unix://{}", self.socket.display()))

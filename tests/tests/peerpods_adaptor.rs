@@ -695,35 +695,6 @@ fn instance_named(adaptor: &Adaptor, name: &str) -> String {
         .unwrap_or_else(|| panic!("no instance for pod {name}: {:?}", adaptor.instances()))
 }
 
-/// A log without its ANSI colours (tracing's fields are coloured).
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// No pod state, no pod directory and no instance of sandbox `id`.
-fn assert_nothing_of(adaptor: &Adaptor, id: &str) {
-    assert!(!adaptor.dir.path().join("state/pods").join(id).exists());
-    assert!(!adaptor.dir.path().join("pods").join(id).exists());
-    assert!(
-        !adaptor.instances().iter().any(|i| i.contains(id)),
-        "{:?}",
-        adaptor.instances()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_sizes_are_chosen_at_create_vm_and_seen_in_the_guest() {
     init_logging();
@@ -771,7 +742,7 @@ async fn instance_sizes_are_chosen_at_create_vm_and_seen_in_the_guest() {
         for n in needles {
             assert!(m.contains(n), "{sizing:?}: {n:?} not in {m}");
         }
-        assert_nothing_of(&adaptor, "refused");
+        adaptor.assert_nothing_of("refused");
     }
 
     // A named allowed type, a size derived from default_vcpus/default_memory (the smallest
@@ -820,7 +791,7 @@ async fn instance_sizes_are_chosen_at_create_vm_and_seen_in_the_guest() {
         )
         .unwrap();
         assert_eq!(record["instance_type"], ty, "{pod}: {record}");
-        let log = plain(&adaptor.log());
+        let log = adaptor.plain_log();
         assert!(log.contains(&format!("instance_type={ty}")), "{log}");
         // QEMU booted with that size.
         let (_, cmdline) = qemus
@@ -964,7 +935,7 @@ async fn the_pod_vm_limit_counts_live_pods_across_restarts_and_is_the_node_capac
             .await
             .unwrap_err(),
     ));
-    assert_nothing_of(&adaptor, &p3);
+    adaptor.assert_nothing_of(&p3);
     limited(code(client.start_vm(ctx(30), &start).await.unwrap_err()));
     assert_eq!(adaptor.instances().len(), 2, "{:?}", adaptor.instances());
 
@@ -989,7 +960,7 @@ async fn the_pod_vm_limit_counts_live_pods_across_restarts_and_is_the_node_capac
             .await
             .unwrap_err(),
     ));
-    assert_nothing_of(&adaptor, &p3);
+    adaptor.assert_nothing_of(&p3);
 
     // StopVM frees a slot: the third pod starts.
     stop_pod(&adaptor, &p1).await;
