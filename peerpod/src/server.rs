@@ -46,6 +46,7 @@ pub async fn run(cfg: AdaptorConfig) -> Result<(), RunError> {
     let capacity = crate::capacity::for_node(&cfg.kubernetes).map_err(RunError::Capacity)?;
     let limit = cfg.limit_per_node;
     let withdraw = cfg.kubernetes.withdraw_capacity_on_shutdown;
+    let advertise = cfg.kubernetes.advertise_capacity;
     let provider = Arc::new(
         LocalProvider::new(cfg.local.clone())
             .await
@@ -93,9 +94,12 @@ pub async fn run(cfg: AdaptorConfig) -> Result<(), RunError> {
         .clone()
         .map(|c| crate::capacity::advertise(c, limit));
     if capacity.is_none() {
-        tracing::info!(
-            "no Kubernetes API server configured: the node's pod VM capacity is not advertised"
-        );
+        let why = if advertise {
+            "no Kubernetes API server configured"
+        } else {
+            "[kubernetes] advertise_capacity = false"
+        };
+        tracing::info!("{why}: the node's pod VM capacity is not advertised");
     }
     tracing::info!(socket = %socket.display(), limit_per_node = limit, pods_dir = %adaptor.pods_dir().display(), version = env!("CARGO_PKG_VERSION"), "serving hypervisor.Hypervisor");
     tokio::select! {
