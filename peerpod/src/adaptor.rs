@@ -6,10 +6,17 @@
 //! ([`Adaptor::reconcile`]) serves the agent sockets of pods that are still there and
 //! deletes the instances of pods that are gone ([`crate::liveness`]) and of instances no
 //! record knows (orphans).
+//!
+//! Sizing and the per-node limit are decided at CreateVM ([`crate::sizing`]): the pod's
+//! instance type is chosen and recorded, and the pod takes a slot under `limit_per_node`.
+//! Only live pod VMs hold a slot: a failed CreateVM never takes one, a failed StartVM gives
+//! it back (recorded, so also across a restart) and a retried StartVM takes one again;
+//! StopVM removes the pod.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kata_proto::hypervisor::CreateVMRequest;
@@ -42,7 +49,17 @@ struct PodState {
 struct Pod {
     /// Fixed at CreateVM (VNIs are allocated from the map without taking pod locks).
     vni: Option<u32>,
+    /// Whether the pod counts under the per-node limit; changed only with the pods map
+    /// locked, so counting and taking a slot is one step.
+    slot: AtomicBool,
     state: tokio::sync::Mutex<PodState>,
+}
+
+/// The pods holding a slot under the limit.
+fn live(pods: &HashMap<String, Arc<Pod>>) -> usize {
+    pods.values()
+        .filter(|p| p.slot.load(Ordering::Relaxed))
+        .count()
 }
 
 /// The adaptor.
@@ -127,12 +144,19 @@ impl Adaptor {
             .image
             .clone()
             .unwrap_or_else(|| self.provider.default_image().to_owned());
-        let size = sizing::size_for(&ann, &self.cfg.local);
         self.provider
-            .check(&image, ann.machine_type.as_deref(), size)
+            .check(&image, ann.gpus.as_ref())
             .map_err(|source| AdaptorError::Provider {
                 sandbox: id.clone(),
                 what: "instance request",
+                source,
+            })?;
+        let chosen = self
+            .cfg
+            .sizing
+            .choose(&ann)
+            .map_err(|source| AdaptorError::Sizing {
+                sandbox: id.clone(),
                 source,
             })?;
         let netns = (!req.networkNamespacePath.is_empty())
@@ -161,7 +185,7 @@ impl Adaptor {
             if pods.contains_key(&id) {
                 return Err(AdaptorError::AlreadyExists(id));
             }
-            sizing::check_limit(pods.len(), self.cfg.limit_per_node)?;
+            sizing::check_limit(live(&pods), self.cfg.limit_per_node)?;
             let vni = match &inspected {
                 Some(_) => {
                     let used: HashSet<u32> = pods.values().filter_map(|p| p.vni).collect();
@@ -182,8 +206,9 @@ impl Adaptor {
                 netns: netns.clone(),
                 instance_name,
                 image,
-                machine_type: ann.machine_type.clone(),
-                size,
+                instance_type: chosen.name.clone(),
+                size: chosen.size,
+                start_failed: false,
                 tunnel: match (&netns, &inspected, vni) {
                     (Some(ns), Some((iface, _)), Some(vni)) => Some(TunnelRecord {
                         netns: ns.clone(),
@@ -199,6 +224,7 @@ impl Adaptor {
                 id.clone(),
                 Arc::new(Pod {
                     vni,
+                    slot: AtomicBool::new(true),
                     state: tokio::sync::Mutex::new(PodState {
                         record,
                         proxy: None,
@@ -219,7 +245,8 @@ impl Adaptor {
             .await;
         }
         recorded?;
-        tracing::info!(sandbox = %id, "pod VM created (not started)");
+        tracing::info!(sandbox = %id, instance_type = %chosen.name, vcpus = chosen.size.vcpus,
+            memory_mib = chosen.size.memory_mib, reason = %chosen.reason, "pod VM created (not started)");
         Ok(self.agent_socket(&id))
     }
 
@@ -300,6 +327,29 @@ impl Adaptor {
         if st.proxy.is_some() {
             return Ok(());
         }
+        if !pod.slot.load(Ordering::Relaxed) {
+            // A retry after a failed StartVM: the pod needs a slot again.
+            let pods = lock(&self.pods);
+            sizing::check_limit(live(&pods), self.cfg.limit_per_node)?;
+            pod.slot.store(true, Ordering::Relaxed);
+        }
+        let result = self.start_instance(&mut st, id).await;
+        if result.is_err() {
+            {
+                let _pods = lock(&self.pods);
+                pod.slot.store(false, Ordering::Relaxed);
+            }
+            st.record.start_failed = true;
+            let (store, rec) = (self.store.clone(), st.record.clone());
+            if let Err(e) = blocking(move || Ok(store.save(&rec)?)).await {
+                tracing::warn!(sandbox = %id, error = %crate::report::chain(&e), "record the failed start");
+            }
+        }
+        result
+    }
+
+    /// StartVM's work on a pod whose lock is held.
+    async fn start_instance(&self, st: &mut PodState, id: &str) -> Result<(), AdaptorError> {
         let store = self.store.clone();
         let sid = id.to_owned();
         let ud_bytes = blocking(move || Ok(store.user_data(&sid)?)).await?;
@@ -313,7 +363,7 @@ impl Adaptor {
                 name: record.instance_name.clone(),
                 sandbox_id: id.to_owned(),
                 image: record.image.clone(),
-                machine_type: record.machine_type.clone(),
+                instance_type: record.instance_type.clone(),
                 size: record.size,
                 user_data,
             })
@@ -327,6 +377,7 @@ impl Adaptor {
         match self.connect_pod(&record, instance.address).await {
             Ok(proxy) => {
                 st.record.address = Some(instance.address);
+                st.record.start_failed = false;
                 let (store, rec) = (self.store.clone(), st.record.clone());
                 if let Err(e) = blocking(move || Ok(store.save(&rec)?)).await {
                     proxy.stop();
@@ -336,6 +387,7 @@ impl Adaptor {
                 }
                 st.proxy = Some(proxy);
                 tracing::info!(sandbox = %id, instance = %record.instance_name, address = %instance.address,
+                    instance_type = %record.instance_type, vcpus = record.size.vcpus, memory_mib = record.size.memory_mib,
                     create_ms = created.as_millis() as u64, ready_ms = started.elapsed().as_millis() as u64,
                     "pod VM started; agent socket ready");
                 Ok(())
@@ -499,6 +551,7 @@ impl Adaptor {
                 record.sandbox_id.clone(),
                 Arc::new(Pod {
                     vni: record.tunnel.as_ref().map(|t| t.vni),
+                    slot: AtomicBool::new(!record.start_failed),
                     state: tokio::sync::Mutex::new(PodState { record, proxy }),
                 }),
             );

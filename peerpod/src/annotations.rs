@@ -1,9 +1,10 @@
 //! CreateVM's annotations, checked once: the pod's CRI name and namespace (required) and
 //! the sizing annotations the shim lets through (`io.katacontainers.config.hypervisor.` +
-//! `machine_type`, `default_vcpus`, `default_memory`, `image`). What no provider here can
-//! do (`default_gpus` > 0, a `default_gpu_model`/`gpu_model`, `cc_init_data`) is refused by
-//! name. Other annotations are ignored. An empty value (or `0` for numbers) means unset, as
-//! Kata's shim sends the keys it knows even when they are not set.
+//! `machine_type`, `default_vcpus`, `default_memory`, `image`) and GPUs (`default_gpus`,
+//! `default_gpu_model` or `gpu_model`), which the provider accepts or refuses
+//! ([`crate::provider::Provider::check`]). `cc_init_data` is refused by name. Other
+//! annotations are ignored. An empty value (or `0` for numbers) means unset, as Kata's shim
+//! sends the keys it knows even when they are not set.
 
 use std::collections::HashMap;
 
@@ -33,6 +34,17 @@ pub enum AnnotationError {
     },
 }
 
+/// GPUs a pod asks for, with the annotations that asked (for messages).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuRequest {
+    /// `default_gpus` (0 when only a model is named).
+    pub count: u32,
+    /// `default_gpu_model` / `gpu_model`.
+    pub model: Option<String>,
+    /// The annotations as `key=value`.
+    pub annotations: Vec<String>,
+}
+
 /// What CreateVM's annotations ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodAnnotations {
@@ -42,6 +54,7 @@ pub struct PodAnnotations {
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub image: Option<String>,
+    pub gpus: Option<GpuRequest>,
 }
 
 fn key(suffix: &str) -> String {
@@ -105,20 +118,16 @@ pub fn parse(a: &HashMap<String, String>) -> Result<PodAnnotations, AnnotationEr
             expected: "a whole number of GPUs",
         })?;
         if n > 0 {
-            return Err(AnnotationError::Unsupported {
-                key: k,
-                value: v,
-                what: "a GPU",
-            });
+            let gpus = out.gpus.get_or_insert_with(GpuRequest::default);
+            gpus.count = n;
+            gpus.annotations.push(format!("{k}={v}"));
         }
     }
     for suffix in ["default_gpu_model", "gpu_model"] {
         if let Some((k, v)) = get(suffix) {
-            return Err(AnnotationError::Unsupported {
-                key: k,
-                value: v,
-                what: "a GPU model",
-            });
+            let gpus = out.gpus.get_or_insert_with(GpuRequest::default);
+            gpus.model.get_or_insert(v.clone());
+            gpus.annotations.push(format!("{k}={v}"));
         }
     }
     if let Some((k, v)) = get("cc_init_data") {
@@ -158,6 +167,32 @@ mod tests {
         assert_eq!(a.vcpus, Some(2));
         assert_eq!(a.memory_mib, Some(2048));
         assert_eq!(a.machine_type, None);
+        assert_eq!(a.gpus, None);
+    }
+
+    #[test]
+    fn gpu_requests_are_read_for_the_provider() {
+        let a = parse(&map(&[
+            (SANDBOX_NAME, "web"),
+            (SANDBOX_NAMESPACE, "shop"),
+            ("io.katacontainers.config.hypervisor.default_gpus", "2"),
+            (
+                "io.katacontainers.config.hypervisor.default_gpu_model",
+                "a100",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            a.gpus,
+            Some(GpuRequest {
+                count: 2,
+                model: Some("a100".into()),
+                annotations: vec![
+                    "io.katacontainers.config.hypervisor.default_gpus=2".into(),
+                    "io.katacontainers.config.hypervisor.default_gpu_model=a100".into()
+                ]
+            })
+        );
     }
 
     #[test]
@@ -170,8 +205,7 @@ mod tests {
         for (k, v, needle) in [
             ("default_memory", "lots", "default_memory"),
             ("default_vcpus", "-1", "default_vcpus"),
-            ("default_gpus", "1", "GPU"),
-            ("gpu_model", "a100", "GPU model"),
+            ("default_gpus", "x", "GPUs"),
             ("cc_init_data", "abc", "init data"),
         ] {
             let mut m = map(&base);

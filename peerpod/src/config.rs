@@ -8,8 +8,15 @@
 //! proxy_timeout_secs = 300                   # StartVM: how long the agent may take to answer
 //! vxlan_port = 4789
 //! vxlan_min_vni = 555000
-//! limit_per_node = 10                        # pod VMs per node; 0: no limit
+//! limit_per_node = 10                        # live pod VMs per node; negative: no limit
 //! provider = "local"
+//!
+//! [kubernetes]                               # the node's kata.peerpods.io/vm capacity
+//! advertise_capacity = true                  # when an API server is configured
+//! api_server = ""                            # host:port; "": KUBERNETES_SERVICE_HOST/PORT
+//! node_name = ""                             # "": NODE_NAME
+//! service_account_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+//! withdraw_capacity_on_shutdown = false
 //!
 //! [registries]                               # handed to every pod VM
 //! insecure = ["192.168.122.1:5000"]          # plain HTTP
@@ -25,11 +32,9 @@
 //! mtu = 1550                                 # pod MTU + 50 (VXLAN) must fit
 //! default_image = "default"
 //! images = { default = "/usr/share/kata-containers/podvm" }
-//! vcpus = 1
-//! memory_mib = 1024
-//! max_vcpus = 8
-//! max_memory_mib = 16384
-//! instance_types = { small = { vcpus = 1, memory_mib = 1024 } }
+//! instance_types = { small = { vcpus = 1, memory_mib = 1024 }, medium = { vcpus = 2, memory_mib = 4096 } }
+//! allowed_instance_types = []                # []: every instance type
+//! default_instance_type = "small"
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,6 +44,8 @@ use std::time::Duration;
 
 use kata_hypervisor::Accel;
 use serde::Deserialize;
+
+use crate::sizing::Catalogue;
 
 /// Where the adaptor reads its configuration by default.
 pub const DEFAULT_CONFIG: &str = "/etc/kata-containers/peerpod-adaptor.toml";
@@ -56,6 +63,12 @@ pub enum ConfigError {
         value: String,
         expected: &'static str,
     },
+    #[error("{key}: {value:?} is not an instance type of local.instance_types ({known})")]
+    Unknown {
+        key: &'static str,
+        value: String,
+        known: String,
+    },
     #[error("provider {0:?} is not known (expected \"local\")")]
     Provider(String),
 }
@@ -68,7 +81,7 @@ fn invalid(key: &'static str, value: impl ToString, expected: &'static str) -> C
     }
 }
 
-/// A named instance size.
+/// A named instance size (`[local] instance_types`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceType {
@@ -100,11 +113,9 @@ pub struct LocalConfig {
     pub mtu: u32,
     pub default_image: String,
     pub images: BTreeMap<String, PathBuf>,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub max_vcpus: u32,
-    pub max_memory_mib: u32,
     pub instance_types: BTreeMap<String, InstanceType>,
+    pub allowed_instance_types: Vec<String>,
+    pub default_instance_type: String,
 }
 
 impl Default for LocalConfig {
@@ -121,11 +132,54 @@ impl Default for LocalConfig {
                 "default".to_owned(),
                 PathBuf::from("/usr/share/kata-containers/podvm"),
             )]),
-            vcpus: 1,
-            memory_mib: 1024,
-            max_vcpus: 8,
-            max_memory_mib: 16384,
-            instance_types: BTreeMap::new(),
+            instance_types: BTreeMap::from([
+                (
+                    "small".to_owned(),
+                    InstanceType {
+                        vcpus: 1,
+                        memory_mib: 1024,
+                    },
+                ),
+                (
+                    "medium".to_owned(),
+                    InstanceType {
+                        vcpus: 2,
+                        memory_mib: 4096,
+                    },
+                ),
+            ]),
+            allowed_instance_types: Vec::new(),
+            default_instance_type: "small".into(),
+        }
+    }
+}
+
+/// Where the node's `kata.peerpods.io/vm` capacity is advertised.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Advertise when an API server is configured (here or in the environment).
+    pub advertise_capacity: bool,
+    /// `host:port` of the API server; empty: `KUBERNETES_SERVICE_HOST`/`_PORT`.
+    pub api_server: String,
+    /// The node's name; empty: `NODE_NAME`.
+    pub node_name: String,
+    /// `token` and `ca.crt` of the service account the adaptor acts as.
+    pub service_account_dir: PathBuf,
+    /// Remove the capacity when the adaptor stops (it is set again at the next start).
+    pub withdraw_capacity_on_shutdown: bool,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            advertise_capacity: true,
+            api_server: String::new(),
+            node_name: String::new(),
+            service_account_dir: PathBuf::from(
+                kata_peerpods_k8s::node_capacity::SERVICE_ACCOUNT_DIR,
+            ),
+            withdraw_capacity_on_shutdown: false,
         }
     }
 }
@@ -140,9 +194,10 @@ struct RawConfig {
     proxy_timeout_secs: u64,
     vxlan_port: u32,
     vxlan_min_vni: u32,
-    limit_per_node: u32,
+    limit_per_node: i64,
     provider: String,
     registries: RegistriesConfig,
+    kubernetes: KubernetesConfig,
     local: LocalConfig,
 }
 
@@ -158,6 +213,7 @@ impl Default for RawConfig {
             limit_per_node: 10,
             provider: "local".into(),
             registries: RegistriesConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             local: LocalConfig::default(),
         }
     }
@@ -215,11 +271,25 @@ pub struct LocalSettings {
     pub mtu: u32,
     pub default_image: String,
     pub images: BTreeMap<String, PathBuf>,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub max_vcpus: u32,
-    pub max_memory_mib: u32,
-    pub instance_types: BTreeMap<String, InstanceType>,
+}
+
+/// The API server named in the configuration (`[kubernetes] api_server`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiServerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The checked `[kubernetes]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    pub advertise_capacity: bool,
+    /// `None`: from the environment.
+    pub api_server: Option<ApiServerAddress>,
+    /// `None`: from the environment.
+    pub node_name: Option<String>,
+    pub service_account_dir: PathBuf,
+    pub withdraw_capacity_on_shutdown: bool,
 }
 
 /// The adaptor's checked configuration.
@@ -231,10 +301,13 @@ pub struct AdaptorConfig {
     pub proxy_timeout: Duration,
     pub vxlan_port: u16,
     pub vxlan_min_vni: u32,
-    /// 0: no limit.
-    pub limit_per_node: u32,
+    /// Live pod VMs on this node; negative: no limit.
+    pub limit_per_node: i64,
     pub registries: RegistriesConfig,
+    pub kubernetes: KubernetesSettings,
     pub local: LocalSettings,
+    /// The provider's instance types, the allowed ones and the default.
+    pub sizing: Catalogue,
 }
 
 impl AdaptorConfig {
@@ -323,29 +396,8 @@ impl AdaptorConfig {
                 ));
             }
         }
-        if l.vcpus == 0 || l.vcpus > l.max_vcpus {
-            return Err(invalid("local.vcpus", l.vcpus, "1..=local.max_vcpus"));
-        }
-        if l.memory_mib < 256 || l.memory_mib > l.max_memory_mib {
-            return Err(invalid(
-                "local.memory_mib",
-                l.memory_mib,
-                "256..=local.max_memory_mib",
-            ));
-        }
-        for t in l.instance_types.values() {
-            if t.vcpus == 0
-                || t.vcpus > l.max_vcpus
-                || t.memory_mib < 256
-                || t.memory_mib > l.max_memory_mib
-            {
-                return Err(invalid(
-                    "local.instance_types",
-                    format!("{t:?}"),
-                    "vcpus 1..=max_vcpus and memory_mib 256..=max_memory_mib",
-                ));
-            }
-        }
+        let sizing = check_sizing(&l)?;
+        let kubernetes = check_kubernetes(raw.kubernetes)?;
         Ok(Self {
             socket: raw.socket,
             pods_dir: raw.pods_dir,
@@ -355,6 +407,8 @@ impl AdaptorConfig {
             vxlan_min_vni: raw.vxlan_min_vni,
             limit_per_node: raw.limit_per_node,
             registries: raw.registries,
+            kubernetes,
+            sizing,
             local: LocalSettings {
                 qemu: l.qemu,
                 accel,
@@ -364,14 +418,130 @@ impl AdaptorConfig {
                 mtu: l.mtu,
                 default_image: l.default_image,
                 images: l.images,
-                vcpus: l.vcpus,
-                memory_mib: l.memory_mib,
-                max_vcpus: l.max_vcpus,
-                max_memory_mib: l.max_memory_mib,
-                instance_types: l.instance_types,
             },
         })
     }
+}
+
+/// The most vCPUs a local pod VM may have (QEMU's q35 machine without an IOMMU).
+const MAX_LOCAL_VCPUS: u32 = 255;
+
+/// Instance type names as clouds spell them (`Standard_B2als_v2`, `t3.medium`, `bx2-2x8`).
+fn is_type_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The local provider's instance types, allow-list and default.
+fn check_sizing(l: &LocalConfig) -> Result<Catalogue, ConfigError> {
+    if l.instance_types.is_empty() {
+        return Err(invalid(
+            "local.instance_types",
+            "{}",
+            "at least one instance type, e.g. { small = { vcpus = 1, memory_mib = 1024 } }",
+        ));
+    }
+    for (name, t) in &l.instance_types {
+        if !is_type_name(name) {
+            return Err(invalid(
+                "local.instance_types",
+                name,
+                "names of 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if t.vcpus == 0 || t.vcpus > MAX_LOCAL_VCPUS {
+            return Err(invalid(
+                "local.instance_types",
+                format!("{name} = {{ vcpus = {} }}", t.vcpus),
+                "vcpus in 1..=255",
+            ));
+        }
+        if t.memory_mib < 256 || t.memory_mib > 1 << 20 {
+            return Err(invalid(
+                "local.instance_types",
+                format!("{name} = {{ memory_mib = {} }}", t.memory_mib),
+                "memory_mib in 256..=1048576",
+            ));
+        }
+    }
+    let known = || {
+        l.instance_types
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for name in &l.allowed_instance_types {
+        if !l.instance_types.contains_key(name) {
+            return Err(ConfigError::Unknown {
+                key: "local.allowed_instance_types",
+                value: name.clone(),
+                known: known(),
+            });
+        }
+    }
+    let d = &l.default_instance_type;
+    if !l.instance_types.contains_key(d) {
+        return Err(ConfigError::Unknown {
+            key: "local.default_instance_type",
+            value: d.clone(),
+            known: known(),
+        });
+    }
+    if !l.allowed_instance_types.is_empty() && !l.allowed_instance_types.contains(d) {
+        return Err(invalid(
+            "local.default_instance_type",
+            d,
+            "one of local.allowed_instance_types",
+        ));
+    }
+    Ok(Catalogue::new(
+        l.instance_types.clone(),
+        &l.allowed_instance_types,
+        d,
+    ))
+}
+
+/// The `[kubernetes]` section.
+fn check_kubernetes(k: KubernetesConfig) -> Result<KubernetesSettings, ConfigError> {
+    let api_server = if k.api_server.is_empty() {
+        None
+    } else {
+        let bad = || {
+            invalid(
+                "kubernetes.api_server",
+                &k.api_server,
+                "host:port (an IPv6 address in brackets), without a scheme",
+            )
+        };
+        let (host, port) = k.api_server.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad());
+        }
+        Some(ApiServerAddress {
+            host: host.to_owned(),
+            port,
+        })
+    };
+    if !k.service_account_dir.is_absolute() {
+        return Err(invalid(
+            "kubernetes.service_account_dir",
+            k.service_account_dir.display(),
+            "an absolute path",
+        ));
+    }
+    Ok(KubernetesSettings {
+        advertise_capacity: k.advertise_capacity,
+        api_server,
+        node_name: (!k.node_name.is_empty()).then_some(k.node_name),
+        service_account_dir: k.service_account_dir,
+        withdraw_capacity_on_shutdown: k.withdraw_capacity_on_shutdown,
+    })
 }
 
 #[cfg(test)]
@@ -409,6 +579,41 @@ mod tests {
         assert_eq!(c.vxlan_port, 9000);
         assert_eq!(c.local.subnet.hosts().count(), 13);
         assert_eq!(c.registries.insecure, ["10.0.0.1:5000"]);
+        assert_eq!(c.sizing.allowed(), ["small"]);
+        assert_eq!(d.limit_per_node, 10);
+        assert_eq!(d.sizing.allowed(), ["small", "medium"]);
+        assert_eq!(d.sizing.default_type(), "small");
+        assert!(d.kubernetes.advertise_capacity && d.kubernetes.api_server.is_none());
+    }
+
+    #[test]
+    fn sizing_limit_and_kubernetes_settings() {
+        let c = parse(
+            r#"
+            limit_per_node = -1
+            [kubernetes]
+            api_server = "[fd00::1]:6443"
+            node_name = "worker-1"
+            withdraw_capacity_on_shutdown = true
+            [local]
+            instance_types = { a = { vcpus = 1, memory_mib = 512 }, b = { vcpus = 2, memory_mib = 768 }, c = { vcpus = 4, memory_mib = 4096 } }
+            allowed_instance_types = ["b", "a"]
+            default_instance_type = "b"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.limit_per_node, -1);
+        assert_eq!(c.sizing.allowed(), ["a", "b"]);
+        assert_eq!(c.sizing.default_type(), "b");
+        assert_eq!(
+            c.kubernetes.api_server,
+            Some(ApiServerAddress {
+                host: "fd00::1".into(),
+                port: 6443
+            })
+        );
+        assert_eq!(c.kubernetes.node_name.as_deref(), Some("worker-1"));
+        assert!(c.kubernetes.withdraw_capacity_on_shutdown);
     }
 
     /// The example installed by hack/install-peerpod.sh parses and states the defaults.
@@ -418,7 +623,9 @@ mod tests {
         let d = AdaptorConfig::defaults();
         assert_eq!(c.socket, d.socket);
         assert_eq!(c.local.subnet, d.local.subnet);
-        assert_eq!(c.local.instance_types.len(), 2);
+        assert_eq!(c.sizing.allowed(), ["small", "medium"]);
+        assert_eq!(c.limit_per_node, d.limit_per_node);
+        assert_eq!(c.kubernetes, d.kubernetes);
     }
 
     #[test]
@@ -436,6 +643,40 @@ mod tests {
             ("[local]\ndefault_image = \"nope\"", "local.default_image"),
             ("[local]\naccel = \"xen\"", "local.accel"),
             ("[local]\nmtu = 100", "local.mtu"),
+            ("[local]\ninstance_types = {}", "local.instance_types"),
+            (
+                "[local]\ninstance_types = { \"a b\" = { vcpus = 1, memory_mib = 512 } }",
+                "\"a b\"",
+            ),
+            (
+                "[local]\ninstance_types = { zero = { vcpus = 0, memory_mib = 512 } }",
+                "zero = { vcpus = 0 }",
+            ),
+            (
+                "[local]\ninstance_types = { wee = { vcpus = 1, memory_mib = 64 } }",
+                "wee = { memory_mib = 64 }",
+            ),
+            (
+                "[local]\nallowed_instance_types = [\"small\", \"huge\"]",
+                "local.allowed_instance_types: \"huge\" is not an instance type of local.instance_types (medium, small)",
+            ),
+            (
+                "[local]\ndefault_instance_type = \"huge\"",
+                "local.default_instance_type: \"huge\"",
+            ),
+            (
+                "[local]\nallowed_instance_types = [\"medium\"]",
+                "local.default_instance_type = \"small\": one of local.allowed_instance_types",
+            ),
+            ("limit_per_node = \"ten\"", "limit_per_node"),
+            (
+                "[kubernetes]\napi_server = \"https://10.0.0.1\"",
+                "kubernetes.api_server",
+            ),
+            (
+                "[kubernetes]\nservice_account_dir = \"sa\"",
+                "kubernetes.service_account_dir",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             let msg = format!(

@@ -8,7 +8,7 @@ use ttrpc::Code;
 use crate::annotations::AnnotationError;
 use crate::provider::ProviderError;
 use crate::proxy::ProxyError;
-use crate::sizing::LimitError;
+use crate::sizing::{LimitError, SizingError};
 use crate::state::StateError;
 use crate::tls::TlsError;
 use crate::tunnel::TunnelError;
@@ -27,6 +27,12 @@ pub enum AdaptorError {
     NotFound(String),
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error("pod {sandbox}: instance size")]
+    Sizing {
+        sandbox: String,
+        #[source]
+        source: SizingError,
+    },
     #[error("pod network namespace {}", .0.display())]
     Netns(PathBuf, #[source] TunnelError),
     #[error("pod MTU {pod} does not fit the provider network: MTU {underlay} carries at most {} through VXLAN", .underlay - crate::tunnel::VXLAN_OVERHEAD)]
@@ -75,7 +81,9 @@ pub enum AdaptorError {
 pub fn to_ttrpc(err: &AdaptorError) -> ttrpc::Error {
     use AdaptorError as E;
     let code = match err {
-        E::BadId(_) | E::Annotations(_) | E::Netns(..) | E::Mtu { .. } => Code::INVALID_ARGUMENT,
+        E::BadId(_) | E::Annotations(_) | E::Sizing { .. } | E::Netns(..) | E::Mtu { .. } => {
+            Code::INVALID_ARGUMENT
+        }
         E::Registries(_) => Code::FAILED_PRECONDITION,
         E::AlreadyExists(_) => Code::ALREADY_EXISTS,
         E::NotFound(_) => Code::NOT_FOUND,

@@ -9,6 +9,7 @@
 
 pub mod adaptor;
 pub mod annotations;
+pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod liveness;

@@ -1,5 +1,6 @@
-//! Running the adaptor: provider, state, reconciliation, then the ttrpc server on the
-//! hypervisor socket until SIGTERM/SIGINT.
+//! Running the adaptor: provider, state, reconciliation, the node's pod VM capacity
+//! ([`crate::capacity`]), then the ttrpc server on the hypervisor socket until
+//! SIGTERM/SIGINT.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub enum RunError {
     Serve(PathBuf, #[source] ttrpc::Error),
     #[error("install signal handlers")]
     Signal(#[source] std::io::Error),
+    #[error("node capacity ([kubernetes] settings)")]
+    Capacity(#[source] kata_peerpods_k8s::node_capacity::Error),
 }
 
 /// Starts everything and serves until SIGTERM or SIGINT. The pods' VMs keep running when
@@ -40,6 +43,10 @@ pub enum RunError {
 pub async fn run(cfg: AdaptorConfig) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let capacity = crate::capacity::for_node(&cfg.kubernetes).map_err(RunError::Capacity)?;
+    let limit = cfg.limit_per_node;
+    let withdraw = cfg.kubernetes.withdraw_capacity_on_shutdown;
+    let advertise = cfg.kubernetes.advertise_capacity;
     let provider = Arc::new(
         LocalProvider::new(cfg.local.clone())
             .await
@@ -83,7 +90,18 @@ pub async fn run(cfg: AdaptorConfig) -> Result<(), RunError> {
         .map_err(|e| RunError::Serve(socket.clone(), e))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err("chmod", e))?;
-    tracing::info!(socket = %socket.display(), pods_dir = %adaptor.pods_dir().display(), version = env!("CARGO_PKG_VERSION"), "serving hypervisor.Hypervisor");
+    let advertising = capacity
+        .clone()
+        .map(|c| crate::capacity::advertise(c, limit));
+    if capacity.is_none() {
+        let why = if advertise {
+            "no Kubernetes API server configured"
+        } else {
+            "[kubernetes] advertise_capacity = false"
+        };
+        tracing::info!("{why}: the node's pod VM capacity is not advertised");
+    }
+    tracing::info!(socket = %socket.display(), limit_per_node = limit, pods_dir = %adaptor.pods_dir().display(), version = env!("CARGO_PKG_VERSION"), "serving hypervisor.Hypervisor");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -91,6 +109,14 @@ pub async fn run(cfg: AdaptorConfig) -> Result<(), RunError> {
     tracing::info!("terminating; pod VMs keep running");
     let _ = server.shutdown().await;
     adaptor.shutdown().await;
+    if let Some(task) = advertising {
+        task.abort();
+    }
+    if let (Some(c), true) = (&capacity, withdraw && limit >= 0) {
+        if let Err(e) = c.withdraw().await {
+            tracing::warn!(node = c.node(), error = %crate::report::chain(&e), "withdrawing the pod VM capacity failed");
+        }
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -35,8 +35,13 @@ pub struct PodRecord {
     pub netns: Option<PathBuf>,
     pub instance_name: String,
     pub image: String,
-    pub machine_type: Option<String>,
+    /// The instance type chosen at CreateVM, and its size.
+    pub instance_type: String,
     pub size: InstanceSize,
+    /// StartVM failed: the pod holds no slot under the per-node limit until a StartVM
+    /// succeeds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_failed: bool,
     /// The pod's tunnel (with a network namespace).
     pub tunnel: Option<TunnelRecord>,
     /// Set once StartVM created the instance.
@@ -209,11 +214,12 @@ mod tests {
             netns: Some("/var/run/netns/cni-1".into()),
             instance_name: "podvm-ns-web-sb1".into(),
             image: "default".into(),
-            machine_type: None,
+            instance_type: "small".into(),
             size: InstanceSize {
                 vcpus: 1,
                 memory_mib: 512,
             },
+            start_failed: false,
             tunnel: Some(TunnelRecord {
                 netns: "/var/run/netns/cni-1".into(),
                 interface: "eth0".into(),

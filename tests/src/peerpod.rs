@@ -64,6 +64,13 @@ pub struct Adaptor {
     pub bridge: String,
     /// The bridge's (the node's) address.
     pub gateway: Ipv4Addr,
+    /// `[local]` sizing lines (instance types, allow-list, default); set before `start`.
+    pub sizing: String,
+    /// Top-level lines and tables (e.g. `limit_per_node`, `[kubernetes]`) written before
+    /// `[registries]`; set before `start`.
+    pub top: String,
+    /// Environment of the adaptor process (the Kubernetes variables are removed otherwise).
+    pub env: Vec<(String, String)>,
     n: u32,
     log: PathBuf,
 }
@@ -96,6 +103,9 @@ impl Adaptor {
             instances_dir,
             bridge,
             gateway,
+            sizing: "instance_types = { tiny = { vcpus = 1, memory_mib = 512 } }\ndefault_instance_type = \"tiny\"".into(),
+            top: String::new(),
+            env: Vec::new(),
             n,
             log,
         }
@@ -115,6 +125,7 @@ pods_dir = "{pods}"
 state_dir = "{d}/state"
 proxy_timeout_secs = 120
 vxlan_min_vni = {vni}
+{top}
 [registries]
 insecure = [{insecure}]
 [local]
@@ -122,8 +133,8 @@ instances_dir = "{instances}"
 bridge = "{bridge}"
 subnet = "10.231.{n}.0/24"
 mtu = 1550
-memory_mib = 512
 images = {{ default = "{podvm}" }}
+{sizing}
 {extra_local}
 "#,
                 socket = self.socket.display(),
@@ -133,6 +144,8 @@ images = {{ default = "{podvm}" }}
                 insecure = insecure.join(", "),
                 instances = self.instances_dir.display(),
                 podvm = podvm.display(),
+                top = self.top,
+                sizing = self.sizing,
             ),
         )
         .unwrap();
@@ -162,6 +175,10 @@ images = {{ default = "{podvm}" }}
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "kata_peerpod=debug,info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("NODE_NAME")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -213,6 +230,30 @@ images = {{ default = "{podvm}" }}
     /// The adaptor's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log without its ANSI colours (tracing colours field names).
+    pub fn plain_log(&self) -> String {
+        let log = self.log();
+        let mut out = String::with_capacity(log.len());
+        let mut chars = log.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                // Up to the escape sequence's final letter.
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// No pod state, no pod directory and no instance of sandbox `id`.
+    pub fn assert_nothing_of(&self, id: &str) {
+        assert!(!self.dir.path().join("state/pods").join(id).exists());
+        assert!(!self.dir.path().join("pods").join(id).exists());
+        let instances = self.instances();
+        assert!(!instances.iter().any(|i| i.contains(id)), "{instances:?}");
     }
 
     /// A client of the hypervisor socket.
@@ -396,6 +437,7 @@ impl Drop for PodNetns {
 pub struct PodAgent {
     socket: PathBuf,
     pub health: kata_proto::health_ttrpc::HealthClient,
+    pub agent: kata_proto::agent_ttrpc::AgentServiceClient,
     pub containers: kata_proto::agent_ttrpc::ContainerServiceClient,
     pub images: kata_proto::image_ttrpc::ImageServiceClient,
 }
@@ -487,6 +529,7 @@ impl PodAgent {
         Self {
             socket: socket.to_owned(),
             health: kata_proto::health_ttrpc::HealthClient::new(c.clone()),
+            agent: kata_proto::agent_ttrpc::AgentServiceClient::new(c.clone()),
             containers: kata_proto::agent_ttrpc::ContainerServiceClient::new(c.clone()),
             images: kata_proto::image_ttrpc::ImageServiceClient::new(c),
         }

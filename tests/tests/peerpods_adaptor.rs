@@ -645,3 +645,332 @@ async fn bad_requests_are_refused_by_name_and_leave_nothing() {
     assert!(sockets.is_empty(), "pod directories left: {sockets:?}");
     adaptor.assert_no_instances();
 }
+
+/// The stand-in Kubernetes API server of peerpods-k8s's tests.
+#[path = "../../peerpods-k8s/tests/support/stand_in.rs"]
+mod stand_in;
+
+/// Instance types for the sizing tests: memory sizes far enough apart that the guest's
+/// MemTotal tells them apart; `huge` exists but is not allowed.
+const SIZES: &str = r#"instance_types = { tiny = { vcpus = 1, memory_mib = 512 }, wide = { vcpus = 2, memory_mib = 640 }, tall = { vcpus = 1, memory_mib = 896 }, huge = { vcpus = 4, memory_mib = 2048 } }
+allowed_instance_types = ["tall", "wide", "tiny"]
+default_instance_type = "tiny""#;
+
+fn sized_req(id: &str, name: &str, sizing: &[(&str, &str)]) -> CreateVMRequest {
+    let mut req = create_req(id, name, None);
+    for (k, v) in sizing {
+        req.annotations.insert(
+            format!("io.katacontainers.config.hypervisor.{k}"),
+            v.to_string(),
+        );
+    }
+    req
+}
+
+/// Starts a pod from `req` (CreateVM + StartVM); returns the agent socket.
+async fn start_req(adaptor: &Adaptor, req: CreateVMRequest) -> std::path::PathBuf {
+    let client = adaptor.client().await;
+    let id = req.id.clone();
+    let resp = client
+        .create_vm(ctx(30), &req)
+        .await
+        .unwrap_or_else(|e| panic!("CreateVM {id}: {e:?}\n{}", adaptor.log()));
+    let mut start = StartVMRequest::new();
+    start.id = id.clone();
+    if let Err(e) = client.start_vm(ctx(600), &start).await {
+        panic!("StartVM {id}: {e:?}\nadaptor log:\n{}", adaptor.log());
+    }
+    std::path::PathBuf::from(resp.agentSocketPath)
+}
+
+/// The instance directory whose name holds the pod name `name`.
+fn instance_named(adaptor: &Adaptor, name: &str) -> String {
+    adaptor
+        .instances()
+        .into_iter()
+        .find(|i| i.contains(&format!("-{name}-")))
+        .unwrap_or_else(|| panic!("no instance for pod {name}: {:?}", adaptor.instances()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_sizes_are_chosen_at_create_vm_and_seen_in_the_guest() {
+    init_logging();
+    let mut adaptor = Adaptor::new();
+    adaptor.sizing = SIZES.into();
+    adaptor.start(&[], "");
+    let client = adaptor.client().await;
+
+    // Refused before anything is made: a type outside the allow-list (known or not), a pod
+    // larger than every allowed type, GPUs (the local provider has none).
+    for (sizing, needles) in [
+        (
+            vec![("machine_type", "huge")],
+            vec!["\"huge\"", "allowed: tiny, wide, tall"],
+        ),
+        (
+            vec![("machine_type", "m5.xlarge")],
+            vec!["\"m5.xlarge\"", "allowed: tiny, wide, tall"],
+        ),
+        (
+            vec![("default_vcpus", "1"), ("default_memory", "4096")],
+            vec!["1 vCPUs and 4096 MiB", "tall (1 vCPUs, 896 MiB)"],
+        ),
+        (
+            vec![("default_vcpus", "3")],
+            vec!["asks for 3 vCPUs", "largest allowed instance type tall"],
+        ),
+        (
+            vec![("default_gpus", "1"), ("default_gpu_model", "a100")],
+            vec![
+                "no GPUs",
+                "1 GPU(s) of model a100",
+                "io.katacontainers.config.hypervisor.default_gpus=1",
+                "io.katacontainers.config.hypervisor.default_gpu_model=a100",
+            ],
+        ),
+    ] {
+        let (c, m) = code(
+            client
+                .create_vm(ctx(10), &sized_req("refused", "refused", &sizing))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(c, ttrpc::Code::INVALID_ARGUMENT, "{sizing:?}: {m}");
+        for n in needles {
+            assert!(m.contains(n), "{sizing:?}: {n:?} not in {m}");
+        }
+        adaptor.assert_nothing_of("refused");
+    }
+
+    // A named allowed type, a size derived from default_vcpus/default_memory (the smallest
+    // allowed type with 2 vCPUs and 600 MiB: wide), and the default.
+    let (named, derived, default) = (sandbox_id("sn"), sandbox_id("sd"), sandbox_id("sf"));
+    let (s_named, s_derived, s_default) = tokio::join!(
+        start_req(
+            &adaptor,
+            sized_req(&named, "named", &[("machine_type", "tall")])
+        ),
+        start_req(
+            &adaptor,
+            sized_req(
+                &derived,
+                "derived",
+                &[("default_vcpus", "2"), ("default_memory", "600")]
+            )
+        ),
+        start_req(&adaptor, sized_req(&default, "default", &[])),
+    );
+    let qemus = adaptor.processes();
+    for (pod, id, socket, ty, vcpus, mib) in [
+        ("named", &named, &s_named, "tall", 1u32, 896u64),
+        ("derived", &derived, &s_derived, "wide", 2, 640),
+        ("default", &default, &s_default, "tiny", 1, 512),
+    ] {
+        // Recorded on the instance and in the pod's state, and logged.
+        let instance = instance_named(&adaptor, pod);
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(adaptor.instances_dir.join(&instance).join("meta.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["instance_type"], ty, "{pod}: {meta}");
+        assert_eq!(meta["size"]["vcpus"], vcpus, "{pod}: {meta}");
+        assert_eq!(meta["size"]["memory_mib"], mib, "{pod}: {meta}");
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                adaptor
+                    .dir
+                    .path()
+                    .join("state/pods")
+                    .join(id)
+                    .join("pod.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["instance_type"], ty, "{pod}: {record}");
+        let log = adaptor.plain_log();
+        assert!(log.contains(&format!("instance_type={ty}")), "{log}");
+        // QEMU booted with that size.
+        let (_, cmdline) = qemus
+            .iter()
+            .find(|(_, c)| c.contains(&instance))
+            .unwrap_or_else(|| panic!("no QEMU for {instance}: {qemus:?}"));
+        assert!(
+            cmdline.contains(&format!(" -smp {vcpus} "))
+                && cmdline.contains(&format!(" -m {mib}M ")),
+            "{pod}: {cmdline}"
+        );
+        // And the guest sees it (the agent's GetGuestDetails: online CPUs, MemTotal).
+        let agent = PodAgent::connect(socket).await;
+        let details = agent
+            .agent
+            .get_guest_details(ctx(30), &kata_proto::agent::GuestDetailsRequest::new())
+            .await
+            .unwrap();
+        assert_eq!(details.online_cpus, vcpus, "{pod}: {details:?}");
+        let kib = details.mem_total_kib;
+        assert!(
+            kib <= mib * 1024 && kib > mib * 1024 * 8 / 10,
+            "{pod}: MemTotal {kib} KiB for a {mib} MiB VM"
+        );
+    }
+    // No API server configured: no node capacity.
+    assert!(
+        adaptor.log().contains("not advertised"),
+        "{}",
+        adaptor.log()
+    );
+
+    for id in [&named, &derived, &default] {
+        stop_pod(&adaptor, id).await;
+    }
+    adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&named, &derived, &default]);
+}
+
+/// The capacity requests the stand-in API server saw: ("add", value) or ("remove", "").
+fn capacity_requests(api: &stand_in::StandIn) -> Vec<(String, String)> {
+    api.seen()
+        .iter()
+        .map(|s| {
+            assert_eq!(s.method, "PATCH");
+            assert_eq!(s.path, "/api/v1/nodes/node-a/status");
+            assert_eq!(s.headers["authorization"], "Bearer adaptor-token");
+            let op = &s.body[0];
+            assert_eq!(
+                op["path"], "/status/capacity/kata.peerpods.io~1vm",
+                "{}",
+                s.body
+            );
+            (
+                op["op"].as_str().unwrap().to_owned(),
+                op["value"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for_requests(api: &stand_in::StandIn, n: usize, adaptor: &Adaptor) {
+    let seen = wait_until(Duration::from_secs(30), || api.seen().len() >= n);
+    assert!(
+        seen,
+        "the API server saw {:?}, expected {n} requests\n{}",
+        api.seen(),
+        adaptor.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_vm_limit_counts_live_pods_across_restarts_and_is_the_node_capacity() {
+    init_logging();
+    // The stand-in API server and a service account trusting it.
+    let pki = stand_in::pki();
+    let api = stand_in::StandIn::start(
+        &pki,
+        hyper::StatusCode::OK,
+        serde_json::json!({"kind": "Node", "apiVersion": "v1"}),
+    )
+    .await
+    .unwrap();
+    let sa = tempfile::tempdir().unwrap();
+    std::fs::write(sa.path().join("ca.crt"), &pki.ca_pem).unwrap();
+    std::fs::write(sa.path().join("token"), "adaptor-token\n").unwrap();
+
+    let mut adaptor = Adaptor::new();
+    adaptor.top = format!(
+        "limit_per_node = 2\n[kubernetes]\nservice_account_dir = \"{}\"\nwithdraw_capacity_on_shutdown = true\n",
+        sa.path().display()
+    );
+    adaptor.env = vec![
+        ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
+        (
+            "KUBERNETES_SERVICE_PORT".into(),
+            api.addr.port().to_string(),
+        ),
+        ("NODE_NAME".into(), "node-a".into()),
+    ];
+    adaptor.start(&[], "");
+    wait_for_requests(&api, 1, &adaptor);
+    assert_eq!(capacity_requests(&api), [("add".into(), "2".into())]);
+
+    let (ns1, ns2, ns3, nsb) = (
+        PodNetns::create(),
+        PodNetns::create(),
+        PodNetns::create(),
+        PodNetns::create(),
+    );
+    let (p1, p2, p3, pb) = (
+        sandbox_id("l1"),
+        sandbox_id("l2"),
+        sandbox_id("l3"),
+        sandbox_id("lb"),
+    );
+    let client = adaptor.client().await;
+    start_pod(&adaptor, &p1, "one", Some(&ns1)).await;
+
+    // A pod whose StartVM fails (its network namespace went away) gives its slot back...
+    client
+        .create_vm(ctx(30), &create_req(&pb, "broken", Some(&nsb)))
+        .await
+        .unwrap();
+    nsb.remove();
+    let mut start = StartVMRequest::new();
+    start.id = pb.clone();
+    client.start_vm(ctx(120), &start).await.unwrap_err();
+    // ...so a second pod fits.
+    start_pod(&adaptor, &p2, "two", Some(&ns2)).await;
+
+    // A third is refused, naming the limit, and leaves nothing; so is a retried StartVM of
+    // the failed pod (it needs a slot again).
+    let limited = |(c, m): (ttrpc::Code, String)| {
+        assert_eq!(c, ttrpc::Code::RESOURCE_EXHAUSTED, "{m}");
+        assert!(m.contains("limit_per_node = 2"), "{m}");
+    };
+    limited(code(
+        client
+            .create_vm(ctx(30), &create_req(&p3, "three", Some(&ns3)))
+            .await
+            .unwrap_err(),
+    ));
+    adaptor.assert_nothing_of(&p3);
+    limited(code(client.start_vm(ctx(30), &start).await.unwrap_err()));
+    assert_eq!(adaptor.instances().len(), 2, "{:?}", adaptor.instances());
+
+    // The count survives a restart (the capacity is withdrawn at the stop, as configured,
+    // and advertised again at the start).
+    drop(client);
+    adaptor.stop();
+    adaptor.spawn();
+    wait_for_requests(&api, 3, &adaptor);
+    assert_eq!(
+        capacity_requests(&api),
+        [
+            ("add".into(), "2".into()),
+            ("remove".into(), "".into()),
+            ("add".into(), "2".into())
+        ]
+    );
+    let client = adaptor.client().await;
+    limited(code(
+        client
+            .create_vm(ctx(30), &create_req(&p3, "three", Some(&ns3)))
+            .await
+            .unwrap_err(),
+    ));
+    adaptor.assert_nothing_of(&p3);
+
+    // StopVM frees a slot: the third pod starts.
+    stop_pod(&adaptor, &p1).await;
+    start_pod(&adaptor, &p3, "three", Some(&ns3)).await;
+    assert_eq!(adaptor.instances().len(), 2, "{:?}", adaptor.instances());
+
+    for id in [&p2, &p3, &pb] {
+        stop_pod(&adaptor, id).await;
+    }
+    drop(client);
+    adaptor.stop();
+    wait_for_requests(&api, 4, &adaptor);
+    assert_eq!(capacity_requests(&api)[3], ("remove".into(), "".into()));
+    adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&p1, &p2, &p3, &pb]);
+}

@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use kata_proto::peerpod::UserData;
 
+use crate::annotations::GpuRequest;
+
 /// vCPUs and memory of an instance (sizing: [`crate::sizing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceSize {
@@ -25,8 +27,9 @@ pub struct InstanceRequest {
     pub sandbox_id: String,
     /// The image's name as the provider knows it.
     pub image: String,
-    /// The instance type the pod asked for (`machine_type`), when any.
-    pub machine_type: Option<String>,
+    /// The instance type chosen for the pod ([`crate::sizing`]).
+    pub instance_type: String,
+    /// Its vCPUs and memory.
     pub size: InstanceSize,
     /// The user data; the provider fills in what only it knows (the VM's own NIC).
     pub user_data: UserData,
@@ -95,13 +98,8 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The image used when the pod names none.
     fn default_image(&self) -> &str;
 
-    /// Checks a request's image and size before anything is created.
-    fn check(
-        &self,
-        image: &str,
-        machine_type: Option<&str>,
-        size: InstanceSize,
-    ) -> Result<(), ProviderError>;
+    /// Checks a request's image and GPUs before anything is created.
+    fn check(&self, image: &str, gpus: Option<&GpuRequest>) -> Result<(), ProviderError>;
 
     /// Creates and boots an instance; returns once it exists (not when its agent answers).
     async fn create_instance(&self, req: InstanceRequest) -> Result<Instance, ProviderError>;

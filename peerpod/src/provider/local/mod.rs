@@ -3,7 +3,8 @@
 //! vsock, no virtio-fs.
 //!
 //! Each instance has a directory `<instances_dir>/<name>/` holding `meta.json` (name,
-//! sandbox id, address, MAC, tap, image, size), `userdata.img` (the config disk),
+//! sandbox id, address, MAC, tap, image, instance type and its size, which QEMU boots
+//! with: `-smp` vCPUs, `-m` memory), `userdata.img` (the config disk),
 //! `qemu.pid`, `qmp.sock` and `console.log`. Addresses come from the configured subnet
 //! (the bridge takes the first host address, instances the next free ones); an address is
 //! taken while an instance directory records it. Deleting an instance stops its QEMU (the
@@ -25,6 +26,7 @@ use kata_proto::peerpod::ProviderNic;
 use serde::{Deserialize, Serialize};
 
 use super::{Instance, InstanceRequest, InstanceSize, Provider, ProviderError, Underlay};
+use crate::annotations::GpuRequest;
 use crate::config::LocalSettings;
 
 /// What an instance directory records.
@@ -36,6 +38,7 @@ struct Meta {
     mac: String,
     tap: String,
     image: String,
+    instance_type: String,
     size: InstanceSize,
 }
 
@@ -179,9 +182,23 @@ impl LocalProvider {
                 e,
             ));
         }
-        tracing::info!(instance = %meta.name, address = %meta.address, pid, "instance started");
+        tracing::info!(instance = %meta.name, address = %meta.address, pid, instance_type = %meta.instance_type,
+            vcpus = meta.size.vcpus, memory_mib = meta.size.memory_mib, "instance started");
         Ok(())
     }
+}
+
+/// The refusal of a pod that asks for GPUs: a local pod VM has none.
+fn no_gpus(g: &GpuRequest) -> ProviderError {
+    ProviderError::Invalid(format!(
+        "the local provider has no GPUs; the pod asks for {} ({})",
+        match (g.count, &g.model) {
+            (0, Some(m)) => format!("GPU model {m}"),
+            (n, Some(m)) => format!("{n} GPU(s) of model {m}"),
+            (n, None) => format!("{n} GPU(s)"),
+        },
+        g.annotations.join(", ")
+    ))
 }
 
 /// Writes a file readable by root only.
@@ -219,40 +236,12 @@ impl Provider for LocalProvider {
         &self.settings.default_image
     }
 
-    fn check(
-        &self,
-        image: &str,
-        machine_type: Option<&str>,
-        size: InstanceSize,
-    ) -> Result<(), ProviderError> {
+    fn check(&self, image: &str, gpus: Option<&GpuRequest>) -> Result<(), ProviderError> {
         self.image_dir(image)?;
-        if let Some(t) = machine_type {
-            if !self.settings.instance_types.contains_key(t) {
-                return Err(ProviderError::Invalid(format!(
-                    "machine type {t:?} is not one of the local provider's instance types ({})",
-                    self.settings
-                        .instance_types
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
+        match gpus {
+            Some(g) => Err(no_gpus(g)),
+            None => Ok(()),
         }
-        let s = &self.settings;
-        if size.vcpus == 0 || size.vcpus > s.max_vcpus {
-            return Err(ProviderError::Invalid(format!(
-                "{} vCPUs is outside 1..={} (local.max_vcpus)",
-                size.vcpus, s.max_vcpus
-            )));
-        }
-        if size.memory_mib < 256 || size.memory_mib > s.max_memory_mib {
-            return Err(ProviderError::Invalid(format!(
-                "{} MiB of memory is outside 256..={} (local.max_memory_mib)",
-                size.memory_mib, s.max_memory_mib
-            )));
-        }
-        Ok(())
     }
 
     async fn create_instance(&self, req: InstanceRequest) -> Result<Instance, ProviderError> {
@@ -262,7 +251,7 @@ impl Provider for LocalProvider {
                 req.name
             )));
         }
-        self.check(&req.image, req.machine_type.as_deref(), req.size)?;
+        self.image_dir(&req.image)?;
         let dir = self.dir(&req.name);
         let meta = {
             let _one_at_a_time = self.alloc.lock().await;
@@ -286,6 +275,7 @@ impl Provider for LocalProvider {
                 mac: network::mac_for(address),
                 tap: network::tap_name(address),
                 image: req.image.clone(),
+                instance_type: req.instance_type.clone(),
                 size: req.size,
             };
             std::fs::DirBuilder::new()
@@ -360,5 +350,36 @@ impl Provider for LocalProvider {
             })
             .unwrap_or_default();
         format!("console {}: {tail}", console.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_requests_are_refused_naming_them() {
+        let g = GpuRequest {
+            count: 2,
+            model: Some("a100".into()),
+            annotations: vec![
+                "io.katacontainers.config.hypervisor.default_gpus=2".into(),
+                "io.katacontainers.config.hypervisor.default_gpu_model=a100".into(),
+            ],
+        };
+        assert_eq!(
+            no_gpus(&g).to_string(),
+            "the local provider has no GPUs; the pod asks for 2 GPU(s) of model a100 \
+             (io.katacontainers.config.hypervisor.default_gpus=2, \
+             io.katacontainers.config.hypervisor.default_gpu_model=a100)"
+        );
+        let model_only = GpuRequest {
+            count: 0,
+            model: Some("t4".into()),
+            annotations: vec!["io.katacontainers.config.hypervisor.gpu_model=t4".into()],
+        };
+        assert!(no_gpus(&model_only)
+            .to_string()
+            .contains("GPU model t4 (io.katacontainers.config.hypervisor.gpu_model=t4)"));
     }
 }
