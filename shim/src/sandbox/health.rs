@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::machine::Machine;
 
-use super::agent::{AgentClient, DownReason};
+use super::agent::{AgentClient, AgentError, DownReason};
 use super::placement::SandboxCgroups;
 
 /// A console line that marks a guest kernel panic.
@@ -294,6 +294,13 @@ async fn agent_lost(agent: Option<AgentClient>, liveness: Liveness) -> Fault {
         ticker.tick().await;
         match agent.probe(liveness.interval).await {
             Ok(()) => misses = 0,
+            // A remote VM's connection broke and was not dialed again within its bound (a
+            // probe waits while the redial runs, so none is missed meanwhile).
+            Err(error @ AgentError::Reconnect { .. }) => {
+                return Fault::AgentConnectionLost {
+                    error: crate::report::chain(&error),
+                };
+            }
             Err(error) => {
                 misses += 1;
                 let last_error = crate::report::chain(&error);

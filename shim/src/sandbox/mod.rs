@@ -522,6 +522,13 @@ impl Sandbox {
                 AGENT_REQUEST_TIMEOUT,
             )
             .await?;
+            let agent = match remote.agent_reconnect_timeout {
+                0 => agent,
+                secs => agent.with_redial(agent::Redial {
+                    endpoint: endpoint.clone(),
+                    bound: Duration::from_secs(secs),
+                }),
+            };
             let probe = agent
                 .probe_connection(&endpoint, config.dial_timeout())
                 .await?;
