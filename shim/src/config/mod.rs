@@ -825,7 +825,7 @@ mod tests {
             e.starts_with("agent.kata.debug_console_enabled = \"true\""),
             "{e}"
         );
-        let r = c.hypervisor.remote.unwrap();
+        let r = c.hypervisor.remote.clone().unwrap();
         assert_eq!(r.remote_hypervisor_socket, PathBuf::from("/run/x.sock"));
         assert_eq!(r.remote_hypervisor_timeout, 600);
         assert_eq!(r.agent_reconnect_timeout, 60);

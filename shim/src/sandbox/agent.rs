@@ -327,6 +327,11 @@ impl AgentClient {
         self
     }
 
+    /// How long a broken connection is dialed again, when it is (remote VMs).
+    pub fn redial_bound(&self) -> Option<Duration> {
+        self.redial.as_ref().map(|r| r.bound)
+    }
+
     /// The clients of the current connection; waits while another caller redials.
     async fn link(&self) -> Clients {
         self.current().await.1
@@ -585,7 +590,9 @@ impl AgentClient {
     pub async fn version(&self) -> Result<VersionCheckResponse, AgentError> {
         self.call(
             "Version",
-            self.link().await.health
+            self.link()
+                .await
+                .health
                 .version(Self::ctx(self.timeout), &CheckRequest::new()),
         )
         .await
@@ -596,7 +603,9 @@ impl AgentClient {
         let details = self
             .call(
                 "GetGuestDetails",
-                self.link().await.agent
+                self.link()
+                    .await
+                    .agent
                     .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
             )
             .await?;
@@ -616,7 +625,10 @@ impl AgentClient {
         req.storages = storages;
         self.call(
             "AddStorages",
-            self.link().await.agent.add_storages(self.ctx_default(), &req),
+            self.link()
+                .await
+                .agent
+                .add_storages(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -628,7 +640,10 @@ impl AgentClient {
         req.path = path.to_owned();
         req.max_bytes = max_bytes;
         let data = self
-            .call("ReadFile", self.link().await.agent.read_file(self.ctx_default(), &req))
+            .call(
+                "ReadFile",
+                self.link().await.agent.read_file(self.ctx_default(), &req),
+            )
             .await?
             .data;
         if data.len() as u64 > max_bytes {
@@ -644,7 +659,9 @@ impl AgentClient {
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         self.call(
             "Shutdown",
-            self.link().await.agent
+            self.link()
+                .await
+                .agent
                 .shutdown(self.ctx_default(), &ShutdownRequest::new()),
         )
         .await
@@ -673,7 +690,10 @@ impl AgentClient {
         let resp = self
             .call(
                 "PullImage",
-                self.link().await.images.pull_image(Self::ctx(timeout), &req),
+                self.link()
+                    .await
+                    .images
+                    .pull_image(Self::ctx(timeout), &req),
             )
             .await?;
         if resp.rootfs != expected_rootfs {
@@ -688,9 +708,12 @@ impl AgentClient {
     /// Makes one file, directory or symlink (or one chunk of a file) below the guest's
     /// [`GUEST_SHARED_DIR`].
     pub async fn copy_file(&self, req: &CopyFileRequest) -> Result<(), AgentError> {
-        self.call("CopyFile", self.link().await.agent.copy_file(self.ctx_default(), req))
-            .await
-            .map(drop)
+        self.call(
+            "CopyFile",
+            self.link().await.agent.copy_file(self.ctx_default(), req),
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -706,7 +729,9 @@ impl AgentClient {
     pub async fn get_metrics(&self, timeout: Duration) -> Result<Metrics, AgentError> {
         self.call(
             "GetMetrics",
-            self.link().await.agent
+            self.link()
+                .await
+                .agent
                 .get_metrics(Self::ctx(timeout), &GetMetricsRequest::new()),
         )
         .await
@@ -737,7 +762,10 @@ impl AgentClient {
         let online = self
             .call(
                 "OnlineResources",
-                self.link().await.agent.online_resources(Self::ctx(deadline), &req),
+                self.link()
+                    .await
+                    .agent
+                    .online_resources(Self::ctx(deadline), &req),
             )
             .await?;
         if online.memory_blocks < min_blocks || online.online_cpus < min_cpus {
@@ -797,7 +825,10 @@ impl AgentClient {
         };
         self.call(
             "ConfigureNetwork",
-            self.link().await.agent.configure_network(self.ctx_default(), &req),
+            self.link()
+                .await
+                .agent
+                .configure_network(self.ctx_default(), &req),
         )
         .await?;
         Ok(())
@@ -822,7 +853,10 @@ impl AgentClient {
         let resp = self
             .call(
                 "CreateContainer",
-                self.link().await.containers.create_container(self.ctx_default(), &req),
+                self.link()
+                    .await
+                    .containers
+                    .create_container(self.ctx_default(), &req),
             )
             .await?;
         positive_pid("CreateContainer", resp.pid)
@@ -836,7 +870,10 @@ impl AgentClient {
         };
         self.call(
             "StartContainer",
-            self.link().await.containers.start_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .start_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -859,7 +896,10 @@ impl AgentClient {
         };
         self.call(
             "ExecProcess",
-            self.link().await.containers.exec_process(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .exec_process(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -879,7 +919,10 @@ impl AgentClient {
         let resp = self
             .call(
                 "StartProcess",
-                self.link().await.containers.start_process(self.ctx_default(), &req),
+                self.link()
+                    .await
+                    .containers
+                    .start_process(self.ctx_default(), &req),
             )
             .await?;
         positive_pid("StartProcess", resp.pid)
@@ -903,7 +946,10 @@ impl AgentClient {
         };
         self.call(
             "SignalProcess",
-            self.link().await.containers.signal_process(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .signal_process(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -946,7 +992,10 @@ impl AgentClient {
         };
         self.call(
             "RemoveContainer",
-            self.link().await.containers.remove_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .remove_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -984,7 +1033,10 @@ impl AgentClient {
         };
         self.call(
             "ResizeTty",
-            self.link().await.containers.resize_tty(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .resize_tty(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -999,7 +1051,10 @@ impl AgentClient {
         };
         self.call(
             "CloseStdin",
-            self.link().await.containers.close_stdin(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .close_stdin(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -1013,7 +1068,10 @@ impl AgentClient {
         };
         self.call(
             "PauseContainer",
-            self.link().await.containers.pause_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .pause_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -1027,7 +1085,10 @@ impl AgentClient {
         };
         self.call(
             "ResumeContainer",
-            self.link().await.containers.resume_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .resume_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -1046,7 +1107,10 @@ impl AgentClient {
         };
         self.call(
             "UpdateContainer",
-            self.link().await.containers.update_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .update_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)

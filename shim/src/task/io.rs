@@ -17,6 +17,8 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kata_proto::agent::Stdio;
@@ -256,13 +258,84 @@ struct StdinCtl {
     task: JoinHandle<()>,
 }
 
+/// Opens one fresh connection to the guest stdio port, for a later re-attach.
+pub type Connector<S> =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<S, IoError>> + Send>> + Send + Sync>;
+
+/// How an output stream whose connection ended is attached again (remote VMs: the adaptor
+/// relaying it may restart; the agent keeps a broken stream, with its undelivered output,
+/// for the next connection with the same header).
+pub struct Reattach<S> {
+    pub connect: Connector<S>,
+    /// How long after the end a new connection may take.
+    pub bound: Duration,
+    /// False once the sandbox ended: nothing to attach to any more.
+    pub live: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl<S> Clone for Reattach<S> {
+    fn clone(&self) -> Self {
+        Self {
+            connect: self.connect.clone(),
+            bound: self.bound,
+            live: self.live.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Reattach<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reattach")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Reattach<S> {
+    /// A new connection bound to the stream `header` names; `None` when the agent says
+    /// the stream is complete (or gone), the sandbox ended, or the bound passed.
+    async fn open(&self, header: &str, kind: StreamKind) -> Option<S> {
+        let deadline = tokio::time::Instant::now() + self.bound;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if !(self.live)() {
+                return None;
+            }
+            let attempt = async {
+                let mut conn = (self.connect)().await?;
+                handshake(&mut conn, header, kind).await?;
+                Ok::<S, IoError>(conn)
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(conn)) => return Some(conn),
+                // The agent has no such stream: it ended (the usual case) or went away.
+                Ok(Err(IoError::Refused { .. })) => return None,
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %crate::report::chain(&error), stream = header.trim_end(), "stdio re-attach attempt failed");
+                }
+                Err(_) => break,
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        tracing::warn!(stream = header.trim_end(), bound = ?self.bound, "stdio stream not attached again within the bound; its output ends here");
+        None
+    }
+}
+
 /// Connects every stream of `spec` for process `(container_id, exec_id)` and starts the
-/// copies. `connect` opens one fresh connection to the guest stdio port.
+/// copies. `connect` opens one fresh connection to the guest stdio port. With `reattach`,
+/// a stdout or stderr stream (not a tty) whose connection ends is attached again.
 pub async fn attach<C, F, S>(
     connect: C,
     container_id: &str,
     exec_id: Option<&str>,
     spec: &StdioSpec,
+    reattach: Option<Reattach<S>>,
 ) -> Result<ProcessIo, IoError>
 where
     C: Fn() -> F,
@@ -305,7 +378,16 @@ where
     ] {
         if target.is_some() {
             let conn = open(kind).await?;
-            io.outputs.push(spawn_output(conn, writer, None::<S>));
+            io.outputs.push(match &reattach {
+                Some(again) => spawn_output_again(
+                    conn,
+                    writer,
+                    again.clone(),
+                    header(container_id, exec_id, kind),
+                    kind,
+                ),
+                None => spawn_output(conn, writer, None::<S>),
+            });
         }
     }
     Ok(io)
@@ -370,6 +452,42 @@ where
         };
         if let Err(error) = result {
             tracing::debug!(%error, "stdio output copy ended");
+        }
+    })
+}
+
+/// Copies `conn` to `sink` until end of file, then attaches the stream again (see
+/// [`Reattach`]) and goes on, until the agent says the stream is complete.
+fn spawn_output_again<S>(
+    mut conn: S,
+    mut sink: Sink,
+    again: Reattach<S>,
+    header: String,
+    kind: StreamKind,
+) -> JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let result = match sink.as_mut() {
+                Some(sink) => {
+                    let r = tokio::io::copy(&mut conn, sink).await;
+                    let _ = sink.flush().await;
+                    r
+                }
+                None => tokio::io::copy(&mut conn, &mut tokio::io::sink()).await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "stdio output connection ended");
+            }
+            match again.open(&header, kind).await {
+                Some(next) => {
+                    tracing::info!(stream = header.trim_end(), "stdio stream attached again");
+                    conn = next;
+                }
+                None => return,
+            }
         }
     })
 }
@@ -598,7 +716,15 @@ mod tests {
         let reader = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(&fifo)
             .unwrap();
-        let mut io = attach(connect, "c1", None, &spec).await.unwrap();
+        let mut io = attach(
+            connect,
+            "c1",
+            None,
+            &spec,
+            None::<Reattach<tokio::io::DuplexStream>>,
+        )
+        .await
+        .unwrap();
         agent_side.await.unwrap();
         assert!(io.take_outputs().wait(Duration::from_secs(5)).await);
         let mut buf = vec![0u8; 12];
