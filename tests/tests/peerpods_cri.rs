@@ -576,3 +576,47 @@ fn a_restarted_adaptor_is_dialed_again_and_the_pod_keeps_running() {
     w.adaptor.assert_no_instances();
     kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
 }
+
+#[test]
+fn an_adaptor_not_back_within_the_reconnect_bound_ends_the_pod() {
+    let mut w = World::start_with_reconnect(Some(5));
+    let name = unique("pp-redial-bound");
+    let logs = tempfile::Builder::new()
+        .prefix("kata-pp-logs-")
+        .tempdir()
+        .unwrap();
+    let (pod, c, _log) = ticking_pod(&w, &name, logs.path());
+
+    w.adaptor.kill();
+    let env = &w.env;
+    // The shim dials for 5 s, then ends the pod as for a lost agent.
+    let exited = wait_until(Duration::from_secs(60), || {
+        env.client
+            .container_status(&c)
+            .is_ok_and(|st| st.state == api::ContainerState::ContainerExited as i32)
+    });
+    assert!(exited, "the container still runs\n{}", shim_lines(env));
+    let st = env.client.container_status(&c).or_panic(env);
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    let shim = shim_lines(env);
+    assert!(
+        shim.contains("could not be re-established within 5s"),
+        "the reason does not name the bound:\n{shim}"
+    );
+
+    // The adaptor comes back: the pod's removal deletes the instance.
+    w.adaptor.spawn();
+    let env = &w.env;
+    let _ = env.client.stop_container(&c, 2);
+    env.client.remove_container(&c).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    assert!(
+        wait_until(Duration::from_secs(30), || w.adaptor.instances().is_empty()),
+        "the instance outlived its pod: {:?}\nadaptor log:\n{}",
+        w.adaptor.instances(),
+        w.adaptor.plain_log()
+    );
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
+}

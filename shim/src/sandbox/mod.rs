@@ -663,6 +663,15 @@ impl Sandbox {
     /// gets [`AGENT_SHUTDOWN_TIMEOUT`], then QEMU is stopped with escalation.
     pub async fn teardown(&self) {
         self.torn_down.get_or_init(|| self.teardown_once()).await;
+        // A remote VM whose StopVM failed (its adaptor was down, e.g. when the sandbox was
+        // fenced for a connection not re-established in time) gets it again at every later
+        // teardown, so that the pod's removal still deletes the instance.
+        if let Machine::Remote(vm) = &self.machine {
+            if !*vm.stopped_watch().borrow() {
+                tracing::info!(sandbox = %self.id, "StopVM again (it failed before)");
+                self.machine.stop(VM_STOP_TIMEOUT).await;
+            }
+        }
     }
 
     async fn teardown_once(&self) {
