@@ -6,6 +6,11 @@
 //! an error instead of a hung shim; only [`AgentClient::wait_process`] and
 //! [`AgentClient::get_oom_events`] have none, because a process may run (and a container
 //! go without an OOM kill) for as long as it likes.
+//!
+//! A remote VM's client ([`AgentClient::with_redial`]) survives the peer pods adaptor's
+//! restart: when its connection closes, it dials the agent socket again (bounded) and
+//! repeats the idempotent call that noticed; clones share the connection, swapped through a
+//! `watch` channel.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -12,6 +12,11 @@
 //!
 //! [`Outputs::wait`] returns once every output byte has been written to its
 //! fifo, so that an exit is reported only after the output.
+//!
+//! A remote VM's stdout and stderr streams run through the peer pods adaptor, which may
+//! restart: with a [`Reattach`], an output connection that ends is dialed again with the
+//! same header, and the agent hands over the stream it kept (or answers `ERR` when the
+//! stream is complete).
 
 use std::future::Future;
 use std::io;
