@@ -737,4 +737,101 @@ mod tests {
         reader.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"output line\n");
     }
+
+    /// The agent side of one stdio connection: reads the header, answers `reply`, then
+    /// writes `output` and closes.
+    async fn fake_agent(mut agent: tokio::io::DuplexStream, reply: &str, output: &[u8]) -> String {
+        let mut line = Vec::new();
+        loop {
+            let b = agent.read_u8().await.unwrap();
+            if b == b'\n' {
+                break;
+            }
+            line.push(b);
+        }
+        agent.write_all(reply.as_bytes()).await.unwrap();
+        agent.write_all(output).await.unwrap();
+        String::from_utf8(line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_ended_output_connection_is_attached_again_until_the_agent_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("stdout");
+        std::fs::write(&out, b"").unwrap();
+        let spec = StdioSpec::new("", out.to_str().unwrap(), "", false).unwrap();
+        let (first, first_agent) = tokio::io::duplex(64);
+        let slot = std::sync::Mutex::new(Some(first));
+        let connect = || {
+            let conn = slot.lock().unwrap().take();
+            async move { conn.ok_or_else(|| IoError::Connect("only one stream".into())) }
+        };
+        // Later connections: the first fails (the adaptor still down), the second gets
+        // the stream back, the third is refused (the stream is complete).
+        let (second, second_agent) = tokio::io::duplex(64);
+        let (third, third_agent) = tokio::io::duplex(64);
+        let later = Arc::new(std::sync::Mutex::new(vec![Some(third), Some(second), None]));
+        let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reattach = Reattach {
+            connect: {
+                let later = later.clone();
+                let dials = dials.clone();
+                Arc::new(move || {
+                    dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let conn = later.lock().unwrap().pop().flatten();
+                    Box::pin(
+                        async move { conn.ok_or_else(|| IoError::Connect("adaptor down".into())) },
+                    ) as Pin<Box<dyn Future<Output = _> + Send>>
+                })
+            },
+            bound: Duration::from_secs(30),
+            live: Arc::new(|| true),
+        };
+        let agent = tokio::spawn(async move {
+            let h1 = fake_agent(first_agent, "OK\n", b"one\n").await;
+            let h2 = fake_agent(second_agent, "OK\n", b"two\n").await;
+            let h3 = fake_agent(third_agent, "ERR no such process stream\n", b"").await;
+            (h1, h2, h3)
+        });
+        let mut io = attach(connect, "c1", None, &spec, Some(reattach))
+            .await
+            .unwrap();
+        let (h1, h2, h3) = agent.await.unwrap();
+        assert!(io.take_outputs().wait(Duration::from_secs(10)).await);
+        assert_eq!(
+            (h1.as_str(), h2.as_str(), h3.as_str()),
+            ("c1 - stdout", "c1 - stdout", "c1 - stdout")
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\n");
+        assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn no_reattach_once_the_sandbox_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("stdout");
+        std::fs::write(&out, b"").unwrap();
+        let spec = StdioSpec::new("", out.to_str().unwrap(), "", false).unwrap();
+        let (first, first_agent) = tokio::io::duplex(64);
+        let slot = std::sync::Mutex::new(Some(first));
+        let connect = || {
+            let conn = slot.lock().unwrap().take();
+            async move { conn.ok_or_else(|| IoError::Connect("only one stream".into())) }
+        };
+        let reattach = Reattach::<tokio::io::DuplexStream> {
+            connect: Arc::new(|| {
+                Box::pin(async { Err(IoError::Connect("must not dial".into())) })
+                    as Pin<Box<dyn Future<Output = _> + Send>>
+            }),
+            bound: Duration::from_secs(3600),
+            live: Arc::new(|| false),
+        };
+        let agent = tokio::spawn(fake_agent(first_agent, "OK\n", b"only\n"));
+        let mut io = attach(connect, "c1", None, &spec, Some(reattach))
+            .await
+            .unwrap();
+        agent.await.unwrap();
+        assert!(io.take_outputs().wait(Duration::from_secs(10)).await);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "only\n");
+    }
 }
