@@ -189,6 +189,8 @@ pub struct AgentClient {
     timeout: Duration,
     /// Set when the sandbox goes down: pending and later calls fail at once with it.
     down: Option<DownReason>,
+    /// True once the sandbox's teardown began: a redial then gives up at once.
+    stopping: Option<watch::Receiver<bool>>,
     /// Latency of every call, by method (`kata_shim_agent_rpc_durations_*`).
     durations: kata_metrics::RpcDurations,
 }
@@ -314,6 +316,7 @@ impl AgentClient {
             redial: None,
             timeout,
             down: None,
+            stopping: None,
             durations: kata_metrics::RpcDurations::agent_rpc(),
         }
     }
@@ -420,6 +423,7 @@ impl AgentClient {
             }
         };
         let down = self.down.clone();
+        let stopping = self.stopping.clone();
         let result = tokio::select! {
             r = dialed => r,
             _ = async {
@@ -428,6 +432,12 @@ impl AgentClient {
                     None => std::future::pending().await,
                 }
             } => Err("the sandbox went down".to_owned()),
+            _ = async {
+                match stopping {
+                    Some(mut s) => { let _ = s.wait_for(|s| *s).await; }
+                    None => std::future::pending().await,
+                }
+            } => Err("the sandbox is being stopped".to_owned()),
         };
         match result {
             Ok(clients) => {
@@ -469,6 +479,13 @@ impl AgentClient {
                 result => return result,
             }
         }
+    }
+
+    /// This client, giving up a redial once `stopping` turns true (a teardown began: the
+    /// VM is going away on purpose).
+    pub fn with_stopping(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// This client, failing every call at once (also calls in flight) with the reason

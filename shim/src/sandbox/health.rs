@@ -161,6 +161,11 @@ impl Fencer {
         self.stopping.send_replace(true);
     }
 
+    /// Turns true once a normal teardown began.
+    pub fn stopping_watch(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
     /// Whether a normal teardown began.
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()

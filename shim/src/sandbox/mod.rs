@@ -420,7 +420,9 @@ impl Sandbox {
             cgroups,
         } = parts;
         let fencer = Arc::new(Fencer::new(machine.clone(), id));
-        let agent = agent.with_down_reason(fencer.down_reason());
+        let agent = agent
+            .with_down_reason(fencer.down_reason())
+            .with_stopping(fencer.stopping_watch());
         let (interval, failures) = config.health_check();
         tokio::spawn(health::monitor(
             fencer.clone(),
