@@ -35,6 +35,11 @@ struct World {
 
 impl World {
     fn start() -> Self {
+        Self::start_with_reconnect(None)
+    }
+
+    /// The world with `agent_reconnect_timeout` set to `secs` (the shipped value if `None`).
+    fn start_with_reconnect(secs: Option<u64>) -> Self {
         init_logging();
         let busybox = repo_root().join("build/images/busybox.tar");
         assert!(busybox.is_file(), "run hack/build-test-images.sh");
@@ -48,6 +53,19 @@ impl World {
         );
         let shim = ShimInstall::new();
         let remote_config = shim.write_remote_config(&adaptor.socket);
+        if let Some(secs) = secs {
+            let text = std::fs::read_to_string(&remote_config).unwrap();
+            let line = "agent_reconnect_timeout = 60";
+            assert!(
+                text.contains(line),
+                "the remote configuration lacks {line:?}"
+            );
+            std::fs::write(
+                &remote_config,
+                text.replace(line, &format!("agent_reconnect_timeout = {secs}")),
+            )
+            .unwrap();
+        }
         let env = CriContainerd::for_remote(shim, &remote_config);
         env.allow_insecure_registry(&registry.host());
         let busybox = format!("{}/busybox:kata", registry.host());
@@ -438,6 +456,167 @@ fn a_killed_shims_remote_vm_is_deleted_by_the_cleanup() {
     let _ = env.client.remove_container(&c);
     env.client.stop_pod(&pod.id).or_panic(env);
     env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
+}
+
+/// The numbers of the `tick-<n>` lines of a CRI log.
+fn ticks(log: &Path) -> Vec<u64> {
+    log_text(log, "stdout")
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick-")?.parse().ok())
+        .collect()
+}
+
+/// A pod whose container prints `tick-<n>` every 0.5 s: (pod, container, its log).
+fn ticking_pod(w: &World, name: &str, logs: &Path) -> (kata_tests::cri::Pod, String, PathBuf) {
+    let env = &w.env;
+    let pod = env
+        .client
+        .run_pod_with(
+            pod_config(name, "pp-redial", Some(logs)),
+            KATA_REMOTE_HANDLER,
+        )
+        .or_panic(env);
+    let c = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config(
+                "ticker",
+                &w.busybox,
+                &[
+                    "sh",
+                    "-c",
+                    "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done",
+                ],
+                vec![],
+            ),
+        )
+        .or_panic(env);
+    env.client.start_container(&c).or_panic(env);
+    let log = logs.join("ticker.log");
+    assert!(
+        wait_until(Duration::from_secs(60), || ticks(&log).len() >= 3),
+        "no ticks: {:?}\n{}",
+        log_text(&log, "stdout"),
+        shim_lines(env)
+    );
+    (pod, c, log)
+}
+
+#[test]
+fn a_restarted_adaptor_is_dialed_again_and_the_pod_keeps_running() {
+    let mut w = World::start();
+    let name = unique("pp-redial");
+    let logs = tempfile::Builder::new()
+        .prefix("kata-pp-logs-")
+        .tempdir()
+        .unwrap();
+    let (pod, c, log) = ticking_pod(&w, &name, logs.path());
+    let instance = w.instance().0;
+
+    // SIGKILL: the adaptor's agent socket and its relays to the VM vanish at once.
+    w.adaptor.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    w.adaptor.spawn();
+    let env = &w.env;
+
+    // Calls work again (ExecSync: ExecProcess, StartProcess, WaitProcess and stdio).
+    let (code, out, err) = env
+        .client
+        .exec_sync(&c, &["echo", "after-restart"])
+        .or_panic(env);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "after-restart\n", ""),
+        "{}",
+        shim_lines(env)
+    );
+    // The container's output is attached again: its log keeps growing.
+    let seen = ticks(&log).last().copied().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(60), || ticks(&log)
+            .last()
+            .is_some_and(|n| *n >= seen + 4)),
+        "the log stopped at tick {seen}: {:?}\n{}",
+        ticks(&log),
+        shim_lines(env)
+    );
+    // No line twice, none out of order (lines in flight in the killed adaptor may be lost).
+    let all = ticks(&log);
+    assert!(
+        all.windows(2).all(|p| p[0] < p[1]),
+        "ticks repeated or out of order: {all:?}"
+    );
+    let st = env.client.container_status(&c).or_panic(env);
+    assert_eq!(
+        st.state,
+        api::ContainerState::ContainerRunning as i32,
+        "{st:?}\n{}",
+        shim_lines(env)
+    );
+    assert_eq!(w.adaptor.instances(), vec![instance]);
+    assert!(
+        shim_lines(env).contains("agent connection re-established"),
+        "{}",
+        shim_lines(env)
+    );
+
+    env.client.stop_container(&c, 2).or_panic(env);
+    env.client.remove_container(&c).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    assert!(
+        wait_until(Duration::from_secs(30), || w.adaptor.instances().is_empty()),
+        "the instance outlived its pod: {:?}\nadaptor log:\n{}",
+        w.adaptor.instances(),
+        w.adaptor.plain_log()
+    );
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
+}
+
+#[test]
+fn an_adaptor_not_back_within_the_reconnect_bound_ends_the_pod() {
+    let mut w = World::start_with_reconnect(Some(5));
+    let name = unique("pp-redial-bound");
+    let logs = tempfile::Builder::new()
+        .prefix("kata-pp-logs-")
+        .tempdir()
+        .unwrap();
+    let (pod, c, _log) = ticking_pod(&w, &name, logs.path());
+
+    w.adaptor.kill();
+    let env = &w.env;
+    // The shim dials for 5 s, then ends the pod as for a lost agent.
+    let exited = wait_until(Duration::from_secs(60), || {
+        env.client
+            .container_status(&c)
+            .is_ok_and(|st| st.state == api::ContainerState::ContainerExited as i32)
+    });
+    assert!(exited, "the container still runs\n{}", shim_lines(env));
+    let st = env.client.container_status(&c).or_panic(env);
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    let shim = shim_lines(env);
+    assert!(
+        shim.contains("could not be re-established within 5s"),
+        "the reason does not name the bound:\n{shim}"
+    );
+
+    // The adaptor comes back: the pod's removal deletes the instance.
+    w.adaptor.spawn();
+    let env = &w.env;
+    let _ = env.client.stop_container(&c, 2);
+    env.client.remove_container(&c).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    assert!(
+        wait_until(Duration::from_secs(30), || w.adaptor.instances().is_empty()),
+        "the instance outlived its pod: {:?}\nadaptor log:\n{}",
+        w.adaptor.instances(),
+        w.adaptor.plain_log()
+    );
     w.adaptor.assert_no_instances();
     kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
 }

@@ -76,7 +76,13 @@ pub struct Remote {
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set; they
     /// are passed to the adaptor.
     pub enable_annotations: Vec<String>,
+    /// Seconds the shim keeps dialing the agent socket again after its connection broke
+    /// (the adaptor restarting) before it ends the pod; 0: no redial.
+    pub agent_reconnect_timeout: u64,
 }
+
+/// Most seconds `agent_reconnect_timeout` may be.
+pub const MAX_AGENT_RECONNECT_TIMEOUT: u64 = 3600;
 
 impl Default for Remote {
     fn default() -> Self {
@@ -86,6 +92,7 @@ impl Default for Remote {
             enable_annotations: ["machine_type", "default_memory", "default_vcpus", "image"]
                 .map(String::from)
                 .to_vec(),
+            agent_reconnect_timeout: 60,
         }
     }
 }
@@ -389,6 +396,13 @@ impl Config {
                     "expected at least 1 (seconds)",
                 );
             }
+            if r.agent_reconnect_timeout > MAX_AGENT_RECONNECT_TIMEOUT {
+                return invalid(
+                    "hypervisor.remote.agent_reconnect_timeout",
+                    &r.agent_reconnect_timeout,
+                    "expected 0 (no redial) to 3600 (seconds)",
+                );
+            }
             if self.agent.kata.debug_console_enabled {
                 return invalid(
                     "agent.kata.debug_console_enabled",
@@ -611,6 +625,7 @@ mod tests {
         let d = Remote::default();
         assert_eq!(r.remote_hypervisor_socket, d.remote_hypervisor_socket);
         assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert_eq!(r.agent_reconnect_timeout, d.agent_reconnect_timeout);
         assert_eq!(r.enable_annotations, d.enable_annotations);
         assert!(shipped.runtime.static_sandbox_resource_mgmt);
     }
@@ -810,10 +825,20 @@ mod tests {
             e.starts_with("agent.kata.debug_console_enabled = \"true\""),
             "{e}"
         );
-        let r = c.hypervisor.remote.unwrap();
+        let r = c.hypervisor.remote.clone().unwrap();
         assert_eq!(r.remote_hypervisor_socket, PathBuf::from("/run/x.sock"));
         assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert_eq!(r.agent_reconnect_timeout, 60);
         assert!(r.enable_annotations.contains(&"machine_type".to_owned()));
+        let mut long = c.clone();
+        if let Some(r) = long.hypervisor.remote.as_mut() {
+            r.agent_reconnect_timeout = 3601;
+        }
+        let e = long.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("agent_reconnect_timeout") && e.contains("3601") && e.contains("3600"),
+            "{e}"
+        );
         let e =
             Config::parse("[hypervisor.remote]\n[hypervisor.qemu]\naccel = \"tcg\"\n").unwrap_err();
         assert!(e.contains("exclude each other"), "{e}");

@@ -166,8 +166,19 @@ impl RemoteVm {
     }
 
     /// StopVM: the adaptor deletes the instance and everything it made for the pod.
+    /// A connection that broke (the adaptor restarted) is dialed again for it.
     pub async fn stop(&self) -> Result<(), RemoteError> {
-        stop_vm(&self.client, &self.id).await?;
+        match stop_vm(&self.client, &self.id).await {
+            Err(RemoteError::Rpc {
+                source:
+                    ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed | ttrpc::Error::Socket(_),
+                ..
+            }) => {
+                tracing::info!(sandbox = %self.id, "the adaptor connection broke (adaptor restarted?); StopVM on a new one");
+                stop_vm(&connect(&self.socket).await?, &self.id).await?;
+            }
+            result => result?,
+        }
         self.stopped.send_replace(true);
         Ok(())
     }

@@ -468,6 +468,7 @@ impl TaskService {
             id,
             p.exec_id.as_deref(),
             &p.stdio,
+            stdio_reattach(&sandbox),
         )
         .await?;
         p.set_io(attached);
@@ -651,6 +652,40 @@ async fn remove_container_mounts(shared_dir: &Path, rootfs: &Path, rootfs_mounte
             tracing::warn!(error = %crate::report::chain(&error), "unmounting {}", rootfs.display());
         }
     }
+}
+
+/// For a remote sandbox whose agent client redials: how output streams are attached again
+/// after their connection through the adaptor ended.
+fn stdio_reattach(sandbox: &Arc<Sandbox>) -> Option<io::Reattach<kata_hypervisor::VsockStream>> {
+    if !sandbox.is_remote() {
+        return None;
+    }
+    let bound = sandbox.agent().redial_bound()?;
+    let connect = {
+        let sandbox = sandbox.clone();
+        Arc::new(move || {
+            let sandbox = sandbox.clone();
+            Box::pin(async move {
+                sandbox
+                    .connect_stdio()
+                    .await
+                    .map_err(|e| io::IoError::Connect(Box::new(e)))
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        })
+    };
+    let live = {
+        let sandbox = Arc::downgrade(sandbox);
+        Arc::new(move || {
+            sandbox
+                .upgrade()
+                .is_some_and(|s| !s.is_stopping() && s.fault().is_none())
+        })
+    };
+    Some(io::Reattach {
+        connect,
+        bound,
+        live,
+    })
 }
 
 #[cfg(test)]
