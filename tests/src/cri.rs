@@ -816,6 +816,25 @@ impl CriClient {
         Ok((out.exit_code, out.stdout, out.stderr))
     }
 
+    /// UpdateContainerResources of container `id` to `resources`.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        resources: api::LinuxContainerResources,
+    ) -> Result<()> {
+        let mut c = self.runtime();
+        let req = api::UpdateContainerResourcesRequest {
+            container_id: id.to_owned(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainerResources",
+            c.update_container_resources(req),
+        )?;
+        Ok(())
+    }
+
     /// ContainerStats.
     pub fn container_stats(&self, id: &str) -> Result<api::ContainerStats> {
         let mut c = self.runtime();

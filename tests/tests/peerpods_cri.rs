@@ -374,12 +374,56 @@ fn kata_remote_bad_inputs_are_named_and_leave_nothing() {
     env.client.start_container(&ok).or_panic(env);
     let (code, out, _) = env.client.exec_sync(&ok, &["echo", "fine"]).or_panic(env);
     assert_eq!((code, out.as_str()), (0, "fine\n"));
+    // An update that would grow the VM: a remote VM was sized for the pod and cannot be
+    // hot-plugged; the refusal says how to size the pod VM instead, and the container
+    // runs on with its old limits.
+    let e = env
+        .client
+        .update_container_resources(
+            &ok,
+            api::LinuxContainerResources {
+                memory_limit_in_bytes: 8 << 30,
+                cpu_period: 100_000,
+                cpu_quota: 400_000,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    let e = format!("{e:#}");
+    eprintln!("hotplug needed: {e}");
+    assert!(
+        e.contains("cannot be hot-plugged") && e.contains("default_memory"),
+        "the refusal does not name the missing hotplug: {e}"
+    );
+    let (code, _, _) = env.client.exec_sync(&ok, &["true"]).or_panic(env);
+    assert_eq!(code, 0);
     env.client.stop_container(&ok, 2).or_panic(env);
     env.client.remove_container(&ok).or_panic(env);
     env.client.stop_pod(&pod.id).or_panic(env);
     env.client.remove_pod(&pod.id).or_panic(env);
     w.adaptor.assert_no_instances();
     kata_tests::assert_no_runtime_leaks(&[&pod.id, &ok, &bad]);
+
+    // A machine type outside the adaptor's allow-list: RunPodSandbox fails naming it and
+    // the allowed types; no instance, pod or shim is left.
+    let name = unique("pp-size");
+    let mut sized = pod_config(&name, "pp-size", None);
+    sized.annotations.insert(
+        "io.katacontainers.config.hypervisor.machine_type".to_owned(),
+        "enormous".to_owned(),
+    );
+    let e = format!(
+        "{:#}",
+        env.client
+            .run_pod_with(sized, KATA_REMOTE_HANDLER)
+            .unwrap_err()
+    );
+    eprintln!("disallowed machine type: {e}");
+    assert!(
+        e.contains("enormous") && e.contains("tiny"),
+        "the refusal does not name the type and the allowed ones: {e}"
+    );
+    w.adaptor.assert_no_instances();
 
     // The adaptor is not running: RunPodSandbox fails naming its socket, nothing is left.
     w.adaptor.stop();
