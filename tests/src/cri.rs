@@ -327,7 +327,16 @@ impl CriContainerd {
     /// A containerd with the `kata` handler and `kata-remote` (peer pods) running the same
     /// shim with the configuration `remote_config`; host-network pods only.
     pub fn for_remote(shim: ShimInstall, remote_config: &Path) -> Self {
-        Self::start_full(Some(shim), Networking::HostOnly, true, Some(remote_config))
+        Self::for_remote_with(shim, remote_config, Networking::HostOnly)
+    }
+
+    /// [`Self::for_remote`] with pod networking `networking`.
+    pub fn for_remote_with(
+        shim: ShimInstall,
+        remote_config: &Path,
+        networking: Networking,
+    ) -> Self {
+        Self::start_full(Some(shim), networking, true, Some(remote_config))
     }
 
     /// Lets containerd pull from the plain-HTTP registry at `host` (`host:port`) through a

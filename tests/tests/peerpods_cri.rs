@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use kata_tests::containerd::ShimInstall;
 use kata_tests::cri::{
-    api, bind_mount, container_config, log_text, pod_config, CriContainerd, OrPanic,
-    KATA_REMOTE_HANDLER,
+    api, bind_mount, container_config, log_text, pod_config, pod_ip, with_network_mode,
+    CriContainerd, Networking, OrPanic, KATA_REMOTE_HANDLER,
 };
 use kata_tests::peerpod::{sh, Adaptor};
 use kata_tests::registry::{layout_on_top, Layer, Registry};
@@ -38,8 +38,17 @@ impl World {
         Self::start_with_reconnect(None)
     }
 
+    /// The world with CNI pod networking (pods with network POD get a bridge address).
+    fn start_with_cni() -> Self {
+        Self::start_full(None, Networking::Cni)
+    }
+
     /// The world with `agent_reconnect_timeout` set to `secs` (the shipped value if `None`).
     fn start_with_reconnect(secs: Option<u64>) -> Self {
+        Self::start_full(secs, Networking::HostOnly)
+    }
+
+    fn start_full(secs: Option<u64>, networking: Networking) -> Self {
         init_logging();
         let busybox = repo_root().join("build/images/busybox.tar");
         assert!(busybox.is_file(), "run hack/build-test-images.sh");
@@ -66,7 +75,7 @@ impl World {
             )
             .unwrap();
         }
-        let env = CriContainerd::for_remote(shim, &remote_config);
+        let env = CriContainerd::for_remote_with(shim, &remote_config, networking);
         env.allow_insecure_registry(&registry.host());
         let busybox = format!("{}/busybox:kata", registry.host());
         env.client.pull_image(&busybox).or_panic(&env);
@@ -663,4 +672,69 @@ fn an_adaptor_not_back_within_the_reconnect_bound_ends_the_pod() {
     );
     w.adaptor.assert_no_instances();
     kata_tests::assert_no_runtime_leaks(&[&pod.id, &c]);
+}
+
+/// A kata-remote pod on the CNI bridge: its address lives in the pod VM (reached through
+/// the adaptor's VXLAN tunnel from the pod's network namespace on the node), and the host
+/// fetches a page from the pod's httpd at that address.
+#[test]
+fn a_kata_remote_pod_on_the_cni_network_is_reached_at_its_pod_ip() {
+    let w = World::start_with_cni();
+    let env = &w.env;
+    let name = unique("pp-net");
+    let config = with_network_mode(pod_config(&name, "pp-net", None), api::NamespaceMode::Pod);
+    let pod = env
+        .client
+        .run_pod_with(config, KATA_REMOTE_HANDLER)
+        .or_panic(env);
+    let status = env.client.pod_status(&pod.id).or_panic(env);
+    let ip = pod_ip(&status).unwrap_or_else(|e| panic!("pod {name}: {e:#}"));
+    let page = format!("hello-from-{name}");
+    let script =
+        format!("mkdir -p /tmp/www && echo {page} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www");
+    let web = env
+        .client
+        .create_container_with(
+            &pod,
+            container_config("web", &w.busybox, &["sh", "-c", &script], vec![]),
+        )
+        .or_panic(env);
+    env.client.start_container(&web).or_panic(env);
+    // The pod's address is inside the VM: the container sees it on its interface.
+    let (code, addrs, _) = env
+        .client
+        .exec_sync(&web, &["ip", "-4", "addr"])
+        .or_panic(env);
+    assert_eq!(code, 0);
+    assert!(
+        addrs.contains(&ip.to_string()),
+        "pod IP {ip} not in the container: {addrs}"
+    );
+    let mut last = String::new();
+    let fetched = wait_until(Duration::from_secs(30), || {
+        use std::io::{Read, Write};
+        let Ok(mut conn) =
+            std::net::TcpStream::connect_timeout(&(ip, 8080).into(), Duration::from_secs(3))
+        else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        if conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        last.clear();
+        let _ = conn.read_to_string(&mut last);
+        last.contains(&page)
+    });
+    assert!(
+        fetched,
+        "no page from the pod at {ip}:8080: {last:?}\n{}",
+        shim_lines(env)
+    );
+    env.client.stop_container(&web, 2).or_panic(env);
+    env.client.remove_container(&web).or_panic(env);
+    env.client.stop_pod(&pod.id).or_panic(env);
+    env.client.remove_pod(&pod.id).or_panic(env);
+    w.adaptor.assert_no_instances();
+    kata_tests::assert_no_runtime_leaks(&[&pod.id, &web]);
 }
