@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod liveness;
 pub mod naming;
+pub mod netlink;
 pub mod provider;
 pub mod proxy;
 pub mod report;

@@ -111,18 +111,9 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TunnelError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    crate::netlink::link_index(h, name)
         .await
-    {
-        Ok(l) => Ok(l.map(|l| l.header.index)),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("find {name}"))(e)),
-    }
+        .map_err(nl(format!("find {name}")))
 }
 
 /// The pod's interface (CNI's veth) in `netns`, with its addresses and IPv4 routes, as the

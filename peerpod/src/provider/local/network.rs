@@ -7,7 +7,6 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use rtnetlink::Handle;
 
 /// How long a tap QEMU created may take to show up.
@@ -44,18 +43,9 @@ fn handle() -> Result<Handle, NetError> {
 
 /// The index of the link `name`, if it exists.
 pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    crate::netlink::link_index(h, name)
         .await
-    {
-        Ok(l) => Ok(l.map(|l| l.header.index)),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("find {name}"))(e)),
-    }
+        .map_err(nl(format!("find {name}")))
 }
 
 /// Creates the bridge when missing and gives it `gateway/prefix`, `mtu` and up. Returns
