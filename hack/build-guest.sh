@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds the guest: a kernel and the root filesystem whose /init is kata-agent.
+# Builds the guest: a kernel and the root filesystem whose /init is kata-agent, with
+# Debian's static busybox as /bin/sh and its applets (the shell of the debug console,
+# `[agent.kata] debug_console_enabled`; about 1 MiB).
 #
 # Usage: hack/build-guest.sh [--kernel kata|debian] [--install] [--force] [--root DIR] [--no-build]
 #   --kernel kata    (the default) our kernel, built from Debian's linux-source-6.1:
@@ -26,17 +28,19 @@
 #                     (default ${XDG_CACHE_HOME:-$HOME/.cache}/kata-rs/guest-kernel)
 #   KERNEL_JOBS       make -j for the kernel (default: the CPU count)
 #   KERNEL_PACKAGE    Debian kernel metapackage for --kernel debian (default linux-image-cloud-amd64)
+#   BUSYBOX_PACKAGE   Debian static busybox package (default busybox-static)
 # Output in GUEST_BUILD_DIR: the kernel (vmlinux or vmlinuz), rootfs.img (kata only),
 # initrd.img, kernel-release, kernel-flavour (kata | debian), kernel.config.
 # The kernel is cached under a key of its inputs (fragment, source package version,
 # compiler, recipe): warm reruns and other worktrees on this machine skip the build.
-# Network: only Debian's archive (apt-get download for --kernel debian).
+# Network: only Debian's archive (apt-get download: busybox, and the kernel for --kernel debian).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${GUEST_BUILD_DIR:-$repo/build/guest}
 flavour=${GUEST_KERNEL:-}
 meta_pkg=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
+busybox_pkg=${BUSYBOX_PACKAGE:-busybox-static}
 cache=${KERNEL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kata-rs/guest-kernel}
 fragment=$repo/hack/guest/kernel.fragment
 src_pkg=linux-source-6.1
@@ -74,7 +78,8 @@ need() {
 
 # The modules the agent loads from Debian's kernel, by name; their dependencies are added
 # from modules.dep. Our kernel has all of this built in.
-DEBIAN_MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio)
+# vxlan: the pod network of a peer pod VM (hack/build-podvm.sh uses this same image).
+DEBIAN_MODULES=(virtio_pci vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem overlay virtio_rng virtio_console virtio_blk pvpanic_mmio vxlan)
 
 # The files of each flavour in the output directory.
 outputs=(initrd.img)
@@ -124,6 +129,23 @@ fetch_debian_kernel() {
   fi
   [[ -n "$deb" ]]
 }
+
+# --- Static busybox: the debug console's /bin/sh. Sets `bbdeb`. ------------------------
+fetch_busybox() {
+  mkdir -p "$out/cache"
+  bbdeb=$(ls "$out"/cache/"${busybox_pkg}"_*.deb 2>/dev/null | head -1 || true)
+  if [[ -z "$bbdeb" ]]; then
+    log "downloading $busybox_pkg"
+    (cd "$out/cache" && apt-get download -q "$busybox_pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+    bbdeb=$(ls "$out"/cache/"${busybox_pkg}"_*.deb 2>/dev/null | head -1 || true)
+  fi
+  [[ -n "$bbdeb" ]]
+}
+need apt-get dpkg-deb
+if ! fetch_busybox; then
+  apt-get update -qq
+  fetch_busybox || { log "cannot download '$busybox_pkg'"; exit 1; }
+fi
 
 # --- Our kernel -------------------------------------------------------------------------
 # check_fragment CONFIG: every line of the fragment survived olddefconfig in CONFIG.
@@ -222,7 +244,7 @@ if [[ $flavour == kata ]]; then
   build_kernel
   kernel_input=$kdir/vmlinux
 else
-  need apt-get dpkg-deb depmod
+  need depmod
   if ! fetch_debian_kernel; then
     apt-get update -qq
     fetch_debian_kernel || { log "cannot download the kernel package behind '$meta_pkg'"; exit 1; }
@@ -231,22 +253,33 @@ else
 fi
 
 # Skip the rest when neither the kernel, the agent nor this script changed.
-stamp=$({ echo "$flavour"; sha256sum "$kernel_input" "$agent" "$0"; } | sha256sum | cut -d' ' -f1)
+stamp=$({ echo "$flavour"; sha256sum "$kernel_input" "$bbdeb" "$agent" "$0"; } | sha256sum | cut -d' ' -f1)
 up_to_date=0
 if [[ $force == 0 && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp" ]]; then
   up_to_date=1
   for f in "${outputs[@]}"; do [[ -f $out/$f ]] || up_to_date=0; done
 fi
 
-# stage_root DIR RELEASE: the files of the guest's root filesystem (agent as /init).
+# stage_root DIR RELEASE: the files of the guest's root filesystem (agent as /init,
+# busybox as /bin/sh and its applets).
 stage_root() {
-  local root=$1 release=$2
-  mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/kata-agent}
+  local root=$1 release=$2 bb applet
+  mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/kata-agent,bin,sbin,usr/bin,usr/sbin}
   install -m 0755 "$agent" "$root/init"
   mknod -m 600 "$root/dev/console" c 5 1
   mknod -m 666 "$root/dev/null" c 1 3
   echo "$release" >"$root/etc/kata-agent/kernel-release"
   : >"$root/etc/kata-agent/modules"
+  dpkg-deb -x "$bbdeb" "$work/busybox"
+  bb=$work/busybox/bin/busybox
+  if ! bb_dyn=$(LC_ALL=C readelf -d "$bb" 2>/dev/null) || grep -q NEEDED <<<"$bb_dyn"; then
+    log "busybox from $bbdeb is not statically linked"; exit 1
+  fi
+  install -m 0755 "$bb" "$root/bin/busybox"
+  while read -r applet; do
+    [[ -e "$root$applet" || -L "$root$applet" ]] || ln -s /bin/busybox "$root$applet"
+  done < <("$bb" --list-full | grep -vxE 'linuxrc|sbin/init' | sed 's|^|/|')
+  [[ -L "$root/bin/sh" ]] || { log "busybox has no sh applet"; exit 1; }
 }
 
 # pack_initrd DIR FILE

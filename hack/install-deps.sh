@@ -38,11 +38,13 @@ APT_PACKAGES=(
   openssl           # hack/k8s/peerpods-webhook-cert.sh (the peer pods webhook's certificate, and its test)
   systemd           # /lib/systemd/systemd-journald and journalctl (log tests: a journald of their own)
   curl              # the metrics benchmark and troubleshooting commands
+  skopeo            # copies the offline test images into the peer pods tests' registry
 )
 # Packages that ship a service: installed without starting it and left disabled (the tests
 # start private instances on their own ports).
 SERVICE_PACKAGES=(
   prometheus        # prometheus and promtool 2.42 (metrics tests: a private Prometheus)
+  docker-registry   # a real registry for the peer pods tests' in-guest image pulls
 )
 
 log() { echo "install-deps: $*" >&2; }

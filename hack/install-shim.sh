@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and installs containerd-shim-kata-v2 and kata-ctl, the shim's default
-# configuration, the containerd CRI runtime entry (hack/containerd/kata.toml as a conf.d
+# configurations (configuration.toml; configuration-remote.toml for peer pods), the containerd CRI runtime entry (hack/containerd/kata.toml as a conf.d
 # drop-in) and, where /etc/crio exists, the CRI-O runtime handler (hack/crio/50-kata.conf).
 # hack/uninstall.sh removes all of it.
 #
@@ -49,21 +49,25 @@ for name in containerd-shim-kata-v2 kata-ctl; do
 done
 
 conf_dir=$root/etc/kata-containers
-conf="$conf_dir/configuration.toml"
-# The checksum of what we installed last, to tell our copy from a local edit.
-stamp="$conf_dir/.configuration.toml.installed-sha256"
-src="$repo/shim/configuration.toml"
 install -d "$conf_dir"
-if [[ ! -e $conf ]] || { [[ -f $stamp ]] && (cd "$conf_dir" && sha256sum --status -c "$stamp" 2>/dev/null); }; then
-  install -m 0644 "$src" "$conf"
-  (cd "$conf_dir" && sha256sum configuration.toml > "$stamp")
-  log "installed $conf"
-elif cmp -s "$src" "$conf"; then
-  log "$conf is up to date"
-else
-  install -m 0644 "$src" "$conf.new"
-  log "$conf was edited locally: kept it; the new default is $conf.new"
-fi
+# configuration.toml (handler `kata`) and configuration-remote.toml (handler `kata-remote`,
+# peer pods).
+for name in configuration.toml configuration-remote.toml; do
+  conf="$conf_dir/$name"
+  # The checksum of what we installed last, to tell our copy from a local edit.
+  stamp="$conf_dir/.$name.installed-sha256"
+  src="$repo/shim/$name"
+  if [[ ! -e $conf ]] || { [[ -f $stamp ]] && (cd "$conf_dir" && sha256sum --status -c "$stamp" 2>/dev/null); }; then
+    install -m 0644 "$src" "$conf"
+    (cd "$conf_dir" && sha256sum "$name" > "$stamp")
+    log "installed $conf"
+  elif cmp -s "$src" "$conf"; then
+    log "$conf is up to date"
+  else
+    install -m 0644 "$src" "$conf.new"
+    log "$conf was edited locally: kept it; the new default is $conf.new"
+  fi
+done
 
 # containerd: the CRI runtime entry as a drop-in, imported by the main configuration.
 ctd_dir=/etc/containerd

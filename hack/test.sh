@@ -7,6 +7,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 hack/build-guest.sh
+# The peer pods tests boot the pod VM image (the same kernel and agent, repackaged).
+hack/build-podvm.sh --no-build
 hack/build-test-images.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Removes what the install scripts put on this node:
 #   hack/install-shim.sh       PREFIX/bin/containerd-shim-kata-v2 and kata-ctl;
-#                              /etc/kata-containers/configuration.toml (kept, with a
+#                              /etc/kata-containers/configuration.toml and
+#                              configuration-remote.toml (each kept, with a
 #                              message, when it was edited locally), its .new copy and
 #                              install stamp; /etc/containerd/conf.d/50-kata.toml and what
 #                              it added to /etc/containerd/config.toml (the marked
@@ -109,19 +110,21 @@ esac
 
 # Configuration (install-shim.sh): ours unless edited locally.
 conf_dir=$root/etc/kata-containers
-conf=$conf_dir/configuration.toml
-stamp=$conf_dir/.configuration.toml.installed-sha256
-if [[ -f $conf ]]; then
-  if { [[ -f $stamp ]] && (cd "$conf_dir" && sha256sum --status -c "$stamp" 2>/dev/null); } ||
-    cmp -s "$repo/shim/configuration.toml" "$conf"; then
-    rm_file "$conf"
-  else
-    log "$conf was edited locally: kept it (delete it yourself when it is no longer needed)"
-    kept=$((kept + 1))
+for name in configuration.toml configuration-remote.toml; do
+  conf=$conf_dir/$name
+  stamp=$conf_dir/.$name.installed-sha256
+  if [[ -f $conf ]]; then
+    if { [[ -f $stamp ]] && (cd "$conf_dir" && sha256sum --status -c "$stamp" 2>/dev/null); } ||
+      cmp -s "$repo/shim/$name" "$conf"; then
+      rm_file "$conf"
+    else
+      log "$conf was edited locally: kept it (delete it yourself when it is no longer needed)"
+      kept=$((kept + 1))
+    fi
   fi
-fi
-rm_file "$conf.new"
-rm_file "$stamp"
+  rm_file "$conf.new"
+  rm_file "$stamp"
+done
 rmdir_empty "$conf_dir"
 
 # containerd (install-shim.sh): the drop-in, then what it added to config.toml.

@@ -75,12 +75,21 @@ fn run_pid1(cfg: Config) -> ! {
         tracing::error!(error = %chain(e), "boot mount failed");
     }
     let loaded_modules = load_from_list(&KernelModuleLoader, Path::new(MODULE_LIST));
+    // Peer pod VM: the agent is reached over TLS on the network (see `crate::peerpod`).
+    let network = crate::peerpod::requested(&cmdline).then(crate::peerpod::boot_or_power_off);
     let agent = Arc::new(Agent::new(AgentOptions {
         base_dir: cfg.base_dir.clone(),
         shutdown: ShutdownMode::PowerOff,
         loaded_modules,
         mounter: Arc::new(SyscallMounter),
     }));
+    let listen = match &network {
+        Some(n) => {
+            crate::peerpod::configure_images(n, agent.images());
+            format!("unix://{}", crate::peerpod::TTRPC_SOCKET)
+        }
+        None => cfg.listen.clone(),
+    };
     // A panic that unwinds out of main would end PID 1 and panic the kernel: log it to the
     // console and start the runtime again instead.
     std::panic::set_hook(Box::new(|info| {
@@ -94,8 +103,12 @@ fn run_pid1(cfg: Config) -> ! {
                         if let Err(e) = crate::reaper::start(agent.exits().clone()) {
                             tracing::error!(error = %chain(&e), "no zombie reaper");
                         }
-                        spawn_stdio_listener(agent.stdio().clone());
-                        serve_forever(&cfg.listen, agent.clone()).await
+                        match &network {
+                            Some(n) => crate::peerpod::spawn_front(n, agent.stdio().clone()),
+                            None => spawn_stdio_listener(agent.stdio().clone()),
+                        }
+                        spawn_debug_console(&cmdline, agent.exits().clone());
+                        serve_forever(&listen, agent.clone()).await
                     })
                 }));
                 if served.is_err() {
@@ -161,6 +174,27 @@ fn spawn_stdio_listener(registry: crate::stdio::Registry) {
         loop {
             if let Err(e) = crate::stdio::serve_vsock(registry.clone()).await {
                 tracing::error!(error = %e, "stdio listener failed; retrying in 1s");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Serves the debug console when the kernel command line turns it on; a failure to bind
+/// or accept is logged and retried every second.
+fn spawn_debug_console(cmdline: &str, exits: crate::reaper::Exits) {
+    let port = match crate::debug_console::port_from_cmdline(cmdline) {
+        Ok(Some(port)) => port,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "debug console not started");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::debug_console::serve_vsock(port, exits.clone()).await {
+                tracing::error!(error = %chain(&e), "debug console failed; retrying in 1s");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

@@ -51,7 +51,7 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError 
     }
 }
 
-fn parse_mac(mac: &str) -> Result<Vec<u8>, NetworkError> {
+pub(crate) fn parse_mac(mac: &str) -> Result<Vec<u8>, NetworkError> {
     let bytes: Result<Vec<u8>, _> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
     match bytes {
         Ok(b) if b.len() == 6 => Ok(b),
@@ -62,14 +62,17 @@ fn parse_mac(mac: &str) -> Result<Vec<u8>, NetworkError> {
     }
 }
 
-fn parse_ip(what: &'static str, s: &str) -> Result<IpAddr, NetworkError> {
+pub(crate) fn parse_ip(what: &'static str, s: &str) -> Result<IpAddr, NetworkError> {
     s.parse().map_err(|_| NetworkError::Invalid {
         what,
         value: s.to_owned(),
     })
 }
 
-async fn link_by_mac(h: &Handle, mac: &[u8]) -> Result<Option<(u32, String)>, NetworkError> {
+pub(crate) async fn link_by_mac(
+    h: &Handle,
+    mac: &[u8],
+) -> Result<Option<(u32, String)>, NetworkError> {
     let links: Vec<_> = h
         .link()
         .get()
@@ -90,7 +93,7 @@ async fn link_by_mac(h: &Handle, mac: &[u8]) -> Result<Option<(u32, String)>, Ne
     }))
 }
 
-async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, NetworkError> {
+pub(crate) async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, NetworkError> {
     let link = h
         .link()
         .get()

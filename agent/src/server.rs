@@ -1,10 +1,11 @@
-//! The ttrpc server: binding the listen address and registering both services.
+//! The ttrpc server: binding the listen address and registering the services.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kata_proto::agent_ttrpc::{create_agent_service, create_container_service};
 use kata_proto::health_ttrpc::create_health;
+use kata_proto::image_ttrpc::create_image_service;
 use ttrpc::asynchronous::Server;
 
 use crate::logging::chain;
@@ -39,7 +40,7 @@ pub enum ServerError {
 }
 
 /// Binds `addr` (`vsock://cid:port` or `unix:///path`), registers `Health`,
-/// `AgentService` and `ContainerService` backed by `agent`, and starts serving. Keep the returned server alive.
+/// `AgentService`, `ContainerService` and `ImageService` backed by `agent`, and starts serving. Keep the returned server alive.
 pub async fn start(addr: &str, agent: Arc<Agent>) -> Result<Server, ServerError> {
     let mut server = Server::new()
         .bind(addr)
@@ -49,7 +50,8 @@ pub async fn start(addr: &str, agent: Arc<Agent>) -> Result<Server, ServerError>
         })?
         .register_service(create_health(agent.clone()))
         .register_service(create_agent_service(agent.clone()))
-        .register_service(create_container_service(agent));
+        .register_service(create_container_service(agent.clone()))
+        .register_service(create_image_service(agent));
     server.start().await.map_err(|source| ServerError::Start {
         addr: addr.to_owned(),
         source,

@@ -55,6 +55,9 @@ pub enum ServiceError {
     /// A container or process request failed.
     #[error(transparent)]
     Container(#[from] ContainerError),
+    /// PullImage failed (or freeing a container's image rootfs).
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     /// GetMetrics failed.
     #[error("metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
@@ -101,6 +104,15 @@ pub fn to_ttrpc(err: &ServiceError) -> ttrpc::Error {
         ServiceError::Network(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
         ServiceError::Network(crate::network::NetworkError::NoNic { .. }) => Code::NOT_FOUND,
         ServiceError::Network(_) => Code::INTERNAL,
+        ServiceError::Image(e) => match e.kind() {
+            crate::image::ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+            crate::image::ErrorKind::NotFound => Code::NOT_FOUND,
+            crate::image::ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+            crate::image::ErrorKind::Unauthenticated => Code::UNAUTHENTICATED,
+            crate::image::ErrorKind::Unavailable => Code::UNAVAILABLE,
+            crate::image::ErrorKind::DataLoss => Code::DATA_LOSS,
+            crate::image::ErrorKind::Internal => Code::INTERNAL,
+        },
         ServiceError::Oom(crate::oom::OomError::Cursor { .. }) => Code::INVALID_ARGUMENT,
         ServiceError::Oom(_) => Code::INTERNAL,
         ServiceError::Storage(_)
@@ -160,6 +172,8 @@ pub struct Agent {
     exits: crate::reaper::Exits,
     /// The containers.
     containers: Arc<Containers>,
+    /// Images pulled in the guest (peer pods).
+    images: Arc<crate::image::ImageStore>,
 }
 
 impl Agent {
@@ -173,6 +187,11 @@ impl Agent {
         &self.exits
     }
 
+    /// The in-guest image store (PullImage).
+    pub fn images(&self) -> &Arc<crate::image::ImageStore> {
+        &self.images
+    }
+
     /// Creates the agent state.
     pub fn new(opts: AgentOptions) -> Self {
         let stdio = crate::stdio::Registry::default();
@@ -182,7 +201,9 @@ impl Agent {
             stdio.clone(),
             &opts.base_dir,
         ));
+        let images = Arc::new(crate::image::ImageStore::new(&opts.base_dir));
         Self {
+            images,
             opts,
             storages: Arc::default(),
             stdio,
@@ -254,7 +275,7 @@ fn power_off(mounter: &dyn Mounter, points: &[PathBuf]) {
     }
 }
 
-fn log_failure(method: &str, err: ServiceError) -> ttrpc::Error {
+pub(crate) fn log_failure(method: &str, err: ServiceError) -> ttrpc::Error {
     tracing::warn!(method, error = %chain(&err), "request failed");
     to_ttrpc(&err)
 }
@@ -481,10 +502,15 @@ impl ContainerService for Agent {
         _ctx: &TtrpcContext,
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers
-            .remove(&req.container_id)
-            .await
-            .map_err(|e| container_failure("RemoveContainer", e))?;
+        let removed = self.containers.remove(&req.container_id).await;
+        // An image rootfs pulled for the container goes with it (also when the container
+        // itself never got created).
+        if matches!(removed, Ok(()) | Err(ContainerError::NotFound(_))) {
+            if let Err(e) = self.images.release(&req.container_id).await {
+                tracing::warn!(container = %req.container_id, error = %chain(&e), "free image rootfs");
+            }
+        }
+        removed.map_err(|e| container_failure("RemoveContainer", e))?;
         Ok(Empty::new())
     }
 

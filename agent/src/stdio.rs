@@ -6,7 +6,7 @@
 //! A pending stream is not read until its connection arrives, so a process writing to an
 //! unattached pipe blocks instead of losing data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -106,44 +106,110 @@ pub struct Pending {
     pub fd: OwnedFd,
     /// Fired when the copy finished and the connection is closed.
     pub done: Option<oneshot::Sender<()>>,
+    /// Output read from the process but not delivered when its connection broke; sent
+    /// first on re-attach (network mode, [`crate::peerpod::stdio`]).
+    pub unsent: Vec<u8>,
+    /// Put back after its connection broke: kept for a re-attach also once the process
+    /// exited (until the container is removed).
+    pub reattach: bool,
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    pending: HashMap<StreamKey, Pending>,
+    /// Streams a connection is copying now.
+    attached: HashSet<StreamKey>,
 }
 
 /// Streams waiting for their connection, by key.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
-    pending: Arc<Mutex<HashMap<StreamKey, Pending>>>,
+    streams: Arc<Mutex<Streams>>,
+    /// Woken when a stream is put back for a re-attach.
+    put_back: Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
     /// Registers a stream; returns a receiver that fires when it has been fully copied.
     pub fn register(&self, key: StreamKey, fd: OwnedFd) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(key, Pending { fd, done: Some(tx) });
+        self.lock().pending.insert(
+            key,
+            Pending {
+                fd,
+                done: Some(tx),
+                unsent: Vec::new(),
+                reattach: false,
+            },
+        );
         rx
     }
 
     /// Forgets every pending stream of a container (closing the fds).
     pub fn forget_container(&self, container_id: &str) {
-        self.lock().retain(|k, _| k.container_id != container_id);
+        self.lock()
+            .pending
+            .retain(|k, _| k.container_id != container_id);
     }
 
     /// Forgets the pending (never attached) streams of one process, closing their fds.
     pub fn forget_process(&self, container_id: &str, exec_id: &str) {
         self.lock()
-            .retain(|k, _| k.container_id != container_id || k.exec_id != exec_id);
+            .pending
+            .retain(|k, p| p.reattach || k.container_id != container_id || k.exec_id != exec_id);
     }
 
     /// Forgets one pending stream, closing its fd; false if it was not pending.
     pub fn forget(&self, key: &StreamKey) -> bool {
-        self.lock().remove(key).is_some()
+        self.lock().pending.remove(key).is_some()
     }
 
     fn take(&self, key: &StreamKey) -> Option<Pending> {
-        self.lock().remove(key)
+        let mut s = self.lock();
+        let p = s.pending.remove(key)?;
+        s.attached.insert(key.clone());
+        Some(p)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes a pending stream; when a connection is still copying it (its peer gone but
+    /// not noticed yet), waits up to `timeout` for that connection to put it back.
+    pub(crate) async fn take_waiting(
+        &self,
+        key: &StreamKey,
+        timeout: std::time::Duration,
+    ) -> Option<Pending> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.put_back.notified();
+            if let Some(p) = self.take(key) {
+                return Some(p);
+            }
+            if !self.lock().attached.contains(key) {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The connection copying `key` is done with it.
+    pub(crate) fn release(&self, key: &StreamKey) {
+        self.lock().attached.remove(key);
+    }
+
+    /// The connection copying `key` broke: the stream waits for a re-attach.
+    pub(crate) fn put_back(&self, key: StreamKey, mut pending: Pending) {
+        pending.reattach = true;
+        let mut s = self.lock();
+        s.attached.remove(&key);
+        s.pending.insert(key, pending);
+        drop(s);
+        self.put_back.notify_waiters();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -172,6 +238,7 @@ where
         return;
     };
     if conn.write_all(b"OK\n").await.is_err() {
+        registry.release(&key);
         return;
     }
     let copied = match key.kind {
@@ -190,6 +257,7 @@ where
     if let Err(e) = copied {
         tracing::debug!(stream = ?key, error = %e, "stdio copy ended");
     }
+    registry.release(&key);
     if let Some(tx) = pending.done.take() {
         let _ = tx.send(());
     }
@@ -235,10 +303,15 @@ where
 /// A pty master driven by readiness (non-blocking), so reads and writes proceed
 /// independently. (`tokio::fs::File` runs one operation at a time and drops a read in
 /// flight when a write comes in, which corrupts a full-duplex pty.)
-struct Pty(AsyncFd<OwnedFd>);
+pub(crate) struct Pty(AsyncFd<OwnedFd>);
 
 impl Pty {
-    fn new(fd: OwnedFd) -> std::io::Result<Self> {
+    /// Gives the pty master back.
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.0.into_inner()
+    }
+
+    pub(crate) fn new(fd: OwnedFd) -> std::io::Result<Self> {
         let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;

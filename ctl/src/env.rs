@@ -118,6 +118,7 @@ pub struct GuestInfo {
 pub struct AgentInfo {
     pub dial_timeout_s: u64,
     pub enable_debug: bool,
+    pub debug_console_enabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +246,7 @@ impl EnvReport {
             agent: Some(AgentInfo {
                 dial_timeout_s: config.agent.kata.dial_timeout,
                 enable_debug: config.agent.kata.enable_debug,
+                debug_console_enabled: config.agent.kata.debug_console_enabled,
             }),
             host: host_info,
         }

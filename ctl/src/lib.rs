@@ -10,10 +10,18 @@
 //! - [`env`]: versions, paths, the configuration in effect and host facts
 //!   (`kata-ctl env`);
 //! - [`boot_check`]: boot a VM with the installed guest image and ask its agent
-//!   (`kata-ctl boot-check`).
+//!   (`kata-ctl boot-check`);
+//! - [`sandboxes`]: the sandboxes on this node and their shims' management servers;
+//! - [`redact`]: annotation and environment values kept out of collections;
+//! - [`collect`]: the must-gather archive (`kata-ctl collect`);
+//! - [`exec`]: the guest's debug console (`kata-ctl exec`).
 
 pub mod boot_check;
 pub mod check;
+pub mod collect;
 pub mod env;
+pub mod exec;
 pub mod host;
 pub mod nfd;
+pub mod redact;
+pub mod sandboxes;

@@ -3,7 +3,9 @@
 //! - `check [--json] [--nfd [DIR]]`: can this node run VM sandboxes; exit 0 when capable,
 //!   1 when not;
 //! - `env [--json] [--config PATH]`: versions, paths, configuration in effect, host facts;
-//! - `boot-check ...`: boot a VM with the installed guest image and ask its agent.
+//! - `boot-check ...`: boot a VM with the installed guest image and ask its agent;
+//! - `collect [--output FILE] [--config PATH]`: a must-gather archive of this node;
+//! - `exec <sandbox-id>`: the guest's debug console.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kata_ctl::boot_check::BootRoot;
-use kata_ctl::{boot_check, check, env, host::HostRoot, nfd};
+use kata_ctl::{boot_check, check, collect, env, exec, host::HostRoot, nfd, sandboxes};
 use kata_hypervisor::{Accel, VsockMode};
 
 #[derive(Parser, Debug)]
@@ -51,6 +53,25 @@ enum Command {
     },
     /// Boot a VM, wait for the agent, print the guest's view, stop.
     BootCheck(BootCheck),
+    /// Write a tar.gz of versions, configuration, host checks and, per running sandbox,
+    /// its journal, guest console, metrics, QEMU command line, agent URL and processes
+    /// (annotation and environment values outside an allow-list redacted).
+    Collect {
+        /// The archive to write (default: kata-collect-<UTC time>.tar.gz here); never
+        /// overwritten.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The configuration file (default: KATA_CONF_FILE, else
+        /// /etc/kata-containers/configuration.toml).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Open a root shell in the guest of a sandbox, outside its containers (needs
+    /// [agent.kata] debug_console_enabled = true when the sandbox started).
+    Exec {
+        /// The sandbox (pod) id.
+        sandbox_id: String,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -142,6 +163,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Exec { sandbox_id } => Ok(run_exec(&sandbox_id)),
+        Command::Collect { output, config } => {
+            let opts = collect::Options {
+                output,
+                config,
+                roots: sandboxes::default_roots(),
+                host,
+            };
+            let summary = runtime()?.block_on(collect::run(opts))?;
+            println!(
+                "wrote {} ({} running sandbox(es), {} item(s) not gathered: see errors.txt)",
+                summary.path.display(),
+                summary.sandboxes,
+                summary.errors
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BootCheck(args) => {
             let timing = args.timing;
             let opts = boot_check::Options {
@@ -161,18 +199,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 virtiofsd: args.virtiofsd,
                 dial_timeout: Duration::from_secs(args.dial_timeout),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let report = rt.block_on(boot_check::run(opts))?;
+            let report = runtime()?.block_on(boot_check::run(opts))?;
             if timing {
                 println!("{}", report.timing_line());
             } else {
                 print!("{}", report.render());
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `kata-ctl exec`: its own exit path, since stdin is read on a thread that only the end
+/// of the process stops.
+fn run_exec(sandbox_id: &str) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kata-ctl: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(exec::run(&sandboxes::default_roots(), sandbox_id));
+    rt.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kata-ctl: {}", kata_shim::report::chain(&e));
+            ExitCode::FAILURE
         }
     }
 }

@@ -85,6 +85,8 @@ pub fn management_socket(sandbox_dir: &Path) -> PathBuf {
 pub const AGENT_URL_PATH: &str = "/agent-url";
 /// The metrics endpoint.
 pub const METRICS_PATH: &str = "/metrics";
+/// The guest console's last lines (what the shim keeps of it), one per line.
+pub const CONSOLE_PATH: &str = "/console";
 /// Content type of the Prometheus text format 0.0.4.
 pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 

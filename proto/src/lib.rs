@@ -146,6 +146,11 @@ pub const PROTOCOL_VERSION: &str = "0.1.0";
 /// The vsock port on which the agent accepts one connection per process stdio stream.
 pub const STDIO_VSOCK_PORT: u32 = 1026;
 
+/// The vsock port of the agent's debug console when the kernel command line turns it on
+/// (`agent.debug_console agent.debug_console_vport=1027`). Kata uses 1026, which our stdio
+/// port already holds.
+pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1027;
+
 /// The agent logs a line with this text on the guest console once it accepts ttrpc
 /// connections; the host waits for it before its first hybrid-vsock dial (an early CONNECT
 /// racing the guest's vsock driver start was seen to leave vhost-device-vsock unanswering).

@@ -361,6 +361,30 @@ dial_timeout = 60
         self.dir.path().join("configuration.toml")
     }
 
+    /// Writes `configuration-remote.toml` next to the configuration: the shipped peer pods
+    /// configuration (shim/configuration-remote.toml) with the adaptor's socket `socket`
+    /// and the agent's debug log on. Returns its path.
+    pub fn write_remote_config(&self, socket: &Path) -> PathBuf {
+        let shipped = std::fs::read_to_string(repo_root().join("shim/configuration-remote.toml"))
+            .expect("read shim/configuration-remote.toml");
+        let text = shipped
+            .replace(
+                "remote_hypervisor_socket = \"/run/peerpod/hypervisor.sock\"",
+                &format!("remote_hypervisor_socket = \"{}\"", socket.display()),
+            )
+            .replace(
+                "[agent.kata]\n# The agent logs at debug level.\nenable_debug = false",
+                "[agent.kata]\nenable_debug = true",
+            );
+        assert!(
+            text.contains(&socket.display().to_string()),
+            "shim/configuration-remote.toml no longer has the default socket line"
+        );
+        let path = self.dir.path().join("configuration-remote.toml");
+        std::fs::write(&path, text).expect("write the remote configuration");
+        path
+    }
+
     /// Appends `toml` to the configuration; keys without a table header land in
     /// `[agent.kata]`, the last table.
     pub fn append_config(&self, toml: &str) {

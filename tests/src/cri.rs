@@ -52,6 +52,8 @@ pub const BUSYBOX: &str = crate::containerd::BUSYBOX;
 pub const KATA_HANDLER: &str = "kata";
 /// The CRI runtime handler of runc, the reference.
 pub const RUNC_HANDLER: &str = "runc";
+/// The CRI runtime handler of peer pods (RuntimeClass `kata-remote`).
+pub const KATA_REMOTE_HANDLER: &str = "kata-remote";
 /// Kubernetes namespace of the test pods' metadata.
 pub const POD_NAMESPACE: &str = "kata-test";
 
@@ -149,7 +151,7 @@ impl CniNetwork {
 /// The CNI conf dir is `<dir>/cni/net.d`; the bin dir `cni_bin`, else the empty
 /// `<dir>/cni/bin`.
 pub fn cri_config(dir: &Path, kata_config: Option<&Path>, cni_bin: Option<&Path>) -> String {
-    cri_config_with(dir, kata_config, cni_bin, true)
+    cri_config_with(dir, kata_config, cni_bin, true, None)
 }
 
 /// [`cri_config`] with `restrict_oom_score_adj` as given.
@@ -158,6 +160,7 @@ fn cri_config_with(
     kata_config: Option<&Path>,
     cni_bin: Option<&Path>,
     restrict_oom_score_adj: bool,
+    remote_config: Option<&Path>,
 ) -> String {
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
     let mut s = format!(
@@ -196,6 +199,19 @@ fn cri_config_with(
   privileged_without_host_devices = true
   pod_annotations = ["io.katacontainers.*"]
 [{cri}.containerd.runtimes.{KATA_HANDLER}.options]
+  ConfigPath = "{config}"
+"#,
+            kata = crate::containerd::KATA_RUNTIME,
+            config = config.display(),
+        ));
+    }
+    if let Some(config) = remote_config {
+        // As hack/containerd/kata-remote.toml writes it.
+        s.push_str(&format!(
+            r#"[{cri}.containerd.runtimes.{KATA_REMOTE_HANDLER}]
+  runtime_type = "{kata}"
+  pod_annotations = ["io.katacontainers.*"]
+[{cri}.containerd.runtimes.{KATA_REMOTE_HANDLER}.options]
   ConfigPath = "{config}"
 "#,
             kata = crate::containerd::KATA_RUNTIME,
@@ -308,10 +324,48 @@ impl CriContainerd {
         Self::start_configured(Some(ShimInstall::new()), Networking::HostOnly, false)
     }
 
+    /// A containerd with the `kata` handler and `kata-remote` (peer pods) running the same
+    /// shim with the configuration `remote_config`; host-network pods only.
+    pub fn for_remote(shim: ShimInstall, remote_config: &Path) -> Self {
+        Self::for_remote_with(shim, remote_config, Networking::HostOnly)
+    }
+
+    /// [`Self::for_remote`] with pod networking `networking`.
+    pub fn for_remote_with(
+        shim: ShimInstall,
+        remote_config: &Path,
+        networking: Networking,
+    ) -> Self {
+        Self::start_full(Some(shim), networking, true, Some(remote_config))
+    }
+
+    /// Lets containerd pull from the plain-HTTP registry at `host` (`host:port`) through a
+    /// `hosts.toml` in this containerd's registry hosts directory.
+    pub fn allow_insecure_registry(&self, host: &str) {
+        let d = self.dir.path().join("certs.d").join(host);
+        std::fs::create_dir_all(&d).expect("registry hosts dir");
+        std::fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("write hosts.toml");
+    }
+
     fn start_configured(
         shim: Option<ShimInstall>,
         networking: Networking,
         restrict_oom_score_adj: bool,
+    ) -> Self {
+        Self::start_full(shim, networking, restrict_oom_score_adj, None)
+    }
+
+    fn start_full(
+        shim: Option<ShimInstall>,
+        networking: Networking,
+        restrict_oom_score_adj: bool,
+        remote_config: Option<&Path>,
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kata-cri-")
@@ -347,6 +401,7 @@ impl CriContainerd {
                 kata_config.as_deref(),
                 cni_bin.as_deref(),
                 restrict_oom_score_adj,
+                remote_config,
             )),
             imports: vec![
                 (CRI_NAMESPACE.to_owned(), "pause.tar".to_owned()),
@@ -768,6 +823,25 @@ impl CriClient {
     pub fn exec_sync(&self, id: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
         let out = self.exec_sync_with_timeout(id, cmd, 60)?;
         Ok((out.exit_code, out.stdout, out.stderr))
+    }
+
+    /// UpdateContainerResources of container `id` to `resources`.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        resources: api::LinuxContainerResources,
+    ) -> Result<()> {
+        let mut c = self.runtime();
+        let req = api::UpdateContainerResourcesRequest {
+            container_id: id.to_owned(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainerResources",
+            c.update_container_resources(req),
+        )?;
+        Ok(())
     }
 
     /// ContainerStats.

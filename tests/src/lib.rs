@@ -9,7 +9,8 @@
 //! [`containerd`] runs a test-owned containerd (for `ctr`), and [`cri`] one with its CRI
 //! plugin and a CRI v1 client; [`crio`] plays CRI-O's part toward the shim. [`journal`]
 //! reads the systemd journal; [`metrics`] reaches the shims' management sockets and runs
-//! kata-monitor and a private Prometheus.
+//! kata-monitor and a private Prometheus. [`peerpod`] runs the peer pods adaptor and
+//! [`registry`] a private registry for in-guest pulls.
 //!
 //! Tests fail (never skip) when a prerequisite is missing: a green run must mean the VM booted.
 
@@ -18,6 +19,8 @@ pub mod cri;
 pub mod crio;
 pub mod journal;
 pub mod metrics;
+pub mod peerpod;
+pub mod registry;
 pub mod tool;
 
 use std::path::{Path, PathBuf};

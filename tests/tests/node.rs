@@ -395,6 +395,7 @@ const INSTALLED: &[&str] = &[
     "usr/local/bin/containerd-shim-kata-v2",
     "usr/local/bin/kata-ctl",
     "etc/kata-containers/configuration.toml",
+    "etc/kata-containers/configuration-remote.toml",
     "etc/containerd/conf.d/50-kata.toml",
     "usr/share/kata-containers/vmlinux.container",
     "usr/share/kata-containers/kata-containers.img",

@@ -86,7 +86,13 @@ pub struct Remote {
     /// Annotation names (after `io.katacontainers.config.hypervisor.`) pods may set; they
     /// are passed to the adaptor.
     pub enable_annotations: Vec<String>,
+    /// Seconds the shim keeps dialing the agent socket again after its connection broke
+    /// (the adaptor restarting) before it ends the pod; 0: no redial.
+    pub agent_reconnect_timeout: u64,
 }
+
+/// Most seconds `agent_reconnect_timeout` may be.
+pub const MAX_AGENT_RECONNECT_TIMEOUT: u64 = 3600;
 
 impl Default for Remote {
     fn default() -> Self {
@@ -96,6 +102,7 @@ impl Default for Remote {
             enable_annotations: ["machine_type", "default_memory", "default_vcpus", "image"]
                 .map(String::from)
                 .to_vec(),
+            agent_reconnect_timeout: 60,
         }
     }
 }
@@ -212,6 +219,9 @@ pub struct AgentSection {
 pub struct Agent {
     /// The agent logs at debug level (`agent.log=debug`).
     pub enable_debug: bool,
+    /// The agent serves a root shell in the guest on vsock port
+    /// [`kata_proto::DEBUG_CONSOLE_VSOCK_PORT`] (`kata-ctl exec <sandbox-id>`).
+    pub debug_console_enabled: bool,
     /// Seconds to wait for the agent after the VM starts.
     pub dial_timeout: u64,
     /// Seconds between health probes of a running agent (each bounded by the same time).
@@ -224,6 +234,7 @@ impl Default for Agent {
     fn default() -> Self {
         Self {
             enable_debug: false,
+            debug_console_enabled: false,
             dial_timeout: 60,
             health_check_interval: 10,
             health_check_failures: 3,
@@ -438,6 +449,20 @@ impl Config {
                     "expected at least 1 (seconds)",
                 );
             }
+            if r.agent_reconnect_timeout > MAX_AGENT_RECONNECT_TIMEOUT {
+                return invalid(
+                    "hypervisor.remote.agent_reconnect_timeout",
+                    &r.agent_reconnect_timeout,
+                    "expected 0 (no redial) to 3600 (seconds)",
+                );
+            }
+            if self.agent.kata.debug_console_enabled {
+                return invalid(
+                    "agent.kata.debug_console_enabled",
+                    &true,
+                    "not available with [hypervisor.remote]: the peer pods VM's agent is reached through the adaptor, which forwards only the agent and stdio ports",
+                );
+            }
             if !self.runtime.static_sandbox_resource_mgmt {
                 return invalid(
                     "runtime.static_sandbox_resource_mgmt",
@@ -540,6 +565,13 @@ impl Config {
             .collect();
         if self.agent.kata.enable_debug {
             kernel_params.push("agent.log=debug".into());
+        }
+        if self.agent.kata.debug_console_enabled {
+            kernel_params.push("agent.debug_console".into());
+            kernel_params.push(format!(
+                "agent.debug_console_vport={}",
+                kata_proto::DEBUG_CONSOLE_VSOCK_PORT
+            ));
         }
         let cache = if q.virtio_fs_cache == "none" {
             "never".to_owned()
@@ -650,6 +682,20 @@ mod tests {
         assert!(!Config::default().runtime.disable_guest_seccomp);
         let off = Config::parse("[runtime]\ndisable_guest_seccomp = true\n").unwrap();
         assert!(off.runtime.disable_guest_seccomp);
+    }
+
+    #[test]
+    fn shipped_remote_configuration_is_valid_with_kata_values() {
+        let shipped = Config::parse(include_str!("../../configuration-remote.toml")).unwrap();
+        shipped.validate().unwrap();
+        shipped.check_files().unwrap();
+        let r = shipped.hypervisor.remote.as_ref().unwrap();
+        let d = Remote::default();
+        assert_eq!(r.remote_hypervisor_socket, d.remote_hypervisor_socket);
+        assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert_eq!(r.agent_reconnect_timeout, d.agent_reconnect_timeout);
+        assert_eq!(r.enable_annotations, d.enable_annotations);
+        assert!(shipped.runtime.static_sandbox_resource_mgmt);
     }
 
     #[test]
@@ -912,6 +958,11 @@ mod tests {
             vm("", "[agent.kata]\nenable_debug = true"),
             ["agent.log=debug"]
         );
+        assert_eq!(
+            vm("", "[agent.kata]\ndebug_console_enabled = true"),
+            ["agent.debug_console", "agent.debug_console_vport=1027"]
+        );
+        assert!(!Config::parse("").unwrap().agent.kata.debug_console_enabled);
         let c = Config::parse("[runtime]\nenable_debug = true").unwrap();
         assert!(c.runtime.enable_debug);
     }
@@ -924,10 +975,27 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         c.check_files().unwrap();
-        let r = c.hypervisor.remote.unwrap();
+        let mut console = c.clone();
+        console.agent.kata.debug_console_enabled = true;
+        let e = console.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("agent.kata.debug_console_enabled = \"true\""),
+            "{e}"
+        );
+        let r = c.hypervisor.remote.clone().unwrap();
         assert_eq!(r.remote_hypervisor_socket, PathBuf::from("/run/x.sock"));
         assert_eq!(r.remote_hypervisor_timeout, 600);
+        assert_eq!(r.agent_reconnect_timeout, 60);
         assert!(r.enable_annotations.contains(&"machine_type".to_owned()));
+        let mut long = c.clone();
+        if let Some(r) = long.hypervisor.remote.as_mut() {
+            r.agent_reconnect_timeout = 3601;
+        }
+        let e = long.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("agent_reconnect_timeout") && e.contains("3601") && e.contains("3600"),
+            "{e}"
+        );
         let e =
             Config::parse("[hypervisor.remote]\n[hypervisor.qemu]\naccel = \"tcg\"\n").unwrap_err();
         assert!(e.contains("exclude each other"), "{e}");

@@ -5,7 +5,8 @@
 //! HTTP/1.1 on `/run/kata/<sandbox-id>/shim-monitor.sock` (root only, 0600; the address is
 //! also in the bundle's `monitor_address` file): `GET /metrics` answers with the shim's,
 //! the hypervisor's, virtiofsd's, the agent's and the guest's metrics read at that moment
-//! ([`scrape`]), `GET /agent-url` with the agent's vsock address.
+//! ([`scrape`]), `GET /agent-url` with the agent's vsock address, `GET /console` with the
+//! guest console's last lines.
 //!
 //! Dependencies point one way: the monitor reads the sandbox ([`crate::sandbox`]); the
 //! Task service only holds a monitor to register the sandbox with; the sandbox knows

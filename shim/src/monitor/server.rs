@@ -1,6 +1,7 @@
 //! The management server: HTTP/1.1 on the sandbox's unix socket.
 //!
-//! `GET /metrics` (Prometheus text 0.0.4), `GET /agent-url`; anything else is 404. Each
+//! `GET /metrics` (Prometheus text 0.0.4), `GET /agent-url`, `GET /console` (the guest
+//! console's last lines the shim keeps, for `kata-ctl collect`); anything else is 404. Each
 //! scrape runs in a task of its own, so a bug that panics costs that answer (a 500), never
 //! the shim; scrapes run two at a time at most and each is bounded in time
 //! ([`super::scrape`]). A client gets a few seconds to send its request headers.
@@ -34,6 +35,11 @@ pub fn agent_url(endpoint: &Endpoint) -> String {
         Endpoint::Vhost { cid } => format!("vsock://{cid}:{port}"),
         Endpoint::Hybrid { uds } => format!("hvsock://{}:{port}", uds.display()),
     }
+}
+
+/// Console lines as one text, each ending in a newline.
+fn console_text(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -116,6 +122,11 @@ async fn handle(
             "text/plain",
             agent_url(sandbox.vsock_endpoint()),
         ),
+        names::CONSOLE_PATH => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            console_text(&sandbox.console_tail()),
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
@@ -133,5 +144,11 @@ mod tests {
             }),
             "hvsock:///run/kata/s/vm/vsock.sock:1024"
         );
+    }
+
+    #[test]
+    fn console_lines_end_in_newlines() {
+        assert_eq!(console_text(&[]), "");
+        assert_eq!(console_text(&["a".into(), "b".into()]), "a\nb\n");
     }
 }

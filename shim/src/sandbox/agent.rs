@@ -6,7 +6,13 @@
 //! an error instead of a hung shim; only [`AgentClient::wait_process`] and
 //! [`AgentClient::get_oom_events`] have none, because a process may run (and a container
 //! go without an OOM kill) for as long as it likes.
+//!
+//! A remote VM's client ([`AgentClient::with_redial`]) survives the peer pods adaptor's
+//! restart: when its connection closes, it dials the agent socket again (bounded) and
+//! repeats the idempotent call that noticed; clones share the connection, swapped through a
+//! `watch` channel.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kata_hypervisor::Vm;
@@ -14,19 +20,21 @@ use std::future::Future;
 use tokio::sync::watch;
 
 use kata_proto::agent::{
-    AddStoragesRequest, CloseStdinRequest, CreateContainerRequest, ExecProcessRequest,
-    GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse, ListPidsRequest, Metrics,
-    OnlineResourcesRequest, OnlineResourcesResponse, PauseContainerRequest, ReadFileRequest,
-    RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartProcessRequest, StatsContainerRequest,
-    StatsContainerResponse, Stdio, Storage, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    AddStoragesRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest,
+    ExecProcessRequest, GetMetricsRequest, GuestDetailsRequest, GuestDetailsResponse,
+    ListPidsRequest, Metrics, OnlineResourcesRequest, OnlineResourcesResponse,
+    PauseContainerRequest, ReadFileRequest, RemoveContainerRequest, ResizeTtyRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StartProcessRequest, StatsContainerRequest, StatsContainerResponse, Stdio, Storage,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use kata_proto::agent_ttrpc::{AgentServiceClient, ContainerServiceClient};
 use kata_proto::health::{
     health_check_response::ServingStatus, CheckRequest, VersionCheckResponse,
 };
 use kata_proto::health_ttrpc::HealthClient;
+use kata_proto::image::{PullImageRequest, PullImageResponse};
+use kata_proto::image_ttrpc::ImageServiceClient;
 use ttrpc::asynchronous::{transport::Socket, Client};
 
 /// The virtio-fs tag of the sandbox's shared directory.
@@ -63,6 +71,9 @@ pub enum AgentError {
     /// The agent answered with something that cannot be true.
     #[error("agent call {method} answered {what}")]
     Malformed { method: &'static str, what: String },
+    /// The connection broke and no new one answered within the bound (remote VMs).
+    #[error("the connection to the agent through the peer pods adaptor could not be re-established within {bound:?} (agent_reconnect_timeout): {last}")]
+    Reconnect { bound: Duration, last: String },
     /// The sandbox is down (its VM was fenced): nothing in the guest can be reached.
     #[error("agent call {method} failed: sandbox is down: {reason}")]
     SandboxDown {
@@ -87,7 +98,22 @@ impl AgentError {
     /// Whether the connection to the agent failed (as opposed to the agent refusing the
     /// request, answering nonsense, or the sandbox being down).
     pub fn is_transport(&self) -> bool {
-        matches!(self, AgentError::Rpc { source, .. } if !matches!(source, ttrpc::Error::RpcStatus(_)))
+        matches!(self, AgentError::Reconnect { .. })
+            || matches!(self, AgentError::Rpc { source, .. } if !matches!(source, ttrpc::Error::RpcStatus(_)))
+    }
+
+    /// Whether the connection itself is gone (closed or failed), as opposed to a call
+    /// that timed out or was refused: only then does dialing again help.
+    fn is_connection_closed(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Rpc {
+                source: ttrpc::Error::LocalClosed
+                    | ttrpc::Error::RemoteClosed
+                    | ttrpc::Error::Socket(_),
+                ..
+            }
+        )
     }
 }
 
@@ -105,15 +131,66 @@ fn positive_pid(method: &'static str, pid: u32) -> Result<u32, AgentError> {
 /// Why a sandbox went down; calls fail at once with this reason once it is set.
 pub type DownReason = watch::Receiver<Option<std::sync::Arc<str>>>;
 
-/// A connected agent.
+/// The ttrpc clients of one connection to the agent.
 #[derive(Clone)]
-pub struct AgentClient {
+struct Clients {
     health: HealthClient,
     agent: AgentServiceClient,
     containers: ContainerServiceClient,
+    /// In-guest image pull (remote VMs only).
+    images: ImageServiceClient,
+}
+
+impl Clients {
+    fn over(client: Client) -> Self {
+        Self {
+            health: HealthClient::new(client.clone()),
+            agent: AgentServiceClient::new(client.clone()),
+            containers: ContainerServiceClient::new(client.clone()),
+            images: ImageServiceClient::new(client),
+        }
+    }
+}
+
+/// The connection every clone of a client shares: connection number `generation`.
+#[derive(Clone)]
+struct Link {
+    generation: u64,
+    clients: Clients,
+    state: LinkState,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum LinkState {
+    /// In use.
+    Up,
+    /// Broke; one caller redials, the others wait.
+    Redialing,
+    /// The redial failed: calls go to the broken connection and fail.
+    Lost(Arc<str>),
+}
+
+/// How a client whose connection breaks dials again (remote VMs: the adaptor that owns
+/// the agent socket may restart and recreate it).
+#[derive(Debug, Clone)]
+pub struct Redial {
+    /// The agent socket (recreated by a restarted adaptor).
+    pub endpoint: kata_hypervisor::vsock::Endpoint,
+    /// How long after the break a new connection may take.
+    pub bound: Duration,
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    link: Arc<watch::Sender<Link>>,
+    /// Set for a remote VM: a broken connection is dialed again.
+    redial: Option<Arc<Redial>>,
     timeout: Duration,
     /// Set when the sandbox goes down: pending and later calls fail at once with it.
     down: Option<DownReason>,
+    /// True once the sandbox's teardown began: a redial then gives up at once.
+    stopping: Option<watch::Receiver<bool>>,
     /// Latency of every call, by method (`kata_shim_agent_rpc_durations_*`).
     durations: kata_metrics::RpcDurations,
 }
@@ -229,12 +306,17 @@ impl AgentClient {
     }
 
     fn over(client: Client, timeout: Duration) -> Self {
+        let link = Link {
+            generation: 0,
+            clients: Clients::over(client),
+            state: LinkState::Up,
+        };
         Self {
-            health: HealthClient::new(client.clone()),
-            agent: AgentServiceClient::new(client.clone()),
-            containers: ContainerServiceClient::new(client),
+            link: Arc::new(watch::channel(link).0),
+            redial: None,
             timeout,
             down: None,
+            stopping: None,
             durations: kata_metrics::RpcDurations::agent_rpc(),
         }
     }
@@ -245,6 +327,165 @@ impl AgentClient {
         request_timeout: Duration,
     ) -> Self {
         Self::over(Client::new(Socket::new(stream)), request_timeout)
+    }
+
+    /// This client, dialing `redial` again when its connection breaks (remote VMs).
+    pub fn with_redial(mut self, redial: Redial) -> Self {
+        self.redial = Some(Arc::new(redial));
+        self
+    }
+
+    /// How long a broken connection is dialed again, when it is (remote VMs).
+    pub fn redial_bound(&self) -> Option<Duration> {
+        self.redial.as_ref().map(|r| r.bound)
+    }
+
+    /// The clients of the current connection; waits while another caller redials.
+    async fn link(&self) -> Clients {
+        self.current().await.1
+    }
+
+    /// The current connection's generation and clients; waits while a redial runs. A lost
+    /// link hands out the last clients, whose calls fail at once.
+    async fn current(&self) -> (u64, Clients) {
+        let mut rx = self.link.subscribe();
+        // The sender lives in `self`: waiting cannot fail.
+        let _ = rx.wait_for(|l| l.state != LinkState::Redialing).await;
+        let link = rx.borrow();
+        (link.generation, link.clients.clone())
+    }
+
+    /// After connection `generation` broke: dials again (or waits for the caller that
+    /// does) until the redial bound passes. Ok once a newer connection is up.
+    async fn reconnect(&self, generation: u64) -> Result<(), AgentError> {
+        let Some(redial) = self.redial.clone() else {
+            return Ok(());
+        };
+        let mine = self.link.send_if_modified(|link| {
+            let claim = link.generation == generation && link.state == LinkState::Up;
+            if claim {
+                link.state = LinkState::Redialing;
+            }
+            claim
+        });
+        if !mine {
+            let mut rx = self.link.subscribe();
+            let settled = rx
+                .wait_for(|l| l.state != LinkState::Redialing)
+                .await
+                .map(|l| l.state.clone());
+            return match settled {
+                Ok(LinkState::Lost(reason)) => Err(AgentError::Reconnect {
+                    bound: redial.bound,
+                    last: reason.to_string(),
+                }),
+                _ => Ok(()),
+            };
+        }
+        tracing::warn!(
+            bound = ?redial.bound,
+            "the agent connection broke (peer pods adaptor restarting?); dialing again"
+        );
+        let started = Instant::now();
+        let deadline = started + redial.bound;
+        let dialed = async {
+            let mut last = String::from("no attempt");
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(last);
+                }
+                match redial
+                    .endpoint
+                    .connect(kata_proto::AGENT_VSOCK_PORT, remaining)
+                    .await
+                {
+                    Ok(stream) => {
+                        let clients = Clients::over(Client::new(Socket::new(stream)));
+                        let probe = clients
+                            .health
+                            .check(Self::ctx(PROBE_TIMEOUT), &CheckRequest::new())
+                            .await;
+                        match probe {
+                            Ok(r) if r.status.enum_value_or_default() == ServingStatus::SERVING => {
+                                return Ok(clients)
+                            }
+                            Ok(r) => last = format!("agent status {:?}", r.status),
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                    Err(e) => last = crate::report::chain(&e),
+                }
+                tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        };
+        let down = self.down.clone();
+        let stopping = self.stopping.clone();
+        let result = tokio::select! {
+            r = dialed => r,
+            _ = async {
+                match down {
+                    Some(mut d) => { let _ = d.wait_for(Option::is_some).await; }
+                    None => std::future::pending().await,
+                }
+            } => Err("the sandbox went down".to_owned()),
+            _ = async {
+                match stopping {
+                    Some(mut s) => { let _ = s.wait_for(|s| *s).await; }
+                    None => std::future::pending().await,
+                }
+            } => Err("the sandbox is being stopped".to_owned()),
+        };
+        match result {
+            Ok(clients) => {
+                tracing::info!(
+                    redial_ms = started.elapsed().as_millis() as u64,
+                    "agent connection re-established"
+                );
+                self.link.send_replace(Link {
+                    generation: generation + 1,
+                    clients,
+                    state: LinkState::Up,
+                });
+                Ok(())
+            }
+            Err(last) => {
+                self.link
+                    .send_modify(|l| l.state = LinkState::Lost(Arc::from(last.as_str())));
+                Err(AgentError::Reconnect {
+                    bound: redial.bound,
+                    last,
+                })
+            }
+        }
+    }
+
+    /// Runs an idempotent RPC; when its connection breaks on a client with a redial, dials
+    /// again and repeats it (as often as the connection breaks, each redial bounded).
+    async fn call_again<T, F, Fut>(&self, method: &'static str, rpc: F) -> Result<T, AgentError>
+    where
+        F: Fn(Clients) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        loop {
+            let (generation, clients) = self.current().await;
+            match self.call(method, rpc(clients)).await {
+                Err(e) if self.redial.is_some() && e.is_connection_closed() => {
+                    self.reconnect(generation).await?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// This client, giving up a redial once `stopping` turns true (a teardown began: the
+    /// VM is going away on purpose).
+    pub fn with_stopping(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// This client, failing every call at once (also calls in flight) with the reason
@@ -281,7 +522,9 @@ impl AgentClient {
                     console_tail: Vec::new(),
                 },
             })?;
-        Ok(Self::over(Client::new(Socket::new(stream)), self.timeout))
+        let mut probe = Self::over(Client::new(Socket::new(stream)), self.timeout);
+        probe.redial = self.redial.clone();
+        Ok(probe)
     }
 
     /// One health probe bounded by `timeout`: Ok when the agent answered SERVING.
@@ -338,10 +581,11 @@ impl AgentClient {
 
     async fn check(&self, timeout: Duration) -> Result<ServingStatus, AgentError> {
         let resp = self
-            .call(
-                "Check",
-                self.health.check(Self::ctx(timeout), &CheckRequest::new()),
-            )
+            .call_again("Check", |c| async move {
+                c.health
+                    .check(Self::ctx(timeout), &CheckRequest::new())
+                    .await
+            })
             .await?;
         Ok(resp.status.enum_value_or_default())
     }
@@ -368,7 +612,9 @@ impl AgentClient {
     pub async fn version(&self) -> Result<VersionCheckResponse, AgentError> {
         self.call(
             "Version",
-            self.health
+            self.link()
+                .await
+                .health
                 .version(Self::ctx(self.timeout), &CheckRequest::new()),
         )
         .await
@@ -379,7 +625,9 @@ impl AgentClient {
         let details = self
             .call(
                 "GetGuestDetails",
-                self.agent
+                self.link()
+                    .await
+                    .agent
                     .get_guest_details(Self::ctx(self.timeout), &GuestDetailsRequest::new()),
             )
             .await?;
@@ -399,7 +647,10 @@ impl AgentClient {
         req.storages = storages;
         self.call(
             "AddStorages",
-            self.agent.add_storages(self.ctx_default(), &req),
+            self.link()
+                .await
+                .agent
+                .add_storages(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -411,7 +662,10 @@ impl AgentClient {
         req.path = path.to_owned();
         req.max_bytes = max_bytes;
         let data = self
-            .call("ReadFile", self.agent.read_file(self.ctx_default(), &req))
+            .call(
+                "ReadFile",
+                self.link().await.agent.read_file(self.ctx_default(), &req),
+            )
             .await?
             .data;
         if data.len() as u64 > max_bytes {
@@ -427,8 +681,58 @@ impl AgentClient {
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         self.call(
             "Shutdown",
-            self.agent
+            self.link()
+                .await
+                .agent
                 .shutdown(self.ctx_default(), &ShutdownRequest::new()),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// What a VM without a shared file system needs (peer pods): images pulled in the guest,
+/// files copied in.
+impl AgentClient {
+    /// Pulls `image` in the guest and mounts it as `container_id`'s root filesystem;
+    /// bounded by `timeout` (a pull takes longer than other calls). The answer must name
+    /// the root the container's spec points at (`expected_rootfs`).
+    pub async fn pull_image(
+        &self,
+        container_id: &str,
+        image: &str,
+        expected_rootfs: &str,
+        timeout: Duration,
+    ) -> Result<PullImageResponse, AgentError> {
+        let req = PullImageRequest {
+            container_id: container_id.to_owned(),
+            image: image.to_owned(),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "PullImage",
+                self.link()
+                    .await
+                    .images
+                    .pull_image(Self::ctx(timeout), &req),
+            )
+            .await?;
+        if resp.rootfs != expected_rootfs {
+            return Err(AgentError::Malformed {
+                method: "PullImage",
+                what: format!("rootfs {:?} (expected {expected_rootfs:?})", resp.rootfs),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Makes one file, directory or symlink (or one chunk of a file) below the guest's
+    /// [`GUEST_SHARED_DIR`].
+    pub async fn copy_file(&self, req: &CopyFileRequest) -> Result<(), AgentError> {
+        self.call(
+            "CopyFile",
+            self.link().await.agent.copy_file(self.ctx_default(), req),
         )
         .await
         .map(drop)
@@ -447,7 +751,9 @@ impl AgentClient {
     pub async fn get_metrics(&self, timeout: Duration) -> Result<Metrics, AgentError> {
         self.call(
             "GetMetrics",
-            self.agent
+            self.link()
+                .await
+                .agent
                 .get_metrics(Self::ctx(timeout), &GetMetricsRequest::new()),
         )
         .await
@@ -478,7 +784,10 @@ impl AgentClient {
         let online = self
             .call(
                 "OnlineResources",
-                self.agent.online_resources(Self::ctx(deadline), &req),
+                self.link()
+                    .await
+                    .agent
+                    .online_resources(Self::ctx(deadline), &req),
             )
             .await?;
         if online.memory_blocks < min_blocks || online.online_cpus < min_cpus {
@@ -538,7 +847,10 @@ impl AgentClient {
         };
         self.call(
             "ConfigureNetwork",
-            self.agent.configure_network(self.ctx_default(), &req),
+            self.link()
+                .await
+                .agent
+                .configure_network(self.ctx_default(), &req),
         )
         .await?;
         Ok(())
@@ -563,7 +875,10 @@ impl AgentClient {
         let resp = self
             .call(
                 "CreateContainer",
-                self.containers.create_container(self.ctx_default(), &req),
+                self.link()
+                    .await
+                    .containers
+                    .create_container(self.ctx_default(), &req),
             )
             .await?;
         positive_pid("CreateContainer", resp.pid)
@@ -577,7 +892,10 @@ impl AgentClient {
         };
         self.call(
             "StartContainer",
-            self.containers.start_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .start_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -600,7 +918,10 @@ impl AgentClient {
         };
         self.call(
             "ExecProcess",
-            self.containers.exec_process(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .exec_process(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -620,7 +941,10 @@ impl AgentClient {
         let resp = self
             .call(
                 "StartProcess",
-                self.containers.start_process(self.ctx_default(), &req),
+                self.link()
+                    .await
+                    .containers
+                    .start_process(self.ctx_default(), &req),
             )
             .await?;
         positive_pid("StartProcess", resp.pid)
@@ -644,7 +968,10 @@ impl AgentClient {
         };
         self.call(
             "SignalProcess",
-            self.containers.signal_process(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .signal_process(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -662,12 +989,13 @@ impl AgentClient {
             ..Default::default()
         };
         // A ttrpc timeout of 0 means none.
+        let req = &req;
         let exit = self
-            .call(
-                "WaitProcess",
-                self.containers
-                    .wait_process(ttrpc::context::with_timeout(0), &req),
-            )
+            .call_again("WaitProcess", |c| async move {
+                c.containers
+                    .wait_process(ttrpc::context::with_timeout(0), req)
+                    .await
+            })
             .await?;
         if !(0..=255).contains(&exit.status) {
             return Err(AgentError::Malformed {
@@ -686,7 +1014,10 @@ impl AgentClient {
         };
         self.call(
             "RemoveContainer",
-            self.containers.remove_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .remove_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -698,11 +1029,11 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
+        let req = &req;
         let resp = self
-            .call(
-                "ListPids",
-                self.containers.list_pids(self.ctx_default(), &req),
-            )
+            .call_again("ListPids", |c| async move {
+                c.containers.list_pids(self.ctx_default(), req).await
+            })
             .await?;
         Ok(resp.pids)
     }
@@ -724,7 +1055,10 @@ impl AgentClient {
         };
         self.call(
             "ResizeTty",
-            self.containers.resize_tty(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .resize_tty(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -739,7 +1073,10 @@ impl AgentClient {
         };
         self.call(
             "CloseStdin",
-            self.containers.close_stdin(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .close_stdin(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -753,7 +1090,10 @@ impl AgentClient {
         };
         self.call(
             "PauseContainer",
-            self.containers.pause_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .pause_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -767,7 +1107,10 @@ impl AgentClient {
         };
         self.call(
             "ResumeContainer",
-            self.containers.resume_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .resume_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -786,7 +1129,10 @@ impl AgentClient {
         };
         self.call(
             "UpdateContainer",
-            self.containers.update_container(self.ctx_default(), &req),
+            self.link()
+                .await
+                .containers
+                .update_container(self.ctx_default(), &req),
         )
         .await
         .map(drop)
@@ -801,10 +1147,10 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        self.call(
-            "StatsContainer",
-            self.containers.stats_container(self.ctx_default(), &req),
-        )
+        let req = &req;
+        self.call_again("StatsContainer", |c| async move {
+            c.containers.stats_container(self.ctx_default(), req).await
+        })
         .await
     }
 
@@ -821,12 +1167,13 @@ impl AgentClient {
         };
         const METHOD: &str = "GetOOMEvents";
         // A ttrpc timeout of 0 means none.
+        let req = &req;
         let resp = self
-            .call(
-                METHOD,
-                self.containers
-                    .get_oom_events(ttrpc::context::with_timeout(0), &req),
-            )
+            .call_again(METHOD, |c| async move {
+                c.containers
+                    .get_oom_events(ttrpc::context::with_timeout(0), req)
+                    .await
+            })
             .await?;
         let malformed = |what: String| AgentError::Malformed {
             method: METHOD,

@@ -4,8 +4,11 @@
 //! The host processes of a sandbox (QEMU, virtiofsd, the vsock daemon) are found through
 //! the state record (QEMU's pid, checked against its start time) and by their command
 //! lines, which all name the sandbox's VM run directory. They are killed, the shared
-//! directory is unmounted and removed, and so is the state directory. Everything here is
-//! synchronous: the `delete` command is a short-lived process with nothing else to do.
+//! directory is unmounted and removed, and so is the state directory. A remote VM (peer
+//! pods) the record names is deleted with StopVM through the adaptor. Everything here is
+//! synchronous: the `delete` command is a short-lived process with nothing else to do (the
+//! StopVM call runs on a thread of its own with a current-thread runtime, so this also
+//! works from a blocking task of the shim's runtime).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,6 +39,9 @@ pub fn cleanup_sandbox(paths: &SandboxPaths) {
         }
     }
     kill_and_wait(&pids);
+    if let Some(remote) = record.as_ref().and_then(|r| r.remote.as_ref()) {
+        stop_remote_vm(&remote.socket, &remote.id);
+    }
     // A systemd scope empties with its processes and systemd removes it.
     if let Some(record) = &record {
         super::placement::remove_dirs(&record.cgroup_dirs);
@@ -44,6 +50,27 @@ pub fn cleanup_sandbox(paths: &SandboxPaths) {
         if let Err(error) = mounts::remove_dir_sync(dir) {
             tracing::warn!(error = %crate::report::chain(&error), "removing {}", dir.display());
         }
+    }
+}
+
+/// StopVM for the remote VM of sandbox `id` through the adaptor at `socket`; failures are
+/// logged (the adaptor deletes instances whose pod is gone when it reconciles).
+fn stop_remote_vm(socket: &Path, id: &str) {
+    let (socket, id) = (socket.to_path_buf(), id.to_owned());
+    let stopped = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime
+            .block_on(super::remote::stop_by_id(&socket, &id))
+            .map_err(|e| crate::report::chain(&e))
+    })
+    .join();
+    match stopped {
+        Ok(Ok(())) => tracing::info!("remote VM deleted (StopVM)"),
+        Ok(Err(error)) => tracing::warn!(%error, "StopVM for a dead shim's remote VM"),
+        Err(_) => tracing::warn!("StopVM thread panicked"),
     }
 }
 
@@ -154,5 +181,73 @@ mod tests {
         assert!(!paths.container_dir("c1").exists());
         cleanup_sandbox(&paths);
         assert!(!paths.shared_dir.exists() && !paths.state_dir.exists());
+    }
+
+    /// An adaptor that records the ids it is asked to stop.
+    #[derive(Default)]
+    struct Adaptor(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl kata_proto::hypervisor_ttrpc::Hypervisor for Adaptor {
+        async fn stop_vm(
+            &self,
+            _: &ttrpc::asynchronous::TtrpcContext,
+            req: kata_proto::hypervisor::StopVMRequest,
+        ) -> ttrpc::Result<kata_proto::hypervisor::StopVMResponse> {
+            self.0.lock().unwrap().push(req.id);
+            Ok(Default::default())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recorded_remote_vm_is_stopped() {
+        let root = tempfile::tempdir().unwrap();
+        let socket = root.path().join("hypervisor.sock");
+        let adaptor = std::sync::Arc::new(Adaptor::default());
+        let mut server = ttrpc::asynchronous::Server::new()
+            .add_listener(ttrpc::asynchronous::transport::Listener::from(
+                tokio::net::UnixListener::bind(&socket).unwrap(),
+            ))
+            .register_service(kata_proto::hypervisor_ttrpc::create_hypervisor(
+                adaptor.clone(),
+            ));
+        server.start().await.unwrap();
+        let paths =
+            SandboxPaths::with_roots(&root.path().join("st"), &root.path().join("sh"), "rs1");
+        std::fs::create_dir_all(&paths.state_dir).unwrap();
+        let record = super::super::state::StateRecord {
+            sandbox_id: "rs1".into(),
+            shim_pid: 1,
+            qemu_pid: 0,
+            qemu_start_time: None,
+            vm_run_dir: paths.vm_run_dir.clone(),
+            shared_dir: paths.shared_dir.clone(),
+            cgroup_dirs: Vec::new(),
+            remote: Some(super::super::state::RemoteRecord {
+                socket: socket.clone(),
+                id: "rs1".into(),
+            }),
+        };
+        super::super::state::write_record(&paths.state_file(), &record)
+            .await
+            .unwrap();
+        let cleaned = paths.clone();
+        tokio::task::spawn_blocking(move || cleanup_sandbox(&cleaned))
+            .await
+            .unwrap();
+        assert_eq!(*adaptor.0.lock().unwrap(), ["rs1"]);
+        assert!(!paths.state_dir.exists());
+        // An adaptor that is gone is logged, not fatal.
+        drop(server);
+        std::fs::remove_file(&socket).unwrap();
+        std::fs::create_dir_all(&paths.state_dir).unwrap();
+        super::super::state::write_record(&paths.state_file(), &record)
+            .await
+            .unwrap();
+        let cleaned = paths.clone();
+        tokio::task::spawn_blocking(move || cleanup_sandbox(&cleaned))
+            .await
+            .unwrap();
+        assert!(!paths.state_dir.exists());
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::machine::Machine;
 
-use super::agent::{AgentClient, DownReason};
+use super::agent::{AgentClient, AgentError, DownReason};
 use super::placement::SandboxCgroups;
 
 /// A console line that marks a guest kernel panic.
@@ -159,6 +159,11 @@ impl Fencer {
     /// Marks the start of a normal teardown: later faults are not reported.
     pub fn begin_stop(&self) {
         self.stopping.send_replace(true);
+    }
+
+    /// Turns true once a normal teardown began.
+    pub fn stopping_watch(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Whether a normal teardown began.
@@ -294,6 +299,13 @@ async fn agent_lost(agent: Option<AgentClient>, liveness: Liveness) -> Fault {
         ticker.tick().await;
         match agent.probe(liveness.interval).await {
             Ok(()) => misses = 0,
+            // A remote VM's connection broke and was not dialed again within its bound (a
+            // probe waits while the redial runs, so none is missed meanwhile).
+            Err(error @ AgentError::Reconnect { .. }) => {
+                return Fault::AgentConnectionLost {
+                    error: crate::report::chain(&error),
+                };
+            }
             Err(error) => {
                 misses += 1;
                 let last_error = crate::report::chain(&error);

@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError, HostLimits};
 pub mod agent;
 pub mod cgroups;
 pub mod cleanup;
+pub mod guest_files;
 pub mod health;
 pub mod hotplug;
 pub mod machine;
@@ -419,7 +420,9 @@ impl Sandbox {
             cgroups,
         } = parts;
         let fencer = Arc::new(Fencer::new(machine.clone(), id));
-        let agent = agent.with_down_reason(fencer.down_reason());
+        let agent = agent
+            .with_down_reason(fencer.down_reason())
+            .with_stopping(fencer.stopping_watch());
         let (interval, failures) = config.health_check();
         tokio::spawn(health::monitor(
             fencer.clone(),
@@ -521,6 +524,13 @@ impl Sandbox {
                 AGENT_REQUEST_TIMEOUT,
             )
             .await?;
+            let agent = match remote.agent_reconnect_timeout {
+                0 => agent,
+                secs => agent.with_redial(agent::Redial {
+                    endpoint: endpoint.clone(),
+                    bound: Duration::from_secs(secs),
+                }),
+            };
             let probe = agent
                 .probe_connection(&endpoint, config.dial_timeout())
                 .await?;
@@ -655,6 +665,15 @@ impl Sandbox {
     /// gets [`AGENT_SHUTDOWN_TIMEOUT`], then QEMU is stopped with escalation.
     pub async fn teardown(&self) {
         self.torn_down.get_or_init(|| self.teardown_once()).await;
+        // A remote VM whose StopVM failed (its adaptor was down, e.g. when the sandbox was
+        // fenced for a connection not re-established in time) gets it again at every later
+        // teardown, so that the pod's removal still deletes the instance.
+        if let Machine::Remote(vm) = &self.machine {
+            if !*vm.stopped_watch().borrow() {
+                tracing::info!(sandbox = %self.id, "StopVM again (it failed before)");
+                self.machine.stop(VM_STOP_TIMEOUT).await;
+            }
+        }
     }
 
     async fn teardown_once(&self) {

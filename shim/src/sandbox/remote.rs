@@ -121,10 +121,12 @@ impl RemoteVm {
             networkNamespacePath: netns.map(|p| p.display().to_string()).unwrap_or_default(),
             ..Default::default()
         };
+        let started = std::time::Instant::now();
         let created = client
             .create_vm(ctx(REQUEST_TIMEOUT), &req)
             .await
             .map_err(rpc("CreateVM"))?;
+        let create_vm_ms = started.elapsed().as_millis() as u64;
         if created.agentSocketPath.is_empty() {
             return Err(RemoteError::NoAgentSocket { id: id.to_owned() });
         }
@@ -146,6 +148,13 @@ impl RemoteVm {
             }
             return Err(rpc("StartVM")(source));
         }
+        // In ms (hack/bench-peerpod.sh reads them).
+        tracing::info!(
+            sandbox = id,
+            create_vm_ms,
+            start_vm_ms = started.elapsed().as_millis() as u64 - create_vm_ms,
+            "remote VM started"
+        );
         Ok(this)
     }
 
@@ -157,8 +166,19 @@ impl RemoteVm {
     }
 
     /// StopVM: the adaptor deletes the instance and everything it made for the pod.
+    /// A connection that broke (the adaptor restarted) is dialed again for it.
     pub async fn stop(&self) -> Result<(), RemoteError> {
-        stop_vm(&self.client, &self.id).await?;
+        match stop_vm(&self.client, &self.id).await {
+            Err(RemoteError::Rpc {
+                source:
+                    ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed | ttrpc::Error::Socket(_),
+                ..
+            }) => {
+                tracing::info!(sandbox = %self.id, "the adaptor connection broke (adaptor restarted?); StopVM on a new one");
+                stop_vm(&connect(&self.socket).await?, &self.id).await?;
+            }
+            result => result?,
+        }
         self.stopped.send_replace(true);
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! | bad request, bad spec, unsupported stdio URI | INVALID_ARGUMENT |
 //! | invalid in the current state, bad configuration | FAILED_PRECONDITION |
 //! | not supported | UNIMPLEMENTED |
-//! | the agent refused a request | the agent's code |
+//! | the agent refused a request (an in-guest image pull too) | the agent's code |
 //! | anything else (VM, mounts, transport) | INTERNAL |
 //!
 //! The message is the whole error chain, so containerd's log says what failed and why.
@@ -67,6 +67,17 @@ pub enum TaskError {
     Mount(#[from] MountError),
     #[error("resources")]
     Resources(#[from] crate::sandbox::resources::ResourceError),
+    /// Host files could not be copied into a remote VM.
+    #[error("copying into the VM")]
+    GuestCopy(#[from] Box<crate::sandbox::guest_files::GuestCopyError>),
+    /// The agent refused to pull a container's image in a remote VM.
+    #[error("cannot pull image {image} for container {container} in the VM")]
+    Pull {
+        container: String,
+        image: String,
+        #[source]
+        source: Box<AgentError>,
+    },
 }
 
 impl TaskError {
@@ -103,7 +114,11 @@ impl TaskError {
             TaskError::Agent(e) | TaskError::Sandbox(SandboxError::Agent(e)) => {
                 e.agent_code().unwrap_or(Code::INTERNAL)
             }
-            TaskError::Io(_) | TaskError::Sandbox(_) | TaskError::Mount(_) => Code::INTERNAL,
+            TaskError::Pull { source, .. } => source.agent_code().unwrap_or(Code::INTERNAL),
+            TaskError::Io(_)
+            | TaskError::Sandbox(_)
+            | TaskError::Mount(_)
+            | TaskError::GuestCopy(_) => Code::INTERNAL,
         }
     }
 }

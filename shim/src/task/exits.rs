@@ -17,7 +17,8 @@
 //!   container last.
 //! - A waiter whose connection to the agent breaks while the VM runs cannot follow its
 //!   process any more: it fences the sandbox rather than report an exit while the process
-//!   may still run.
+//!   may still run. For a remote VM the agent client first dials again (the adaptor may be
+//!   restarting) and repeats WaitProcess; only a redial that failed within its bound fences.
 
 use std::sync::Arc;
 use std::time::Duration;

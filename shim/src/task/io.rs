@@ -12,11 +12,18 @@
 //!
 //! [`Outputs::wait`] returns once every output byte has been written to its
 //! fifo, so that an exit is reported only after the output.
+//!
+//! A remote VM's stdout and stderr streams run through the peer pods adaptor, which may
+//! restart: with a [`Reattach`], an output connection that ends is dialed again with the
+//! same header, and the agent hands over the stream it kept (or answers `ERR` when the
+//! stream is complete).
 
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kata_proto::agent::Stdio;
@@ -256,13 +263,84 @@ struct StdinCtl {
     task: JoinHandle<()>,
 }
 
+/// Opens one fresh connection to the guest stdio port, for a later re-attach.
+pub type Connector<S> =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<S, IoError>> + Send>> + Send + Sync>;
+
+/// How an output stream whose connection ended is attached again (remote VMs: the adaptor
+/// relaying it may restart; the agent keeps a broken stream, with its undelivered output,
+/// for the next connection with the same header).
+pub struct Reattach<S> {
+    pub connect: Connector<S>,
+    /// How long after the end a new connection may take.
+    pub bound: Duration,
+    /// False once the sandbox ended: nothing to attach to any more.
+    pub live: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl<S> Clone for Reattach<S> {
+    fn clone(&self) -> Self {
+        Self {
+            connect: self.connect.clone(),
+            bound: self.bound,
+            live: self.live.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Reattach<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reattach")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Reattach<S> {
+    /// A new connection bound to the stream `header` names; `None` when the agent says
+    /// the stream is complete (or gone), the sandbox ended, or the bound passed.
+    async fn open(&self, header: &str, kind: StreamKind) -> Option<S> {
+        let deadline = tokio::time::Instant::now() + self.bound;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if !(self.live)() {
+                return None;
+            }
+            let attempt = async {
+                let mut conn = (self.connect)().await?;
+                handshake(&mut conn, header, kind).await?;
+                Ok::<S, IoError>(conn)
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(conn)) => return Some(conn),
+                // The agent has no such stream: it ended (the usual case) or went away.
+                Ok(Err(IoError::Refused { .. })) => return None,
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %crate::report::chain(&error), stream = header.trim_end(), "stdio re-attach attempt failed");
+                }
+                Err(_) => break,
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        tracing::warn!(stream = header.trim_end(), bound = ?self.bound, "stdio stream not attached again within the bound; its output ends here");
+        None
+    }
+}
+
 /// Connects every stream of `spec` for process `(container_id, exec_id)` and starts the
-/// copies. `connect` opens one fresh connection to the guest stdio port.
+/// copies. `connect` opens one fresh connection to the guest stdio port. With `reattach`,
+/// a stdout or stderr stream (not a tty) whose connection ends is attached again.
 pub async fn attach<C, F, S>(
     connect: C,
     container_id: &str,
     exec_id: Option<&str>,
     spec: &StdioSpec,
+    reattach: Option<Reattach<S>>,
 ) -> Result<ProcessIo, IoError>
 where
     C: Fn() -> F,
@@ -305,7 +383,16 @@ where
     ] {
         if target.is_some() {
             let conn = open(kind).await?;
-            io.outputs.push(spawn_output(conn, writer, None::<S>));
+            io.outputs.push(match &reattach {
+                Some(again) => spawn_output_again(
+                    conn,
+                    writer,
+                    again.clone(),
+                    header(container_id, exec_id, kind),
+                    kind,
+                ),
+                None => spawn_output(conn, writer, None::<S>),
+            });
         }
     }
     Ok(io)
@@ -370,6 +457,42 @@ where
         };
         if let Err(error) = result {
             tracing::debug!(%error, "stdio output copy ended");
+        }
+    })
+}
+
+/// Copies `conn` to `sink` until end of file, then attaches the stream again (see
+/// [`Reattach`]) and goes on, until the agent says the stream is complete.
+fn spawn_output_again<S>(
+    mut conn: S,
+    mut sink: Sink,
+    again: Reattach<S>,
+    header: String,
+    kind: StreamKind,
+) -> JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let result = match sink.as_mut() {
+                Some(sink) => {
+                    let r = tokio::io::copy(&mut conn, sink).await;
+                    let _ = sink.flush().await;
+                    r
+                }
+                None => tokio::io::copy(&mut conn, &mut tokio::io::sink()).await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "stdio output connection ended");
+            }
+            match again.open(&header, kind).await {
+                Some(next) => {
+                    tracing::info!(stream = header.trim_end(), "stdio stream attached again");
+                    conn = next;
+                }
+                None => return,
+            }
         }
     })
 }
@@ -598,12 +721,117 @@ mod tests {
         let reader = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(&fifo)
             .unwrap();
-        let mut io = attach(connect, "c1", None, &spec).await.unwrap();
+        let mut io = attach(
+            connect,
+            "c1",
+            None,
+            &spec,
+            None::<Reattach<tokio::io::DuplexStream>>,
+        )
+        .await
+        .unwrap();
         agent_side.await.unwrap();
         assert!(io.take_outputs().wait(Duration::from_secs(5)).await);
         let mut buf = vec![0u8; 12];
         let mut reader = reader;
         reader.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"output line\n");
+    }
+
+    /// The agent side of one stdio connection: reads the header, answers `reply`, then
+    /// writes `output` and closes.
+    async fn fake_agent(mut agent: tokio::io::DuplexStream, reply: &str, output: &[u8]) -> String {
+        let mut line = Vec::new();
+        loop {
+            let b = agent.read_u8().await.unwrap();
+            if b == b'\n' {
+                break;
+            }
+            line.push(b);
+        }
+        agent.write_all(reply.as_bytes()).await.unwrap();
+        agent.write_all(output).await.unwrap();
+        String::from_utf8(line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_ended_output_connection_is_attached_again_until_the_agent_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("stdout");
+        std::fs::write(&out, b"").unwrap();
+        let spec = StdioSpec::new("", out.to_str().unwrap(), "", false).unwrap();
+        let (first, first_agent) = tokio::io::duplex(64);
+        let slot = std::sync::Mutex::new(Some(first));
+        let connect = || {
+            let conn = slot.lock().unwrap().take();
+            async move { conn.ok_or_else(|| IoError::Connect("only one stream".into())) }
+        };
+        // Later connections: the first fails (the adaptor still down), the second gets
+        // the stream back, the third is refused (the stream is complete).
+        let (second, second_agent) = tokio::io::duplex(64);
+        let (third, third_agent) = tokio::io::duplex(64);
+        let later = Arc::new(std::sync::Mutex::new(vec![Some(third), Some(second), None]));
+        let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reattach = Reattach {
+            connect: {
+                let later = later.clone();
+                let dials = dials.clone();
+                Arc::new(move || {
+                    dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let conn = later.lock().unwrap().pop().flatten();
+                    Box::pin(
+                        async move { conn.ok_or_else(|| IoError::Connect("adaptor down".into())) },
+                    ) as Pin<Box<dyn Future<Output = _> + Send>>
+                })
+            },
+            bound: Duration::from_secs(30),
+            live: Arc::new(|| true),
+        };
+        let agent = tokio::spawn(async move {
+            let h1 = fake_agent(first_agent, "OK\n", b"one\n").await;
+            let h2 = fake_agent(second_agent, "OK\n", b"two\n").await;
+            let h3 = fake_agent(third_agent, "ERR no such process stream\n", b"").await;
+            (h1, h2, h3)
+        });
+        let mut io = attach(connect, "c1", None, &spec, Some(reattach))
+            .await
+            .unwrap();
+        let (h1, h2, h3) = agent.await.unwrap();
+        assert!(io.take_outputs().wait(Duration::from_secs(10)).await);
+        assert_eq!(
+            (h1.as_str(), h2.as_str(), h3.as_str()),
+            ("c1 - stdout", "c1 - stdout", "c1 - stdout")
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\n");
+        assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn no_reattach_once_the_sandbox_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("stdout");
+        std::fs::write(&out, b"").unwrap();
+        let spec = StdioSpec::new("", out.to_str().unwrap(), "", false).unwrap();
+        let (first, first_agent) = tokio::io::duplex(64);
+        let slot = std::sync::Mutex::new(Some(first));
+        let connect = || {
+            let conn = slot.lock().unwrap().take();
+            async move { conn.ok_or_else(|| IoError::Connect("only one stream".into())) }
+        };
+        let reattach = Reattach::<tokio::io::DuplexStream> {
+            connect: Arc::new(|| {
+                Box::pin(async { Err(IoError::Connect("must not dial".into())) })
+                    as Pin<Box<dyn Future<Output = _> + Send>>
+            }),
+            bound: Duration::from_secs(3600),
+            live: Arc::new(|| false),
+        };
+        let agent = tokio::spawn(fake_agent(first_agent, "OK\n", b"only\n"));
+        let mut io = attach(connect, "c1", None, &spec, Some(reattach))
+            .await
+            .unwrap();
+        agent.await.unwrap();
+        assert!(io.take_outputs().wait(Duration::from_secs(10)).await);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "only\n");
     }
 }

@@ -23,6 +23,7 @@ pub mod events;
 pub mod exits;
 pub mod io;
 pub mod oom;
+pub mod remote;
 pub mod service;
 pub mod spec;
 
@@ -57,6 +58,8 @@ pub struct TaskService {
     disable_guest_seccomp: AtomicBool,
     /// The management server the sandbox is registered with once it runs.
     monitor: Option<Arc<ShimMonitor>>,
+    /// Remote VMs: per container, the watcher keeping its copied volumes up to date.
+    volume_watches: Mutex<HashMap<String, remote::VolumeWatch>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -109,6 +112,7 @@ impl TaskService {
             vm_pid: AtomicU32::new(0),
             disable_guest_seccomp: AtomicBool::new(false),
             monitor: None,
+            volume_watches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -328,13 +332,24 @@ impl TaskService {
         // already populated path and no mounts.
         let rootfs = bundle.join(spec::root_path(&spec));
         let shared_dir = sandbox.paths.container_dir(id);
-        let mounted = mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?;
+        // A remote VM pulls a pod container's image itself: that host rootfs stays unused.
+        let remote = sandbox.is_remote();
+        let mounted = if remote && matches!(role, spec::Role::Container { .. }) {
+            false
+        } else {
+            mounts::mount_rootfs(req.rootfs.clone(), rootfs.clone()).await?
+        };
         let limits = crate::sandbox::resources::limits(
             spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
         );
         let result = async {
             // Room in the VM first: a container that does not fit creates nothing.
             sandbox.resources().reserve(id, limits).await?;
+            if remote {
+                return self
+                    .create_remote_container(sandbox, id, spec, role, &rootfs, &stdio)
+                    .await;
+            }
             mounts::bind_dir(rootfs.clone(), shared_dir.join("rootfs")).await?;
             let (json, binds) = spec::to_guest_json(spec, id, role)?;
             for bind in binds {
@@ -394,6 +409,44 @@ impl TaskService {
         Ok(pid)
     }
 
+    /// CreateContainer in a remote VM: root and volumes put in the guest first
+    /// ([`remote::prepare`]); an image pulled for a container the agent then refuses is
+    /// freed again.
+    async fn create_remote_container(
+        &self,
+        sandbox: &Sandbox,
+        id: &str,
+        spec: oci_spec::runtime::Spec,
+        role: &spec::Role,
+        host_rootfs: &Path,
+        stdio: &StdioSpec,
+    ) -> Result<u32, TaskError> {
+        let mut prepared = remote::prepare(sandbox, id, spec, role, host_rootfs).await?;
+        let agent = sandbox.agent();
+        let created = agent
+            .create_container(
+                id,
+                std::mem::take(&mut prepared.json),
+                stdio.agent_stdio(),
+                *role == spec::Role::Sandbox,
+            )
+            .await;
+        match created {
+            Ok(pid) => {
+                if let Some(watch) = prepared.watch(agent, id) {
+                    lock(&self.volume_watches).insert(id.to_owned(), watch);
+                }
+                Ok(pid)
+            }
+            Err(e) => {
+                if prepared.pulled {
+                    remote::release(agent, id).await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Start of an init or exec: attach stdio, start in the guest, emit the start event,
     /// then spawn the waiter.
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, TaskError> {
@@ -415,6 +468,7 @@ impl TaskService {
             id,
             p.exec_id.as_deref(),
             &p.stdio,
+            stdio_reattach(&sandbox),
         )
         .await?;
         p.set_io(attached);
@@ -537,6 +591,7 @@ impl TaskService {
                 }
             }
         }
+        lock(&self.volume_watches).remove(id);
         for exec in c.execs() {
             exec.drop_io();
         }
@@ -597,6 +652,40 @@ async fn remove_container_mounts(shared_dir: &Path, rootfs: &Path, rootfs_mounte
             tracing::warn!(error = %crate::report::chain(&error), "unmounting {}", rootfs.display());
         }
     }
+}
+
+/// For a remote sandbox whose agent client redials: how output streams are attached again
+/// after their connection through the adaptor ended.
+fn stdio_reattach(sandbox: &Arc<Sandbox>) -> Option<io::Reattach<kata_hypervisor::VsockStream>> {
+    if !sandbox.is_remote() {
+        return None;
+    }
+    let bound = sandbox.agent().redial_bound()?;
+    let connect = {
+        let sandbox = sandbox.clone();
+        Arc::new(move || {
+            let sandbox = sandbox.clone();
+            Box::pin(async move {
+                sandbox
+                    .connect_stdio()
+                    .await
+                    .map_err(|e| io::IoError::Connect(Box::new(e)))
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        })
+    };
+    let live = {
+        let sandbox = Arc::downgrade(sandbox);
+        Arc::new(move || {
+            sandbox
+                .upgrade()
+                .is_some_and(|s| !s.is_stopping() && s.fault().is_none())
+        })
+    };
+    Some(io::Reattach {
+        connect,
+        bound,
+        live,
+    })
 }
 
 #[cfg(test)]
