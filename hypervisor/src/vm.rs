@@ -47,6 +47,9 @@ const KILL_WAIT: Duration = Duration::from_secs(3);
 
 /// Name under which the hybrid vsock daemon runs (logs, errors).
 const VSOCK_DAEMON_NAME: &str = "vhost-device-vsock";
+/// How long a daemon that exits by itself when QEMU disconnects (virtiofsd) gets for
+/// that at stop before it is terminated.
+const DAEMON_EXIT_GRACE: Duration = Duration::from_millis(100);
 
 /// Errors starting, using or stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -391,9 +394,16 @@ impl Vm {
 
     async fn stop_once(&self, timeout: Duration) -> Result<ExitReport, Error> {
         let report = self.stop_qemu(timeout).await;
-        for daemon in self.daemons.iter().rev() {
-            // They often exit by themselves once QEMU disconnects.
-            let status = match daemon.wait_timeout(Duration::from_millis(100)).await {
+        // All at once. virtiofsd exits by itself once QEMU disconnects and gets a moment
+        // for that; the vsock daemon waits for the next frontend forever and is stopped
+        // at once.
+        futures::future::join_all(self.daemons.iter().map(|daemon| async move {
+            let grace = if daemon.name() == VSOCK_DAEMON_NAME {
+                Duration::ZERO
+            } else {
+                DAEMON_EXIT_GRACE
+            };
+            let status = match daemon.wait_timeout(grace).await {
                 Some(status) => Ok(status),
                 None => daemon.terminate(timeout).await,
             };
@@ -401,7 +411,8 @@ impl Vm {
                 Ok(status) => tracing::debug!(name = daemon.name(), %status, "daemon stopped"),
                 Err(error) => tracing::warn!(%error, "stopping daemon"),
             }
-        }
+        }))
+        .await;
         self.owns_run_dir.store(false, Ordering::SeqCst);
         let run_dir = self.config.run_dir.clone();
         match tokio::fs::remove_dir_all(&run_dir).await {
