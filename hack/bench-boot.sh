@@ -48,8 +48,6 @@ fi
 accel=tcg
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then accel=kvm; fi
 cmdline="console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 i8042.noaux=1 i8042.nomux=1 i8042.nopnp=1 i8042.dumbkbd=1 cryptomgr.notests"
-# As our VMs under TCG (hypervisor/src/cmdline.rs TCG_KERNEL_PARAMS).
-if [[ $accel == tcg ]]; then cmdline+=" noapictimer"; fi
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 lean_machine=sata=off,smbus=off,i8042=off,vmport=off,smm=off

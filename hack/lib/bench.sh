@@ -16,8 +16,8 @@
 #                          seabios       QEMU's default firmware instead of qboot
 #                          full-machine  q35 with its default devices (SATA, SMBus, PS/2,
 #                                        VMware port) and SMM
-#                          apictimer     without `noapictimer` (TCG: the guest calibrates
-#                                        its local APIC timer at boot)
+#                          noapictimer   the guest kernel parameter `noapictimer` (no local
+#                                        APIC timer calibration at boot; ticks from the HPET)
 #                        all but initrd edit QEMU's arguments through a wrapper script
 #                        written next to FILE and named as the configuration's QEMU.
 #   bench_kernel_release KERNEL
@@ -68,9 +68,9 @@ bench_config() {
     case $v in
       initrd) initrd=1 ;;
       tb=[0-9]*) edits+=("tb=${v#tb=}") ;;
-      no-balloon | seabios | full-machine | apictimer) edits+=("$v") ;;
+      no-balloon | seabios | full-machine | noapictimer) edits+=("$v") ;;
       '') ;;
-      *) log "unknown variant '$v' (expected initrd, tb=N, no-balloon, seabios, full-machine or apictimer)"; return 1 ;;
+      *) log "unknown variant '$v' (expected initrd, tb=N, no-balloon, seabios, full-machine or noapictimer)"; return 1 ;;
     esac
   done
   if [[ $kernel == kata ]]; then
@@ -108,10 +108,11 @@ bench_qemu_wrapper() {
         no-balloon) echo '  if [[ $a == -device && $1 == virtio-balloon-pci* ]]; then shift; continue; fi' ;;
         seabios) echo '  if [[ $a == -bios ]]; then shift; continue; fi' ;;
         full-machine) echo '  if [[ $a == q35,* ]]; then a=q35,memory-backend=dimm0; fi' ;;
-        apictimer) echo '  if [[ $a == *" noapictimer"* ]]; then a=${a/ noapictimer/}; fi' ;;
+        noapictimer) echo '  if [[ $prev == -append ]]; then a="$a noapictimer"; fi' ;;
       esac
     done
     echo '  args+=("$a")'
+    echo '  prev=$a'
     echo 'done'
     echo 'exec /usr/bin/qemu-system-x86_64 "${args[@]}"'
   } >"$file"

@@ -43,14 +43,6 @@ pub const DEFAULT_KERNEL_PARAMS: &[&str] = &[
 pub const MACHINE: &str =
     "q35,memory-backend=dimm0,sata=off,smbus=off,i8042=off,vmport=off,smm=off";
 
-/// Kernel parameters for a guest under TCG only. `noapictimer`: the local APIC timer's
-/// frequency is unknown without TSC-deadline (which TCG does not emulate), so the kernel
-/// calibrates it against the PIT at boot, about 200 ms of emulated busy-waiting; the
-/// guest ticks from the HPET instead (broadcast to hot-added vCPUs). Under KVM the
-/// TSC-deadline timer is used and nothing is calibrated, so KVM guests keep their local
-/// timers.
-pub const TCG_KERNEL_PARAMS: &[&str] = &["noapictimer"];
-
 /// Kernel parameters for a root filesystem image: the first pmem device, read-only
 /// EROFS read in place (DAX), the agent as init.
 pub const IMAGE_ROOT_PARAMS: &[&str] = &[
@@ -230,13 +222,8 @@ pub fn qemu_args(a: &QemuArgs<'_>) -> Vec<OsString> {
             IMAGE_ROOT_PARAMS
         }
     };
-    let accel_params: &[&str] = match a.accel {
-        Accel::Kvm => &[],
-        Accel::Tcg | Accel::Auto => TCG_KERNEL_PARAMS,
-    };
     let append: Vec<&str> = DEFAULT_KERNEL_PARAMS
         .iter()
-        .chain(accel_params)
         .chain(root_params)
         .copied()
         .chain(c.kernel_params.iter().map(String::as_str))
@@ -369,7 +356,7 @@ mod tests {
             "{append}"
         );
         assert!(
-            append.ends_with(" cryptomgr.notests noapictimer agent.log=debug quiet"),
+            append.ends_with(" cryptomgr.notests agent.log=debug quiet"),
             "{append}"
         );
     }
@@ -392,15 +379,6 @@ mod tests {
             ]
         );
         assert_eq!(value(&args, "-chardev"), ["stdio,id=console,signal=off"]);
-        // The local APIC timer is kept under KVM; TCG guests tick from the HPET.
-        let append = value(&args, "-append")[0];
-        assert!(!append.contains("noapictimer"), "{append}");
-        let args = build(&config(), Accel::Tcg, &vsock, None);
-        let append = value(&args, "-append")[0];
-        assert!(
-            append.contains(" cryptomgr.notests noapictimer "),
-            "{append}"
-        );
     }
 
     #[test]
