@@ -13,7 +13,8 @@
 #   MEMORY_MIB  guest memory (default 2048, the configuration's default_memory)
 #   CONFIGS     the columns (default "debian kata"): a kernel (debian | kata), optionally
 #               with variant words after a colon, comma separated (see hack/lib/bench.sh:
-#               initrd, tb=N, no-balloon), e.g. CONFIGS="debian kata kata:initrd kata:tb=1024"
+#               initrd, tb=N, no-balloon, seabios, full-machine, noapictimer), e.g.
+#               CONFIGS="debian kata kata:initrd kata:tb=1024"
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

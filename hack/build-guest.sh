@@ -41,7 +41,7 @@ out=${GUEST_BUILD_DIR:-$repo/build/guest}
 flavour=${GUEST_KERNEL:-}
 meta_pkg=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
 busybox_pkg=${BUSYBOX_PACKAGE:-busybox-static}
-cache=${KERNEL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kata-rs/guest-kernel}
+cache=${KERNEL_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?set HOME, XDG_CACHE_HOME or KERNEL_CACHE_DIR}/.cache}/kata-rs/guest-kernel}
 fragment=$repo/hack/guest/kernel.fragment
 src_pkg=linux-source-6.1
 # Bump when the kernel recipe below changes in a way the key does not see.
@@ -94,13 +94,25 @@ install_image() {
     install -m "$2" "$1" "$dest/.$3.tmp"
     mv -f "$dest/.$3.tmp" "$dest/$3"
   }
+  # The other flavour's files go: kata-containers-initrd.img is replaced by this flavour's,
+  # so a configuration still naming the other kernel fails at once ("guest kernel ... not
+  # found") instead of booting a kernel whose drivers the new initrd does not carry.
+  local stale=()
   if [[ $flavour == kata ]]; then
     put "$out/vmlinux" 0644 vmlinux.container
     put "$out/rootfs.img" 0444 kata-containers.img
+    stale=(vmlinuz.container)
   else
     put "$out/vmlinuz" 0644 vmlinuz.container
+    stale=(vmlinux.container kata-containers.img)
   fi
   put "$out/initrd.img" 0644 kata-containers-initrd.img
+  for f in "${stale[@]}"; do
+    if [[ -e $dest/$f ]]; then
+      rm -f "$dest/$f"
+      log "removed $dest/$f (the other kernel flavour's)"
+    fi
+  done
   log "installed the $flavour guest to $dest"
 }
 if [[ $build == 0 ]]; then
@@ -257,7 +269,7 @@ stamp=$({ echo "$flavour"; sha256sum "$kernel_input" "$bbdeb" "$agent" "$0"; } |
 up_to_date=0
 if [[ $force == 0 && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp" ]]; then
   up_to_date=1
-  for f in "${outputs[@]}"; do [[ -f $out/$f ]] || up_to_date=0; done
+  for f in "${outputs[@]}" kernel.config; do [[ -f $out/$f ]] || up_to_date=0; done
 fi
 
 # stage_root DIR RELEASE: the files of the guest's root filesystem (agent as /init,

@@ -83,8 +83,8 @@ struct BootCheck {
     firmware: PathBuf,
     #[arg(long, default_value = "/usr/share/kata-containers/vmlinux.container")]
     kernel: PathBuf,
-    /// The root filesystem image (virtio-pmem); ignored with --initrd.
-    #[arg(long, default_value = kata_shim::config::DEFAULT_IMAGE)]
+    /// The root filesystem image (virtio-pmem); not with --initrd.
+    #[arg(long, default_value = kata_shim::config::DEFAULT_IMAGE, conflicts_with = "initrd")]
     image: PathBuf,
     /// Boot with this initrd instead of the image (Debian's kernel needs one).
     #[arg(long)]

@@ -11,10 +11,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// TCG's translation cache by default, in MiB. The cache fills up as the guest runs and
-/// stays in QEMU's memory: QEMU's own default (1 GiB) let an idle pod's QEMU hold ~100 MiB
-/// of translations and more as it ran, while a pod's hot code fits in far less. 32 MiB
-/// ran a busybox workload as fast as 64 MiB or 1 GiB; 16 MiB took ~15% more CPU and 8 MiB
-/// 2.5 times as much (retranslating); see the README's performance section.
+/// stays in QEMU's memory: with QEMU's own default (1 GiB) an idle pod's QEMU held 25 MiB
+/// more (README, Performance) and more again as new code ran, while a pod's hot code fits
+/// in far less. In one busybox workload run 32 MiB was as fast as 64 MiB or 1 GiB; 16 MiB
+/// took ~15% more CPU and 8 MiB 2.5 times as much (retranslating).
 pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 32;
 
 /// Smallest guest memory we accept, in MiB.
@@ -50,7 +50,7 @@ pub enum ConfigError {
     #[error("guest initrd {} not found", .path.display())]
     InitrdNotFound { path: PathBuf },
     /// The guest root filesystem image does not exist or cannot be read.
-    #[error("guest image {} not found", .path.display())]
+    #[error("cannot use {} as the guest image (a regular, readable file)", .path.display())]
     ImageNotFound {
         path: PathBuf,
         #[source]

@@ -22,6 +22,10 @@ pub const CONFIG_ENV: &str = "KATA_CONF_FILE";
 /// The firmware by default: qboot, a minimal BIOS that only loads the kernel (Debian ships
 /// it with QEMU); SeaBIOS, QEMU's own default, spends longer initializing devices the guest
 /// does not use.
+/// QEMU's largest TCG translation cache on an x86_64 host, in MiB (it clamps larger
+/// sizes silently).
+const MAX_TCG_TB_SIZE_MIB: u32 = 2048;
+
 pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The guest root filesystem image used when neither `image` nor `initrd` is set.
 pub const DEFAULT_IMAGE: &str = "/usr/share/kata-containers/kata-containers.img";
@@ -374,11 +378,11 @@ impl Config {
                 "expected auto, always or never",
             );
         }
-        if !(1..=4096).contains(&q.tcg_tb_size) {
+        if !(1..=MAX_TCG_TB_SIZE_MIB).contains(&q.tcg_tb_size) {
             return invalid(
                 "hypervisor.qemu.tcg_tb_size",
                 &q.tcg_tb_size,
-                "expected 1 to 4096 (MiB)",
+                "expected 1 to 2048 (MiB; QEMU's largest translation cache on x86_64 hosts)",
             );
         }
         if q.default_vcpus == 0 {
@@ -755,6 +759,11 @@ mod tests {
                 "[hypervisor.qemu]\ntcg_tb_size = 0",
                 "hypervisor.qemu.tcg_tb_size",
                 "0",
+            ),
+            (
+                "[hypervisor.qemu]\ntcg_tb_size = 4096",
+                "hypervisor.qemu.tcg_tb_size",
+                "4096",
             ),
             (
                 "[agent.kata]\nhealth_check_interval = 0",
