@@ -27,14 +27,7 @@ log() { echo "bench-ctr: $*" >&2; }
 
 # shellcheck source=hack/lib/bench.sh
 source hack/lib/bench.sh
-debian=''
-for rt in "${runtimes[@]}"; do
-  case $rt in
-    runc | kata) ;;
-    kata-debian) debian=debian ;;
-    *) log "unknown runtime '$rt' (expected runc, kata or kata-debian)"; exit 2 ;;
-  esac
-done
+bench_check_runtimes "${runtimes[@]}"
 bench_prepare configuration.toml $debian
 declare -A conf_of=([kata]=$conf)
 if [[ -n $debian ]]; then
@@ -42,13 +35,6 @@ if [[ -n $debian ]]; then
   bench_config debian "${conf_of[kata-debian]}"
 fi
 conf_value() { awk -F' *= *' -v k="$1" '$1 == k {gsub(/"/, "", $2); print $2; exit}' "$conf"; }
-# runtime_args RUNTIME: ctr's options for it.
-runtime_args() {
-  case $1 in
-    runc) echo "--runtime io.containerd.runc.v2" ;;
-    *) echo "--runtime io.containerd.kata.v2 --runtime-config-path ${conf_of[$1]}" ;;
-  esac
-}
 
 accel_host=tcg
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then accel_host=kvm; fi
@@ -72,8 +58,8 @@ fail() {
 run_once() {
   local t0
   t0=$(now_ms)
-  # shellcheck disable=SC2046 # runtime_args is a list of words
-  if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run --rm $(runtime_args "$1") "$image" "$2" true \
+  # shellcheck disable=SC2046 # bench_runtime_args is a list of words
+  if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run --rm $(bench_runtime_args "$1") "$image" "$2" true \
     >/dev/null 2>"$CTD_DIR/ctr.err"; then
     fail "$1" "ctr run --rm $2 true" "$CTD_DIR/ctr.err"
     return 1
@@ -92,8 +78,8 @@ shim_field() {
 # it started (kB), delete it.
 memory() {
   local rt=$1 id=$2 i status='' pid kid kb pss=0
-  # shellcheck disable=SC2046 # runtime_args is a list of words
-  if ! ctd_ctr run -d $(runtime_args "$rt") "$image" "$id" sleep 30 >/dev/null 2>"$CTD_DIR/ctr.err"; then
+  # shellcheck disable=SC2046 # bench_runtime_args is a list of words
+  if ! ctd_ctr run -d $(bench_runtime_args "$rt") "$image" "$id" sleep 30 >/dev/null 2>"$CTD_DIR/ctr.err"; then
     fail "$rt" "ctr run -d $id sleep 30" "$CTD_DIR/ctr.err"
     ctd_ctr containers delete "$id" >/dev/null 2>&1 || true
     return 1

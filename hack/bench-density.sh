@@ -34,14 +34,7 @@ log() { echo "bench-density: $*" >&2; }
 
 # shellcheck source=hack/lib/bench.sh
 source hack/lib/bench.sh
-debian=''
-for rt in "${runtimes[@]}"; do
-  case $rt in
-    runc | kata) ;;
-    kata-debian) debian=debian ;;
-    *) log "unknown runtime '$rt' (expected runc, kata or kata-debian)"; exit 2 ;;
-  esac
-done
+bench_check_runtimes "${runtimes[@]}"
 bench_prepare density.toml $debian
 declare -A conf_of=()
 conf_of[kata]=$bench/density-kata.toml
@@ -58,12 +51,6 @@ ctd_start "$bench/bin"
 ctd_ctr images import build/images/busybox.tar >/dev/null
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-runtime_args() {
-  case $1 in
-    runc) echo "--runtime io.containerd.runc.v2" ;;
-    *) echo "--runtime io.containerd.kata.v2 --runtime-config-path ${conf_of[$1]}" ;;
-  esac
-}
 pod_id() { echo "dens-$1-$2"; }
 
 # pod_pids ID: "role pid" lines for the pod's host processes.
@@ -94,8 +81,8 @@ for rt in "${runtimes[@]}"; do
   for ((i = 1; i <= n; i++)); do
     id=$(pod_id "$rt" "$i")
     t0=$(now_ms)
-    # shellcheck disable=SC2046 # runtime_args is a list of words
-    if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run -d $(runtime_args "$rt") "$image" "$id" \
+    # shellcheck disable=SC2046 # bench_runtime_args is a list of words
+    if ! timeout 300 ctr -a "$CTD_SOCK" -n "$CTD_NS" run -d $(bench_runtime_args "$rt") "$image" "$id" \
       sleep 1000000 >/dev/null 2>"$CTD_DIR/ctr.err"; then
       failure[$rt]="pod $i: $(tr -s '\n' ' ' <"$CTD_DIR/ctr.err")"
       log "$rt: ${failure[$rt]}"

@@ -20,6 +20,13 @@
 #                                        APIC timer calibration at boot; ticks from the HPET)
 #                        all but initrd edit QEMU's arguments through a wrapper script
 #                        written next to FILE and named as the configuration's QEMU.
+#   bench_check_runtimes RUNTIME...
+#                        exits 2 naming an unknown runtime (runc, kata, kata-debian);
+#                        sets `debian` to "debian" when kata-debian is among them (the
+#                        argument bench_prepare takes), else to "".
+#   bench_runtime_args RUNTIME
+#                        ctr's options for it; a kata column's configuration file comes
+#                        from the caller's associative array conf_of.
 #   bench_kernel_release KERNEL
 #                        the guest kernel release (kata | debian)
 #   median               the median of the numbers on stdin ("n/a" for none).
@@ -117,6 +124,25 @@ bench_qemu_wrapper() {
     echo 'exec /usr/bin/qemu-system-x86_64 "${args[@]}"'
   } >"$file"
   chmod +x "$file"
+}
+
+bench_check_runtimes() {
+  local rt
+  debian=''
+  for rt in "$@"; do
+    case $rt in
+      runc | kata) ;;
+      kata-debian) debian=debian ;;
+      *) log "unknown runtime '$rt' (expected runc, kata or kata-debian)"; exit 2 ;;
+    esac
+  done
+}
+
+bench_runtime_args() {
+  case $1 in
+    runc) echo "--runtime io.containerd.runc.v2" ;;
+    *) echo "--runtime io.containerd.kata.v2 --runtime-config-path ${conf_of[$1]}" ;;
+  esac
 }
 
 median() {
